@@ -1,0 +1,41 @@
+"""Write new weight values into the ORIGINAL graph by initializer name (graph surgery).
+
+Only the ``raw_data`` of the named initializers changes; nodes, names, value infos, opset
+imports, metadata, doc strings and dynamic axes are the input file's own, because the output
+is a copy of the input ``ModelProto`` rather than a fresh export.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def write_back(original: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``original`` whose initializers named in ``weights`` hold the new values.
+
+    Each new array must match the initializer's shape; it is stored in the initializer's own
+    dtype, and every other field of the tensor (name, doc string) is kept.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    by_name = {tensor.name: tensor for tensor in model.graph.initializer}
+    missing = sorted(set(weights) - set(by_name))
+    if missing:
+        raise KeyError(f"no initializer named {missing[0]!r}")
+    for name, value in weights.items():
+        tensor = by_name[name]
+        old = numpy_helper.to_array(tensor)
+        if tuple(value.shape) != old.shape:
+            raise ValueError(f"initializer {name!r}: new shape {value.shape} != {old.shape}")
+        replacement = numpy_helper.from_array(np.ascontiguousarray(value.astype(old.dtype, copy=False)), name)
+        replacement.doc_string = tensor.doc_string
+        tensor.CopyFrom(replacement)
+    return model
+
+
+def changed_initializers(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+    """Names of initializers whose values differ between two models with the same initializers."""
+    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    return [t.name for t in after.graph.initializer if not np.array_equal(old[t.name], numpy_helper.to_array(t))]

@@ -1,0 +1,178 @@
+"""Weight layers: the ONNX nodes whose constant weights hold "neurons" (output channels).
+
+Every method stage works on one canonical view of a weight, ``rows``: shape
+``[out, in, *kernel]``, one row per neuron, with the input-channel axis second. ``to_rows`` and
+``from_rows`` convert between that view and the tensor exactly as the ONNX initializer stores it,
+so nothing downstream needs to know about ``transB`` or MatMul operand order.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+# How an initializer is laid out, relative to rows = [out, in, ...].
+CONV = "conv"  # Conv weight [out, in/groups, *k]: already rows
+OUT_IN = "out_in"  # Gemm transB=1, or MatMul W @ X with W [out, in]
+IN_OUT = "in_out"  # Gemm transB=0, or MatMul X @ W with W [in, out]
+
+
+@dataclass(frozen=True)
+class WeightLayer:
+    """One node with a constant weight, and where its neurons live."""
+
+    node_index: int  # position in graph.node
+    node_name: str
+    op_type: str
+    weight: str  # initializer name
+    bias: str | None  # initializer holding one value per neuron, if any
+    layout: str  # CONV, OUT_IN or IN_OUT
+    out_channels: int
+    in_channels: int  # per group for Conv
+    groups: int
+    data_input: int  # which node input carries the activations
+    kernel: tuple[int, ...] = ()  # spatial kernel of a Conv
+
+    @property
+    def label(self) -> str:
+        return self.node_name or f"{self.op_type}#{self.node_index}"
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.op_type == "Conv" and self.groups > 1 and self.in_channels == 1 and self.out_channels == self.groups
+
+    @property
+    def is_grouped(self) -> bool:
+        return self.op_type == "Conv" and self.groups > 1 and not self.is_depthwise
+
+
+def to_rows(layer: WeightLayer, weight: np.ndarray) -> np.ndarray:
+    """ONNX layout -> rows ``[out, in, ...]``."""
+    return weight.T if layer.layout == IN_OUT else weight
+
+
+def from_rows(layer: WeightLayer, rows: np.ndarray) -> np.ndarray:
+    """Rows ``[out, in, ...]`` -> ONNX layout (inverse of ``to_rows``)."""
+    return np.ascontiguousarray(rows.T if layer.layout == IN_OUT else rows)
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    node_name: str
+    op_type: str
+    reason: str
+
+
+def find_weight_layers(model: onnx.ModelProto) -> tuple[list[WeightLayer], list[SkippedLayer]]:
+    """All Conv / Gemm / MatMul nodes with a constant float weight, in graph order.
+
+    A weight initializer read by more than one node is skipped (left untouched): changing it
+    for one reader would silently change the others.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    layers: list[WeightLayer] = []
+    skipped: list[SkippedLayer] = []
+    for index, node in enumerate(graph.node):
+        found = _describe(index, node, inits)
+        if found is None:
+            continue
+        if isinstance(found, SkippedLayer):
+            skipped.append(found)
+            continue
+        shared = [n for n in (found.weight, found.bias) if n is not None and uses[n] > 1]
+        if shared:
+            skipped.append(SkippedLayer(found.label, node.op_type, f"initializer '{shared[0]}' is shared with other nodes"))
+            continue
+        layers.append(found)
+    return layers, skipped
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _float_init(inits: dict, name: str) -> TensorProto | None:
+    tensor = inits.get(name)
+    if tensor is None or tensor.data_type != TensorProto.FLOAT:
+        return None
+    return tensor
+
+
+def _describe(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer | SkippedLayer | None:
+    if node.op_type == "Conv":
+        return _describe_conv(index, node, inits)
+    if node.op_type == "Gemm":
+        return _describe_gemm(index, node, inits)
+    if node.op_type == "MatMul":
+        return _describe_matmul(index, node, inits)
+    return None
+
+
+def _bias_name(inits: dict, name: str | None, out_channels: int) -> str | None:
+    """The bias initializer if it holds exactly one value per neuron, else None."""
+    if not name:
+        return None
+    tensor = _float_init(inits, name)
+    if tensor is None or list(tensor.dims) != [out_channels]:
+        return None
+    return name
+
+
+def _describe_conv(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer | SkippedLayer | None:
+    if len(node.input) < 2 or _float_init(inits, node.input[1]) is None:
+        return SkippedLayer(node.name, node.op_type, "weight is not a float32 initializer")
+    dims = list(inits[node.input[1]].dims)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and _bias_name(inits, bias, dims[0]) is None:
+        return SkippedLayer(node.name, node.op_type, "bias is not a per-channel float32 initializer")
+    return WeightLayer(
+        node_index=index, node_name=node.name, op_type="Conv", weight=node.input[1], bias=bias,
+        layout=CONV, out_channels=dims[0], in_channels=dims[1], groups=int(_attr(node, "group", 1)), data_input=0,
+        kernel=tuple(dims[2:]),
+    )
+
+
+def _describe_gemm(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer | SkippedLayer | None:
+    if _float_init(inits, node.input[1]) is None:
+        return None  # activation x activation: not a weight layer
+    if _attr(node, "transA", 0):
+        return SkippedLayer(node.name, node.op_type, "transA=1 is not supported")
+    dims = list(inits[node.input[1]].dims)
+    trans_b = bool(_attr(node, "transB", 0))
+    out_channels, in_channels = (dims[0], dims[1]) if trans_b else (dims[1], dims[0])
+    bias_input = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias_input is not None and bias_input not in inits:
+        return SkippedLayer(node.name, node.op_type, "bias C is not an initializer")
+    return WeightLayer(
+        node_index=index, node_name=node.name, op_type="Gemm", weight=node.input[1],
+        bias=_bias_name(inits, bias_input, out_channels), layout=OUT_IN if trans_b else IN_OUT,
+        out_channels=out_channels, in_channels=in_channels, groups=1, data_input=0,
+    )
+
+
+def _describe_matmul(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer | SkippedLayer | None:
+    left, right = (_float_init(inits, name) for name in node.input[:2])
+    if (left is None) == (right is None):
+        return None  # two activations (attention) or two constants: no neurons to clean
+    weight = right if right is not None else left
+    if len(weight.dims) != 2:
+        return SkippedLayer(node.name, node.op_type, f"constant operand has rank {len(weight.dims)}, expected 2")
+    rows_in, cols = weight.dims
+    if right is not None:  # X @ W, W [in, out]
+        return WeightLayer(
+            node_index=index, node_name=node.name, op_type="MatMul", weight=node.input[1], bias=None,
+            layout=IN_OUT, out_channels=cols, in_channels=rows_in, groups=1, data_input=0,
+        )
+    return WeightLayer(  # W @ X, W [out, in]
+        node_index=index, node_name=node.name, op_type="MatMul", weight=node.input[0], bias=None,
+        layout=OUT_IN, out_channels=rows_in, in_channels=cols, groups=1, data_input=1,
+    )

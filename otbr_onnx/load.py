@@ -1,0 +1,279 @@
+"""Stage 1: read an untrusted ONNX file, validate it and find the image input and logits output.
+
+Nothing here trusts the file: external-data paths are resolved against the model's own folder
+and refused when they leave it, sizes are capped before anything large is allocated, and every
+failure becomes an ``OtbrError`` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, external_data_helper
+
+from otbr_onnx.errors import UnreadableModelError, UnsupportedModelError, UsageError
+
+SUPPORTED_DOMAINS = ("", "ai.onnx")
+MAX_FILE_BYTES = 2 * 1024**3
+MAX_NODES = 100_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps that keep a hostile file from exhausting the machine."""
+
+    max_file_bytes: int = MAX_FILE_BYTES
+    max_nodes: int = MAX_NODES
+    max_noise_elements: int = 64 * 1024**2  # float32 elements of one noise batch (256 MiB)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A validated model and what the pipeline needs to know about its interface.
+
+    ``proto`` is the model exactly as read (external data inlined): write-back edits a copy
+    of it, so nothing shape inference adds ever reaches the output file.
+    """
+
+    path: Path | None
+    proto: onnx.ModelProto
+    sha256: str
+    input_name: str
+    input_shape: tuple[int, ...]  # resolved, batch dimension included (value used for checks)
+    output_name: str
+    output_index: int
+    output_is_probability: bool
+    opset: int
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(
+    path: str | Path,
+    input_shape: tuple[int, ...] | None = None,
+    output_name: str | None = None,
+    limits: Limits = Limits(),
+) -> LoadedModel:
+    """Read, check and describe the model at ``path``."""
+    path = Path(path)
+    data = _read_bytes(path, limits)
+    proto = _parse(data, path)
+    _inline_external_data(proto, path.parent)
+    model = describe_model(proto, input_shape, output_name, limits)
+    return LoadedModel(path=path, sha256=hashlib.sha256(data).hexdigest(), **model)
+
+
+def load_proto(
+    proto: onnx.ModelProto,
+    input_shape: tuple[int, ...] | None = None,
+    output_name: str | None = None,
+    limits: Limits = Limits(),
+) -> LoadedModel:
+    """Same as ``load_model`` for a model already in memory (it must not use external data)."""
+    if any(external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
+        raise UsageError("an in-memory model with external data cannot be cleaned; pass its path")
+    proto_copy = onnx.ModelProto()
+    proto_copy.CopyFrom(proto)
+    model = describe_model(proto_copy, input_shape, output_name, limits)
+    digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+    return LoadedModel(path=None, sha256=digest, **model)
+
+
+def _read_bytes(path: Path, limits: Limits) -> bytes:
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, expected an .onnx file")
+    size = path.stat().st_size
+    if size == 0:
+        raise UnreadableModelError(f"{path}: file is empty, not an ONNX model")
+    if size > limits.max_file_bytes:
+        raise UnsupportedModelError(
+            f"{path}: file is {size} bytes, above the --max-file-bytes limit of {limits.max_file_bytes}"
+        )
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read: {error.strerror}") from error
+
+
+def _parse(data: bytes, path: Path) -> onnx.ModelProto:
+    try:
+        proto = onnx.load_model_from_string(data)
+    except (DecodeError, RuntimeWarning, ValueError, TypeError) as error:
+        raise UnreadableModelError(f"{path}: not an ONNX model (protobuf parse failed)") from error
+    if not proto.HasField("graph") or proto.ir_version == 0:
+        raise UnreadableModelError(f"{path}: not an ONNX model (no graph or IR version)")
+    return proto
+
+
+def _inline_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
+    """Load external tensors, refusing any location that leaves the model's folder."""
+    base = base_dir.resolve()
+    for tensor in external_data_helper._get_all_tensors(proto):  # noqa: SLF001 - onnx's own walker
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise UnsupportedModelError(
+                f"tensor '{tensor.name}': external data location '{location}' is absolute; refused"
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise UnsupportedModelError(
+                f"tensor '{tensor.name}': external data location '{location}' leaves the model folder; refused"
+            )
+        if not target.is_file():
+            raise UnreadableModelError(
+                f"tensor '{tensor.name}': external data file '{location}' is missing"
+            )
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(base))
+    except (OSError, ValueError) as error:
+        raise UnreadableModelError(f"cannot read external data: {error}") from error
+
+
+def describe_model(
+    proto: onnx.ModelProto,
+    input_shape: tuple[int, ...] | None,
+    output_name: str | None,
+    limits: Limits,
+) -> dict:
+    """Check the model and find its image input and logits output."""
+    graph = proto.graph
+    if len(graph.node) == 0:
+        raise UnreadableModelError("the graph has no nodes")
+    if len(graph.node) > limits.max_nodes:
+        raise UnsupportedModelError(
+            f"the graph has {len(graph.node)} nodes, above the --max-nodes limit of {limits.max_nodes}"
+        )
+    _check_domains(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
+        raise UnreadableModelError(f"the ONNX checker rejects the model: {first_line}") from error
+    input_name, shape = _find_image_input(graph, input_shape, limits)
+    out_name, out_index = _find_output(graph, output_name)
+    return {
+        "proto": proto,
+        "input_name": input_name,
+        "input_shape": shape,
+        "output_name": out_name,
+        "output_index": out_index,
+        "output_is_probability": _ends_in_softmax(graph, out_name),
+        "opset": default_opset(proto),
+    }
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in SUPPORTED_DOMAINS:
+            return entry.version
+    raise UnsupportedModelError("the model imports no default-domain ONNX opset")
+
+
+def _check_domains(proto: onnx.ModelProto) -> None:
+    for node in proto.graph.node:
+        if node.domain not in SUPPORTED_DOMAINS:
+            raise UnsupportedModelError(
+                f"node '{node.name}' uses op '{node.op_type}' of custom domain '{node.domain}', which cannot be converted"
+            )
+    known = onnx.defs.onnx_opset_version()
+    version = default_opset(proto)
+    if version > known:
+        raise UnsupportedModelError(
+            f"the model declares opset {version}; the installed onnx knows opsets up to {known}"
+        )
+
+
+def _find_image_input(
+    graph: onnx.GraphProto, override: tuple[int, ...] | None, limits: Limits
+) -> tuple[str, tuple[int, ...]]:
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(v.name for v in inputs) or "none"
+        raise UnsupportedModelError(
+            f"expected exactly one image input, found {len(inputs)} ({names})"
+        )
+    value = inputs[0]
+    tensor_type = value.type.tensor_type
+    if tensor_type.elem_type != TensorProto.FLOAT:
+        elem = TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "unknown"
+        raise UnsupportedModelError(
+            f"input '{value.name}' is {elem}; only float32 image inputs are supported"
+        )
+    if not tensor_type.HasField("shape"):
+        declared: list[int | None] = [None] * len(override) if override else []
+    else:
+        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
+    shape = _resolve_shape(value.name, declared, override)
+    elements = math.prod(shape[1:])
+    if elements > limits.max_noise_elements:
+        raise UnsupportedModelError(
+            f"input '{value.name}' has {elements} elements per image, above the --max-noise-elements limit "
+            f"of {limits.max_noise_elements}"
+        )
+    return value.name, shape
+
+
+def _resolve_shape(
+    name: str, declared: list[int | None], override: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    if len(declared) < 3 and override is None:
+        raise UnsupportedModelError(
+            f"input '{name}' has rank {len(declared)}; expected an image batch such as (N, C, H, W)"
+        )
+    if override is not None:
+        if declared and len(override) != len(declared):
+            raise UsageError(
+                f"--input-shape has {len(override)} dimensions but input '{name}' has {len(declared)}"
+            )
+        for axis, (given, fixed) in enumerate(zip(override, declared)):
+            if axis > 0 and fixed is not None and given != fixed:
+                raise UsageError(
+                    f"--input-shape gives {given} for dimension {axis} of '{name}', but the model fixes it to {fixed}"
+                )
+        return (1,) + tuple(override[1:])
+    dynamic = [axis for axis, dim in enumerate(declared) if dim is None and axis > 0]
+    if dynamic:
+        raise UnsupportedModelError(
+            f"input '{name}' has dynamic dimension(s) {dynamic} besides the batch; "
+            "give the shape with --input-shape, e.g. --input-shape 1,3,224,224"
+        )
+    return (1,) + tuple(int(d) for d in declared[1:])
+
+
+def _find_output(graph: onnx.GraphProto, wanted: str | None) -> tuple[str, int]:
+    names = [v.name for v in graph.output]
+    if wanted is not None:
+        if wanted not in names:
+            raise UsageError(f"--output '{wanted}' is not a graph output (outputs: {', '.join(names)})")
+        return wanted, names.index(wanted)
+    if len(names) != 1:
+        raise UsageError(
+            f"the model has {len(names)} outputs ({', '.join(names)}); choose the logits with --output NAME"
+        )
+    return names[0], 0
+
+
+def _ends_in_softmax(graph: onnx.GraphProto, output_name: str) -> bool:
+    """True when the output is a probability vector, so unlearning must work on its log."""
+    for node in graph.node:
+        if output_name in node.output:
+            return node.op_type == "Softmax"
+    return False

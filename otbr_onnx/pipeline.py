@@ -1,0 +1,305 @@
+"""The ``clean`` pipeline: load -> convert -> unlearn -> NWC/prune -> fuse -> write back -> parity.
+
+Each stage is one module; this file only wires them together, times them, and decides which
+layers each stage may touch. Data flows forward: the original ``ModelProto`` is read once,
+converted once, and edited only by ``write_back`` at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from converters import parity
+from converters.to_torch import convert, weight_refs
+from converters.write_back import write_back
+from otbr_onnx import fuse as fusion
+from otbr_onnx import nwc as nwc_stage
+from otbr_onnx import prune as prune_stage
+from otbr_onnx.errors import ParityError, UnsupportedModelError, UsageError
+from otbr_onnx.layers import WeightLayer, find_weight_layers, from_rows, to_rows
+from otbr_onnx.load import Limits, LoadedModel, load_model, load_proto
+from otbr_onnx.ties import FOLLOWER, SOURCE, ChannelTies, analyse
+from otbr_onnx.unlearn import UnlearnConfig, random_unlearning, resolve_device
+
+PARITY_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class CleanOptions:
+    """Every knob of ``clean``. ``reference()`` gives the published settings."""
+
+    iterations: int = 20
+    batch_size: int = 256
+    lr: float = 1e-4
+    fusion_lambda: float = 0.5
+    prune_ratio: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    input_range: tuple[float, float] = (0.0, 1.0)
+    max_grad_norm: float | None = None
+    layers: str = "all"  # "all" weight layers, or "conv" only as in the paper
+    fuse_head: bool = False
+    reference: bool = False
+    input_shape: tuple[int, ...] | None = None
+    output_name: str | None = None
+    limits: Limits = Limits()
+
+    @classmethod
+    def published(cls, **overrides) -> "CleanOptions":
+        """The paper's settings: 20 steps, batch 256, lr 1e-4, lambda 0.5, conv layers only."""
+        base = cls(iterations=20, batch_size=256, lr=1e-4, fusion_lambda=0.5, max_grad_norm=None,
+                   layers="conv", fuse_head=False, reference=True)
+        return replace(base, **overrides)
+
+    def validate(self) -> None:
+        if self.iterations < 0 or self.batch_size < 1:
+            raise UsageError("--iterations must be >= 0 and --batch-size >= 1")
+        if not 0.0 <= self.fusion_lambda <= 1.0:
+            raise UsageError(f"--fusion-lambda must be in [0, 1], got {self.fusion_lambda}")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise UsageError(f"--prune-ratio must be in [0, 1), got {self.prune_ratio}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be > 0, got {self.lr}")
+        low, high = self.input_range
+        if not low < high:
+            raise UsageError(f"--input-range must be LOW,HIGH with LOW < HIGH, got {low},{high}")
+
+
+@dataclass
+class CleanResult:
+    """The cleaned model and everything the report says about how it was made."""
+
+    model: onnx.ModelProto
+    report: dict
+    parity: parity.Parity
+    pruned: dict[str, int] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return self.model.SerializeToString(deterministic=True)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 4)
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def clean(
+    model: str | Path | onnx.ModelProto,
+    options: CleanOptions = CleanOptions(),
+    progress: Progress | None = None,
+) -> CleanResult:
+    """Remove a backdoor from ``model`` with OTBR, without data.
+
+    Returns the cleaned ``ModelProto`` (the input graph with only initializer values changed)
+    and a report. Raises ``OtbrError`` subclasses for anything the user must act on.
+    """
+    options.validate()
+    timer = _Timer()
+    with timer.stage("load"):
+        loaded = _load(model, options)
+        layers, skipped = find_weight_layers(loaded.proto)
+        if not layers:
+            raise UnsupportedModelError(
+                "no weight layer to clean (Conv, Gemm or MatMul with a constant float32 weight)"
+            )
+        _check_noise_budget(loaded, options)
+        ties = analyse(loaded.proto, layers, loaded.input_name, loaded.input_shape)
+    with timer.stage("convert"):
+        module = convert(loaded.proto)
+        refs = weight_refs(module, loaded.proto, layers)
+    with timer.stage("conversion_parity"):
+        session = parity.session(loaded.proto)
+        probe = parity.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
+        before_ort = parity.run_ort(session, loaded.input_name, loaded.output_name, probe)
+        before = parity.compare(before_ort, parity.run_torch(module, probe, loaded.output_index))
+        if not before.ok:
+            raise UnsupportedModelError(
+                f"the PyTorch conversion disagrees with onnxruntime before any change "
+                f"(max abs diff {before.max_abs:.3g} > {before.tolerance:.3g}); refusing to clean"
+            )
+        num_classes = _num_classes(before_ort)
+    original = {name: numpy_helper.to_array(t) for name, t in _initializers(loaded.proto, refs).items()}
+    backdoored = {i: _neurons(layer, original) for i, layer in enumerate(layers)}
+    rank_set = _ranked_layers(layers, ties, options)
+    device = resolve_device(options.device)
+    with timer.stage("unlearning"):
+        config = UnlearnConfig(
+            iterations=options.iterations, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
+            device=device, input_range=options.input_range, max_grad_norm=options.max_grad_norm,
+        )
+        tracked = {layer.weight: refs[layer.weight] for layer in layers}
+        on_step = (lambda step, loss: progress("unlearning", step + 1, options.iterations)) if progress else None
+        unlearned, log = random_unlearning(
+            module, tracked, loaded.input_shape, num_classes, loaded.output_index,
+            loaded.output_is_probability, config, on_step,
+        )
+    with timer.stage("nwc"):
+        nwc = {
+            i: nwc_stage.neuron_weight_change(backdoored[i].rows, to_rows(layer, unlearned[layer.weight]))
+            for i, layer in enumerate(layers) if ties.roles[i] != FOLLOWER
+        }
+        if not all(np.all(np.isfinite(v)) for v in nwc.values()):
+            raise UnsupportedModelError(
+                "random unlearning diverged (non-finite weights); lower --lr or --iterations"
+            )
+        ranking = nwc_stage.global_ranking({i: nwc[i] for i in rank_set})
+    with timer.stage("pruning"):
+        masks = prune_stage.select_pruned(ranking, {i: layers[i].out_channels for i in rank_set}, options.prune_ratio)
+        pruned = {
+            i: _pruned(backdoored[i], masks.get(i)) for i in range(len(layers))
+        }
+    with timer.stage("fusion"):
+        fused_set = _fused_layers(layers, ties, masks, options)
+        fused, record = fusion.fuse(ties, backdoored, pruned, nwc, options.fusion_lambda, fused_set)
+        new_weights = _changed_weights(layers, backdoored, fused)
+    with timer.stage("write_back"):
+        cleaned = write_back(loaded.proto, new_weights)
+    with timer.stage("output_parity"):
+        for name, value in new_weights.items():
+            refs[name].write(module, value)
+        after_session = parity.session(cleaned)
+        after = parity.compare(
+            parity.run_ort(after_session, loaded.input_name, loaded.output_name, probe),
+            parity.run_torch(module, probe, loaded.output_index),
+        )
+        if not after.ok:
+            raise ParityError(
+                f"the cleaned ONNX model disagrees with the fused PyTorch model "
+                f"(max abs diff {after.max_abs:.3g} > tolerance {after.tolerance:.3g}); no output written"
+            )
+    report = _report(loaded, options, device, layers, skipped, ties, nwc, masks, record, before, after,
+                     log, timer, num_classes, rank_set)
+    pruned_counts = {layers[i].label: int(m.sum()) for i, m in masks.items() if m.any()}
+    return CleanResult(model=cleaned, report=report, parity=after, pruned=pruned_counts)
+
+
+def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedModel:
+    if isinstance(model, onnx.ModelProto):
+        return load_proto(model, options.input_shape, options.output_name, options.limits)
+    return load_model(model, options.input_shape, options.output_name, options.limits)
+
+
+def _check_noise_budget(loaded: LoadedModel, options: CleanOptions) -> None:
+    elements = options.batch_size * int(np.prod(loaded.input_shape[1:]))
+    if elements > options.limits.max_noise_elements:
+        raise UnsupportedModelError(
+            f"a noise batch of {options.batch_size} x {tuple(loaded.input_shape[1:])} is {elements} elements, "
+            f"above the --max-noise-elements limit of {options.limits.max_noise_elements}; lower --batch-size"
+        )
+
+
+def _num_classes(logits: np.ndarray) -> int:
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise UnsupportedModelError(
+            f"the output has shape {tuple(logits.shape)}; expected class scores of shape (N, classes)"
+        )
+    return int(logits.shape[1])
+
+
+def _initializers(proto: onnx.ModelProto, refs: dict) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in proto.graph.initializer if t.name in refs}
+
+
+def _neurons(layer: WeightLayer, arrays: dict[str, np.ndarray]) -> fusion.Neurons:
+    bias = arrays[layer.bias] if layer.bias else None
+    return fusion.Neurons(to_rows(layer, arrays[layer.weight]), bias)
+
+
+def _pruned(neurons: fusion.Neurons, mask: np.ndarray | None) -> fusion.Neurons:
+    if mask is None or not mask.any():
+        return neurons
+    bias = None if neurons.bias is None else prune_stage.prune_rows(neurons.bias, mask)
+    return fusion.Neurons(prune_stage.prune_rows(neurons.rows, mask), bias)
+
+
+def _ranked_layers(layers: list[WeightLayer], ties: ChannelTies, options: CleanOptions) -> list[int]:
+    """Layers whose neurons enter the global NWC ranking.
+
+    Never the classifier head (its neurons are classes), never depthwise or grouped convs
+    (a depthwise channel is not an independent neuron: ranking them collapsed a MobileNetV2
+    to chance). In the paper's setting, conv layers only, without residual-shortcut convs.
+    """
+    chosen = []
+    for i, layer in enumerate(layers):
+        if i in ties.heads or layer.is_depthwise or layer.is_grouped:
+            continue
+        if options.layers == "conv" and layer.op_type != "Conv":
+            continue
+        if options.reference and _is_shortcut(layer, ties, i):
+            continue
+        chosen.append(i)
+    return chosen
+
+
+def _is_shortcut(layer: WeightLayer, ties: ChannelTies, i: int) -> bool:
+    """A 1x1 conv tied to other layers by a residual add: a projection shortcut."""
+    return (layer.op_type == "Conv" and all(k == 1 for k in layer.kernel)
+            and ties.groups[i] in ties.tied_groups())
+
+
+def _fused_layers(layers: list[WeightLayer], ties: ChannelTies, masks: dict[int, np.ndarray],
+                  options: CleanOptions) -> set[int]:
+    """Layers fused: from the first layer (in graph order) holding a pruned neuron onwards."""
+    pruned_nodes = [layers[i].node_index for i, m in masks.items() if m.any()]
+    if not pruned_nodes or options.fusion_lambda == 0.0:
+        return set()
+    first = min(pruned_nodes)
+    chosen = set()
+    for i, layer in enumerate(layers):
+        if options.layers == "conv" and layer.op_type != "Conv":
+            continue
+        if i in ties.heads and not options.fuse_head:
+            continue
+        late = layer.node_index >= first
+        if ties.roles[i] == SOURCE:  # a tied group is fused as a whole or not at all
+            late = max(layers[j].node_index for j in ties.members(ties.groups[i])) >= first
+        if late:
+            chosen.add(i)
+    return chosen
+
+
+def _changed_weights(layers: list[WeightLayer], backdoored: dict, fused: dict) -> dict[str, np.ndarray]:
+    """ONNX-layout arrays for every initializer whose value changed, checked finite."""
+    changed: dict[str, np.ndarray] = {}
+    for i, layer in enumerate(layers):
+        old, new = backdoored[i], fused[i]
+        if new is old:
+            continue
+        pairs = [(layer.weight, from_rows(layer, new.rows), from_rows(layer, old.rows))]
+        if layer.bias:
+            pairs.append((layer.bias, new.bias, old.bias))
+        for name, value, before in pairs:
+            if not np.all(np.isfinite(value)):
+                raise UnsupportedModelError(f"fusion produced non-finite weights in '{name}'; refusing to write")
+            if not np.array_equal(value, before):
+                changed[name] = value.astype(np.float32)
+    return changed
+
+
+def _report(loaded, options, device, layers, skipped, ties, nwc, masks, record, before, after, log, timer,
+            num_classes, rank_set) -> dict:
+    from otbr_onnx.report import build_report
+
+    return build_report(
+        loaded=loaded, options=options, device=device, layers=layers, skipped=skipped, ties=ties, nwc=nwc,
+        masks=masks, record=record, before=before, after=after, log=log, seconds=timer.seconds,
+        num_classes=num_classes, ranked=rank_set,
+    )

@@ -1,0 +1,112 @@
+"""Stage 3: random unlearning, gradient ascent of cross-entropy on pure noise.
+
+No data is used: inputs are uniform noise over the model's input range and labels are drawn
+uniformly over all classes. The weights that move most are the ones the ranking stage calls
+backdoor-related. Ascent is unbounded, so every step checks the loss and the step is clipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from converters.to_torch import TorchTensorRef
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    iterations: int = 20
+    batch_size: int = 256
+    lr: float = 1e-4
+    momentum: float = 0.9
+    seed: int = 0
+    device: str = "cpu"
+    input_range: tuple[float, float] = (0.0, 1.0)
+    # Ascent on cross-entropy has no maximum; a gradient-norm bound keeps one step finite.
+    max_grad_norm: float | None = None
+    train_mode: bool = True  # the reference unlearns with BatchNorm in train mode
+
+
+@dataclass
+class UnlearnLog:
+    losses: list[float] = field(default_factory=list)
+    stopped_early: str | None = None
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from otbr_onnx.errors import UsageError
+
+        raise UsageError("--device cuda was requested but torch sees no CUDA device")
+    return requested
+
+
+def random_unlearning(
+    module: nn.Module,
+    refs: dict[str, TorchTensorRef],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    output_index: int,
+    output_is_probability: bool,
+    config: UnlearnConfig,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[dict[str, np.ndarray], UnlearnLog]:
+    """Unlearn a copy of ``module``; return the weights named in ``refs`` afterwards (ONNX layout)."""
+    torch.manual_seed(config.seed)
+    student = copy.deepcopy(module).to(config.device)
+    student.train(config.train_mode)
+    params = _trainable(student, refs)
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    generator = torch.Generator().manual_seed(config.seed)
+    low, high = config.input_range
+    log = UnlearnLog()
+    for step in range(config.iterations):
+        x = torch.rand((config.batch_size,) + tuple(input_shape[1:]), generator=generator) * (high - low) + low
+        y = torch.randint(0, num_classes, (config.batch_size,), generator=generator)
+        loss = _cross_entropy(student(x.to(config.device)), y.to(config.device), output_index, output_is_probability)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            log.stopped_early = f"loss became non-finite at step {step}"
+            break
+        optimizer.zero_grad(set_to_none=True)
+        (-loss).backward()  # ascent: maximise the loss on noise
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        log.losses.append(value)
+        if on_step is not None:
+            on_step(step, value)
+    student = student.cpu()
+    return {name: ref.read(student) for name, ref in refs.items()}, log
+
+
+def _trainable(student: nn.Module, refs: dict[str, TorchTensorRef]) -> list[torch.Tensor]:
+    """All parameters, plus weight buffers (onnx2torch keeps MatMul weights as buffers)."""
+    params = [p for p in student.parameters() if p.dtype.is_floating_point]
+    seen = {id(p) for p in params}
+    for ref in refs.values():
+        tensor = ref.tensor(student)
+        if id(tensor) not in seen:
+            tensor.requires_grad_(True)
+            params.append(tensor)
+            seen.add(id(tensor))
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _cross_entropy(out, y: torch.Tensor, output_index: int, is_probability: bool) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[output_index]
+    out = out.reshape(out.shape[0], -1)
+    if is_probability:  # a trailing Softmax: cross-entropy on its log
+        return nn.functional.nll_loss(torch.log(out.clamp_min(1e-12)), y)
+    return nn.functional.cross_entropy(out, y)

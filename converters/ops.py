@@ -24,7 +24,7 @@ dynamo exporters at opsets 13/17/18 and the dynamo default, 20):
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +109,8 @@ def _torch_dim(axis: int, rank: int) -> int:
 # Reduce*
 # --------------------------------------------------------------------------------------------
 
-Reducer = Callable[[torch.Tensor, List[int], bool], torch.Tensor]
+def _sum(x: torch.Tensor, dims: List[int], keepdim: bool) -> torch.Tensor:
+    return torch.sum(x, dim=dims, keepdim=keepdim)
 
 
 def _reduce_prod(x: torch.Tensor, dims: List[int], keepdim: bool) -> torch.Tensor:
@@ -119,17 +120,33 @@ def _reduce_prod(x: torch.Tensor, dims: List[int], keepdim: bool) -> torch.Tenso
     return x
 
 
-_REDUCERS: Dict[str, Reducer] = {
-    "ReduceMean": lambda x, d, k: torch.mean(x, dim=d, keepdim=k),
-    "ReduceSum": lambda x, d, k: torch.sum(x, dim=d, keepdim=k),
-    "ReduceMax": lambda x, d, k: torch.amax(x, dim=d, keepdim=k),
-    "ReduceMin": lambda x, d, k: torch.amin(x, dim=d, keepdim=k),
-    "ReduceProd": _reduce_prod,
-    "ReduceL1": lambda x, d, k: torch.sum(torch.abs(x), dim=d, keepdim=k),
-    "ReduceL2": lambda x, d, k: torch.sqrt(torch.sum(x * x, dim=d, keepdim=k)),
-    "ReduceLogSum": lambda x, d, k: torch.log(torch.sum(x, dim=d, keepdim=k)),
-    "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, dim=d, keepdim=k),
-    "ReduceSumSquare": lambda x, d, k: torch.sum(x * x, dim=d, keepdim=k),
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class _Reduction(NamedTuple):
+    """A Reduce* op as elementwise ``before``, the reduction proper, elementwise ``after``.
+
+    Kept apart because ONNX defines a reduction over an empty axis set (noop_with_empty_axes=1)
+    as skipping only the middle step: ReduceSumSquare then squares, ReduceLogSum takes the log.
+    """
+
+    reduce: Callable[[torch.Tensor, List[int], bool], torch.Tensor]
+    before: Callable[[torch.Tensor], torch.Tensor] = _identity
+    after: Callable[[torch.Tensor], torch.Tensor] = _identity
+
+
+_REDUCTIONS: Dict[str, _Reduction] = {
+    "ReduceMean": _Reduction(lambda x, dims, keep: torch.mean(x, dim=dims, keepdim=keep)),
+    "ReduceSum": _Reduction(_sum),
+    "ReduceMax": _Reduction(lambda x, dims, keep: torch.amax(x, dim=dims, keepdim=keep)),
+    "ReduceMin": _Reduction(lambda x, dims, keep: torch.amin(x, dim=dims, keepdim=keep)),
+    "ReduceProd": _Reduction(_reduce_prod),
+    "ReduceL1": _Reduction(_sum, before=torch.abs),
+    "ReduceL2": _Reduction(_sum, before=torch.square, after=torch.sqrt),
+    "ReduceLogSum": _Reduction(_sum, after=torch.log),
+    "ReduceLogSumExp": _Reduction(lambda x, dims, keep: torch.logsumexp(x, dim=dims, keepdim=keep)),
+    "ReduceSumSquare": _Reduction(_sum, before=torch.square),
 }
 
 
@@ -145,13 +162,15 @@ class OnnxReduce(nn.Module, OnnxToTorchModule):
 
     def forward(self, input_tensor: torch.Tensor, axes: Optional[torch.Tensor] = None) -> torch.Tensor:
         requested = self.axes if self.axes is not None else ([] if axes is None else axes.tolist())
-        if not requested:
-            if self.noop_with_empty_axes:
-                return input_tensor
+        if not requested and not self.noop_with_empty_axes:
             requested = list(range(input_tensor.dim()))
-        # Explicit, sorted, non-negative dims: torch treats dim=[] as "all", and prod walks dims.
+        # Explicit, sorted, non-negative dims: torch reads dim=[] as "all dims", and prod walks dims.
         dims = sorted({_torch_dim(int(axis), input_tensor.dim()) for axis in requested})
-        return _REDUCERS[self.operation_type](input_tensor, dims, self.keepdims)
+        reduction = _REDUCTIONS[self.operation_type]
+        result = reduction.before(input_tensor)
+        if dims:  # an empty set (noop_with_empty_axes, or a 0-d input) reduces nothing
+            result = reduction.reduce(result, dims, self.keepdims)
+        return reduction.after(result)
 
 
 def _convert_reduce_axes_attribute(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:

@@ -12,11 +12,14 @@ import onnx
 from onnx import numpy_helper
 
 
+_VALUE_FIELDS = ("raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data")
+
+
 def write_back(original: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``original`` whose initializers named in ``weights`` hold the new values.
 
-    Each new array must match the initializer's shape; it is stored in the initializer's own
-    dtype, and every other field of the tensor (name, doc string) is kept.
+    Each new array must match the initializer's shape; it is stored as ``raw_data`` in the
+    initializer's own dtype, and every other field of the tensor is kept as it was.
     """
     model = onnx.ModelProto()
     model.CopyFrom(original)
@@ -29,9 +32,10 @@ def write_back(original: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onn
         old = numpy_helper.to_array(tensor)
         if tuple(value.shape) != old.shape:
             raise ValueError(f"initializer {name!r}: new shape {value.shape} != {old.shape}")
-        replacement = numpy_helper.from_array(np.ascontiguousarray(value.astype(old.dtype, copy=False)), name)
-        replacement.doc_string = tensor.doc_string
-        tensor.CopyFrom(replacement)
+        raw = numpy_helper.from_array(np.ascontiguousarray(value.astype(old.dtype, copy=False)), name).raw_data
+        for field in _VALUE_FIELDS:  # keep name, dims, dtype, doc string: only the values change
+            tensor.ClearField(field)
+        tensor.raw_data = raw
     return model
 
 

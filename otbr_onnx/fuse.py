@@ -135,23 +135,30 @@ def fuse(
     nwc: dict[int, np.ndarray],
     lam: float,
     fused_layers: set[int],
+    aligned_cost: bool = True,
 ) -> tuple[dict[int, Neurons], FusionRecord]:
     """Fuse every layer in ``fused_layers``; the others keep their backdoored weights.
 
     A tied group gets an OT plan when one of its members is fused and the group is not
-    pinned; pinned groups and unfused layers use the identity.
+    pinned; pinned groups and unfused layers use the identity. Plans are computed in graph
+    order. With ``aligned_cost`` the cost compares pruned rows whose inputs are already
+    re-expressed with the plans computed so far (a group member reading a later group uses
+    the identity there), so a reordered copy of a model is matched exactly; without it the
+    cost uses raw pruned rows, as the reference does. Either way every layer is finally
+    transported with the final plans, so inputs and outputs always agree.
     """
     record = FusionRecord()
     plans: dict[int, np.ndarray] = {}
-    for group in sorted({ties.groups[i] for i in fused_layers if ties.roles[i] == SOURCE}):
-        members = ties.members(group)
-        plans[group] = group_alignment(
-            [pruned[i] for i in members], [backdoored[i] for i in members], [nwc[i] for i in members]
-        )
-        record.plans[group] = "ot"
     for i in sorted(fused_layers):
+        group = ties.groups[i]
         if ties.roles[i] == PINNED:
-            record.plans.setdefault(ties.groups[i], f"identity: {ties.pin_reasons.get(i, 'pinned')}")
+            record.plans.setdefault(group, f"identity: {ties.pin_reasons.get(i, 'pinned')}")
+        if ties.roles[i] != SOURCE or group in plans:
+            continue
+        members = ties.members(group)
+        candidates = [_aligned(m, ties, pruned[m], plans) if aligned_cost else pruned[m] for m in members]
+        plans[group] = group_alignment(candidates, [backdoored[m] for m in members], [nwc[m] for m in members])
+        record.plans[group] = "ot"
     result: dict[int, Neurons] = {}
     for i, neurons in backdoored.items():
         if i not in fused_layers or lam == 0.0:
@@ -162,16 +169,23 @@ def fuse(
     return result, record
 
 
-def _fuse_layer(i: int, ties: ChannelTies, pruned: Neurons, backdoored: Neurons,
-                plans: dict[int, np.ndarray], lam: float) -> Neurons:
+def _aligned(i: int, ties: ChannelTies, pruned: Neurons, plans: dict[int, np.ndarray]) -> Neurons:
+    """Pruned rows of layer ``i`` with the input axis re-expressed in the transported order."""
     channels = ties.inputs[i]
     A_in = input_alignment(channels, plans, ties.groups)
+    if A_in is None:
+        return pruned
+    return Neurons(align_inputs(pruned.rows, A_in, channels.repeat), pruned.bias)
+
+
+def _fuse_layer(i: int, ties: ChannelTies, pruned: Neurons, backdoored: Neurons,
+                plans: dict[int, np.ndarray], lam: float) -> Neurons:
     if ties.roles[i] == FOLLOWER:
         # a depthwise conv has one input channel per neuron: it moves with its input's plan
+        A_in = input_alignment(ties.inputs[i], plans, ties.groups)
         moved = pruned if A_in is None else transport(pruned, A_in)
         return mix(moved, backdoored, lam)
-    rows = pruned.rows if A_in is None else align_inputs(pruned.rows, A_in, channels.repeat)
-    aligned = Neurons(rows, pruned.bias)
+    aligned = _aligned(i, ties, pruned, plans)
     own = plans.get(ties.groups[i])
     moved = aligned if own is None else transport(aligned, own)
     return mix(moved, backdoored, lam)

@@ -48,6 +48,7 @@ class CleanOptions:
     max_grad_norm: float | None = None
     layers: str = "all"  # "all" weight layers, or "conv" only as in the paper
     fuse_head: bool = False
+    aligned_cost: bool = True  # OT cost on input-aligned pruned rows (the reference: raw rows)
     reference: bool = False
     input_shape: tuple[int, ...] | None = None
     output_name: str | None = None
@@ -57,7 +58,7 @@ class CleanOptions:
     def published(cls, **overrides) -> "CleanOptions":
         """The paper's settings: 20 steps, batch 256, lr 1e-4, lambda 0.5, conv layers only."""
         base = cls(iterations=20, batch_size=256, lr=1e-4, fusion_lambda=0.5, max_grad_norm=None,
-                   layers="conv", fuse_head=False, reference=True)
+                   layers="conv", fuse_head=False, aligned_cost=False, reference=True)
         return replace(base, **overrides)
 
     def validate(self) -> None:
@@ -168,7 +169,9 @@ def clean(
         }
     with timer.stage("fusion"):
         fused_set = _fused_layers(layers, ties, masks, options)
-        fused, record = fusion.fuse(ties, backdoored, pruned, nwc, options.fusion_lambda, fused_set)
+        fused, record = fusion.fuse(
+            ties, backdoored, pruned, nwc, options.fusion_lambda, fused_set, options.aligned_cost
+        )
         new_weights = _changed_weights(layers, backdoored, fused)
     with timer.stage("write_back"):
         cleaned = write_back(loaded.proto, new_weights)

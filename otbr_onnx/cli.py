@@ -1,0 +1,210 @@
+"""Command line: a thin layer over the Python API.
+
+Exit codes: 0 ok, 1 internal error (a bug: please report), 2 bad usage or unreadable model,
+3 unsupported model (refused), 4 parity failure, 130 interrupted. Every error is one line on
+stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from otbr_onnx.errors import OtbrError
+
+LOG = logging.getLogger("otbr_onnx")
+
+EXIT_CODES_HELP = "Exit codes: 0 ok, 2 bad usage or unreadable model, 3 unsupported model, 4 parity failure."
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 1,3,32,32, got {text!r}")
+    if any(v <= 0 for v in values):
+        raise click.BadParameter(f"dimensions must be positive, got {text!r}")
+    return values
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected LOW,HIGH such as 0,1 or -1,1, got {text!r}")
+    if not low < high:
+        raise click.BadParameter(f"LOW must be below HIGH, got {text!r}")
+    return low, high
+
+
+def _run(debug: bool, action) -> None:
+    """Run ``action``; turn every failure into one stderr line and an exit code."""
+    try:
+        action()
+    except OtbrError as error:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"otbr-onnx: error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        click.echo("otbr-onnx: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
+        if debug:
+            traceback.print_exc()
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        click.echo(f"otbr-onnx: internal error: {type(error).__name__}: {first} (rerun with --debug)", err=True)
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="otbr-onnx")
+def main() -> None:
+    """Remove backdoors from ONNX image classifiers without data (OTBR).
+
+    \b
+      otbr-onnx clean suspicious.onnx cleaned.onnx --report report.json
+      otbr-onnx eval cleaned.onnx --data eval.npz
+    """
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--iterations", type=click.IntRange(min=0), help="Random-unlearning steps.  [default: see below]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Noise images per unlearning step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Unlearning learning rate (SGD, momentum 0.9).")
+@click.option("--fusion-lambda", type=click.FloatRange(0, 1), help="Weight of the transported pruned model in the fusion.")
+@click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True), help="Share of ranked neurons to prune (gamma).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for noise, labels and parity inputs.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where unlearning runs; auto picks CUDA when torch sees a GPU.")
+@click.option("--reference", is_flag=True,
+              help="Use the published settings exactly (20 steps, batch 256, lr 1e-4, lambda 0.5, conv layers, "
+                   "no grad clipping). Options given explicitly still override.")
+@click.option("--input-shape", help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims.")
+@click.option("--output", "output_name", help="Name of the logits output when the model has several.")
+@click.option("--input-range", default="0,1", show_default=True,
+              help="Value range of the noise images (use the range the model expects, e.g. -1,1 or 0,255).")
+@click.option("--force", is_flag=True, help="Allow the output path to be the input path.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def clean(model: Path, output: Path, report_path: Path | None, iterations, batch_size, lr, fusion_lambda,
+          prune_ratio, seed, device, reference, input_shape, output_name, input_range, force, quiet, debug) -> None:
+    """Clean MODEL and write the repaired model to OUTPUT.
+
+    OUTPUT is the input graph with only weight values changed (same inputs, outputs, node
+    names, opset and metadata). It is written only after onnxruntime parity passes.
+    """
+    from otbr_onnx.output import atomic_write, check_output_path
+    from otbr_onnx.pipeline import CleanOptions, clean as run_clean
+    from otbr_onnx.report import summary_text
+
+    def action() -> None:
+        check_output_path(output, [model], force)
+        if report_path is not None:
+            check_output_path(report_path, [model, output], False)
+        base = CleanOptions.published() if reference else CleanOptions()
+        given = {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
+                 "prune_ratio": prune_ratio}
+        options = replace(
+            base, seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
+            input_range=_range(input_range), **{k: v for k, v in given.items() if v is not None},
+        )
+        with _progress(quiet) as progress:
+            result = run_clean(model, options, progress)
+        data = result.to_bytes()
+        atomic_write(output, data)
+        result.report["output"] = {"path": str(output), "sha256": hashlib.sha256(data).hexdigest()}
+        if report_path is not None:
+            atomic_write(report_path, json.dumps(result.report, indent=2).encode())
+        if not quiet:
+            click.echo(summary_text(result.report), err=True)
+            click.echo(f"  wrote {output}", err=True)
+
+    _run(debug, action)
+
+
+class _progress:
+    """A tqdm bar per stage on stderr, only when stderr is a terminal and not --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.bars: dict = {}
+
+    def __enter__(self):
+        return self.update if self.enabled else None
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="npz with x_clean/y_clean (and optionally x_poisoned/y_poisoned), or x/y.")
+@click.option("--poisoned", "poisoned_path", type=click.Path(path_type=Path),
+              help="npz of triggered images (x, y = TRUE labels).")
+@click.option("--target", type=int, help="Attack target class (default: 'target' in the npz, else 0).")
+@click.option("--original", "original_path", type=click.Path(path_type=Path),
+              help="The model before cleaning: also report its metrics and the DER.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def eval_command(model: Path, data_path: Path, poisoned_path: Path | None, target: int | None,
+                 original_path: Path | None, as_json: bool, debug: bool) -> None:
+    """Print ACC (clean accuracy), ASR (attack success rate) and RA (robust accuracy) of MODEL."""
+    from otbr_onnx import evaluate as ev
+    from otbr_onnx.load import load_model
+
+    def action() -> None:
+        data = ev.load_npz(data_path)
+        poisoned = ev.load_npz(poisoned_path) if poisoned_path else None
+        clean_set, poisoned_set = ev.split_sets(data, poisoned)
+        goal = target if target is not None else int(data.get("target", 0))
+        result = {"model": str(model), "target": goal}
+        metrics = ev.evaluate(load_model(model).proto, clean_set, poisoned_set, goal)
+        result["metrics"] = metrics.as_dict()
+        if original_path is not None:
+            before = ev.evaluate(load_model(original_path).proto, clean_set, poisoned_set, goal)
+            result["original"] = before.as_dict()
+            result["der"] = ev.der(before, metrics)
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+            return
+        if original_path is not None:
+            click.echo(f"{original_path}: {_metrics_line(before)}")
+        click.echo(f"{model}: {_metrics_line(metrics)}")
+        if result.get("der") is not None:
+            click.echo(f"DER: {100 * result['der']:.2f}")
+
+    _run(debug, action)
+
+
+def _metrics_line(m) -> str:
+    text = f"ACC {m.acc:.2f}% ({m.clean_samples} clean)"
+    if m.asr is not None:
+        text += f"  ASR {m.asr:.2f}%  RA {m.ra:.2f}% ({m.poisoned_samples} triggered)"
+    return text
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

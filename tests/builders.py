@@ -1,0 +1,121 @@
+"""Tiny models for the tests, built and exported at test time (no data, no network)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+
+class Chain(nn.Module):
+    """conv -> relu -> conv -> relu -> GAP -> fc: the plainest graph with hidden neurons."""
+
+    def __init__(self, channels: int = 1, width: int = 6, classes: int = 4) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(channels, width, 3, padding=1)
+        self.c2 = nn.Conv2d(width, width, 3, padding=1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.c1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.c2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.sc = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        shortcut = self.sc(out) if self.sc is not None else x
+        out = self.c2(torch.relu(self.bn2(self.c1(out))))
+        return out + shortcut
+
+
+class TinyPreActResNet(nn.Module):
+    """Stem, an identity block, a projection block, BN-ReLU, GAP, Linear: residual ties."""
+
+    def __init__(self, channels: int = 1, width: int = 6, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(channels, width, 3, 1, 1, bias=False)
+        self.b1 = PreActBlock(width, width, 1)
+        self.b2 = PreActBlock(width, 2 * width, 2)
+        self.bn = nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.b2(self.b1(self.stem(x)))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm layers non-trivial statistics, as a trained model would have."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.bias.data.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+    return model
+
+
+def export(model: nn.Module, shape: tuple[int, ...], opset: int = 17) -> onnx.ModelProto:
+    """Legacy-exporter ONNX of ``model`` in eval mode, dynamic batch, names input/logits."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(), torch.rand(*shape), buffer, dynamo=False, opset_version=opset,
+            input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def build(kind: str, seed: int = 0, shape: tuple[int, ...] = (1, 1, 8, 8)) -> tuple[nn.Module, onnx.ModelProto]:
+    torch.manual_seed(seed)
+    model = {"chain": Chain, "preact": TinyPreActResNet}[kind](channels=shape[1])
+    randomise_bn(model, seed)
+    return model, export(model, shape)
+
+
+def permute_chain_hidden(model: Chain, perm: torch.Tensor) -> Chain:
+    """The same function with c1's output channels reordered."""
+    with torch.no_grad():
+        model.c1.weight.copy_(model.c1.weight[perm])
+        model.c1.bias.copy_(model.c1.bias[perm])
+        model.c2.weight.copy_(model.c2.weight[:, perm])
+    return model
+
+
+def permute_preact_stream(model: TinyPreActResNet, perm: torch.Tensor) -> TinyPreActResNet:
+    """The same function with the first stage's residual stream reordered.
+
+    The stream is written by the stem and by b1.c2 (tied by b1's Add) and read by b1.bn1,
+    b1.c1, b2.bn1, b2.c1 and b2.sc: every one of them must follow the permutation.
+    """
+    with torch.no_grad():
+        model.stem.weight.copy_(model.stem.weight[perm])
+        model.b1.c2.weight.copy_(model.b1.c2.weight[perm])
+        for bn in (model.b1.bn1, model.b2.bn1):
+            for tensor in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                tensor.copy_(tensor[perm])
+        for conv in (model.b1.c1, model.b2.c1, model.b2.sc):
+            conv.weight.copy_(conv.weight[:, perm])
+    return model
+
+
+def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]

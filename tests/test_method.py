@@ -1,0 +1,114 @@
+"""The method's stages in isolation: NWC, ranking, pruning, OT fusion and channel ties."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from otbr_onnx import fuse, nwc, prune
+from otbr_onnx.layers import find_weight_layers, to_rows
+from otbr_onnx.ties import FOLLOWER, analyse
+from tests import builders
+
+
+def test_nwc_is_the_l1_change_of_each_neuron():
+    before = np.zeros((3, 2, 2, 2), dtype=np.float32)
+    after = before.copy()
+    after[1, 0, 0, 0], after[1, 1, 1, 1], after[2] = 0.5, -0.25, 0.1
+    np.testing.assert_allclose(nwc.neuron_weight_change(before, after), [0.0, 0.75, 0.8], rtol=1e-6)
+
+
+def test_global_ranking_orders_across_layers_and_is_deterministic_on_ties():
+    ranking = nwc.global_ranking({0: np.array([0.1, 0.9, 0.5]), 1: np.array([0.5, 2.0])})
+    assert ranking == [(1, 1), (0, 1), (0, 2), (1, 0), (0, 0)]
+
+
+def test_select_pruned_takes_floor_of_ratio_and_never_empties_a_layer():
+    ranking = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (0, 2)]
+    masks = prune.select_pruned(ranking, {0: 2, 1: 4}, ratio=0.5)  # floor(0.5 * 6) = 3
+    assert masks[0].tolist() == [True, False]  # (0, 1) skipped: it would empty layer 0
+    assert masks[1].tolist() == [True, True, False, False]
+    assert sum(int(m.sum()) for m in masks.values()) == 3
+    assert not any(m.any() for m in prune.select_pruned(ranking, {0: 2, 1: 4}, ratio=0.0).values())
+
+
+def test_prune_rows_zeroes_only_masked_neurons():
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
+    out = prune.prune_rows(rows, np.array([False, True, False]))
+    assert out[1].tolist() == [0, 0, 0, 0] and np.array_equal(out[[0, 2]], rows[[0, 2]])
+    assert rows[1, 0] == 5  # the input is not modified
+
+
+def test_marginal_survives_dead_neurons():
+    q = fuse.marginal(np.array([0.0, 0.0, 2.0, 1.0]))
+    assert np.all(q > 0) and np.isclose(q.sum(), 1.0) and q[2] > q[3] > q[0]
+    assert np.allclose(fuse.marginal(np.zeros(4)), 0.25)
+
+
+def test_alignment_columns_are_convex_combinations():
+    rng = np.random.default_rng(0)
+    cost = rng.random((5, 5))
+    plan = fuse.transport_plan(cost, fuse.marginal(rng.random(5)))
+    A = fuse.alignment(plan)
+    assert np.all(A >= 0)
+    np.testing.assert_allclose(A.sum(axis=0), 1.0, atol=1e-9)
+
+
+def test_transport_with_uniform_marginals_finds_the_permutation():
+    rng = np.random.default_rng(1)
+    wb = rng.normal(size=(6, 4))
+    perm = rng.permutation(6)
+    wp = wb[perm]  # pruned model = backdoored model with neurons reordered
+    A = fuse.alignment(fuse.transport_plan(np.linalg.norm(wp[:, None] - wb[None], axis=2), np.full(6, 1 / 6)))
+    np.testing.assert_allclose(fuse.transport(fuse.Neurons(wp), A).rows, wb, atol=1e-12)
+
+
+def _neurons(model: onnx.ModelProto):
+    layers, _ = find_weight_layers(model)
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return layers, {
+        i: fuse.Neurons(to_rows(layer, arrays[layer.weight]), arrays[layer.bias] if layer.bias else None)
+        for i, layer in enumerate(layers)
+    }
+
+
+@pytest.mark.parametrize("kind, permute", [
+    ("chain", builders.permute_chain_hidden),
+    ("preact", builders.permute_preact_stream),
+])
+def test_fusion_of_a_reordered_copy_gives_back_the_model(kind, permute):
+    """Fuse (lambda 1) a channel-permuted copy of the model into the model, with uniform NWC.
+
+    OT then finds the permutation and every layer, including those reading a residual
+    stream written by two tied layers, must come back exactly. A plan carried to the wrong
+    layer, or a tie ignored, leaves misaligned weights and fails this test.
+    """
+    torch_model, original = builders.build(kind)
+    width = torch_model.c1.out_channels if kind == "chain" else torch_model.stem.out_channels
+    perm = torch.randperm(width, generator=torch.Generator().manual_seed(3))
+    permuted = builders.export(permute(torch_model, perm), (1, 1, 8, 8))
+    layers, backdoored = _neurons(original)
+    _, reordered = _neurons(permuted)
+    ties = analyse(original, layers, "input", (1, 1, 8, 8))
+    fused_set = {i for i in range(len(layers)) if i not in ties.heads}
+    uniform = {i: np.ones(layer.out_channels) for i, layer in enumerate(layers) if ties.roles[i] != FOLLOWER}
+    fused, record = fuse.fuse(ties, backdoored, reordered, uniform, 1.0, fused_set)
+    assert record.fused and "ot" in record.plans.values()
+    for i in fused_set:
+        np.testing.assert_allclose(fused[i].rows, backdoored[i].rows, atol=1e-5, err_msg=layers[i].label)
+    assert not np.allclose(reordered[0].rows, backdoored[0].rows)  # the copy really was reordered
+
+
+def test_residual_add_ties_the_layers_that_write_the_stream():
+    _, model = builders.build("preact")
+    layers, _ = find_weight_layers(model)
+    ties = analyse(model, layers, "input", (1, 1, 8, 8))
+    labels = {layer.label: i for i, layer in enumerate(layers)}
+    stem, b1c2 = labels["/stem/Conv"], labels["/b1/c2/Conv"]
+    sc, b2c2, b1c1 = labels["/b2/sc/Conv"], labels["/b2/c2/Conv"], labels["/b1/c1/Conv"]
+    assert ties.groups[stem] == ties.groups[b1c2]
+    assert ties.groups[sc] == ties.groups[b2c2]
+    assert ties.groups[b1c1] not in (ties.groups[stem], ties.groups[sc])
+    head = labels["/fc/Gemm"]
+    assert head in ties.heads and ties.roles[head] == "pinned"

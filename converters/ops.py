@@ -109,6 +109,7 @@ def _torch_dim(axis: int, rank: int) -> int:
 # Reduce*
 # --------------------------------------------------------------------------------------------
 
+
 def _sum(x: torch.Tensor, dims: List[int], keepdim: bool) -> torch.Tensor:
     return torch.sum(x, dim=dims, keepdim=keepdim)
 
@@ -189,14 +190,15 @@ def _convert_reduce_axes_input(node: OnnxNode, graph: OnnxGraph) -> OperationCon
     """Opset 18 (ReduceSum 13): axes is an optional input, usually a constant."""
     axes_name = _node_input(node, 1)
     axes_value = _const_tensor(axes_name, graph)
-    static = axes_name is None or axes_value is not None
+    dynamic = axes_name is not None and axes_value is None
+    static_axes = None if dynamic else ([] if axes_value is None else axes_value.tolist())
     module = OnnxReduce(
         operation_type=node.operation_type,
-        axes=(axes_value.tolist() if axes_value is not None else []) if static else None,
+        axes=static_axes,
         keepdims=bool(node.attributes.get("keepdims", 1)),
         noop_with_empty_axes=bool(node.attributes.get("noop_with_empty_axes", 0)),
     )
-    inputs = node.input_values[:1] if static else node.input_values[:2]
+    inputs = node.input_values[:2] if dynamic else node.input_values[:1]
     return OperationConverterResult(torch_module=module, onnx_mapping=_mapping(node, inputs))
 
 

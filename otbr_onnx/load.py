@@ -13,15 +13,28 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto, external_data_helper
+from onnx import TensorProto, external_data_helper, numpy_helper
 
 from otbr_onnx.errors import UnreadableModelError, UnsupportedModelError, UsageError
 
 SUPPORTED_DOMAINS = ("", "ai.onnx")
 MAX_FILE_BYTES = 2 * 1024**3
 MAX_NODES = 100_000
+# protobuf cannot serialise a message of 2 GiB or more, and onnxruntime and the checker are
+# handed serialised bytes: a model whose inlined external data crosses this cannot be cleaned.
+MAX_PROTO_BYTES = 2**31 - 1
+MAX_MESSAGE_CHARS = 300
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+# Readers for which an infinite constant is a legitimate bound or mask (Clip(x, 0, inf), an
+# attention mask of -inf added to scores). Everywhere else an infinite value, and NaN anywhere,
+# is a corrupt or hostile weight: cleaning it would write a model that outputs NaN.
+INF_ALLOWED_READERS = frozenset({
+    "Clip", "Min", "Max", "Where", "Add", "Sub", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal",
+})
 
 
 @dataclass(frozen=True)
@@ -92,11 +105,14 @@ def load_proto(
 
 
 def _read_bytes(path: Path, limits: Limits) -> bytes:
-    if not path.exists():
-        raise UsageError(f"{path}: no such file")
-    if path.is_dir():
-        raise UsageError(f"{path}: is a directory, expected an .onnx file")
-    size = path.stat().st_size
+    try:
+        if not path.exists():
+            raise UsageError(f"{path}: no such file")
+        if path.is_dir():
+            raise UsageError(f"{path}: is a directory, expected an .onnx file")
+        size = path.stat().st_size
+    except OSError as error:  # a name too long, a symlink loop: the path itself is unusable
+        raise UsageError(f"{path}: cannot read: {error.strerror or error}") from error
     if size == 0:
         raise UnreadableModelError(f"{path}: file is empty, not an ONNX model")
     if size > limits.max_file_bytes:
@@ -161,13 +177,12 @@ def describe_model(
             f"the graph has {len(graph.node)} nodes, above the --max-nodes limit of {limits.max_nodes}"
         )
     _check_domains(proto)
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
-        raise UnreadableModelError(f"the ONNX checker rejects the model: {first_line}") from error
+    _check_size(proto)
+    _check_structure(proto)
+    _check_constants(proto)
     input_name, shape = _find_image_input(graph, input_shape, limits)
     out_name, out_index = _find_output(graph, output_name)
+    _check_output_depends_on_input(graph, input_name, out_name)
     return {
         "proto": proto,
         "input_name": input_name,
@@ -177,6 +192,82 @@ def describe_model(
         "output_is_probability": _ends_in_softmax(graph, out_name),
         "opset": default_opset(proto),
     }
+
+
+def one_line(error: BaseException, fallback: str) -> str:
+    """The error's text on one line (the checker's messages span several), capped in length."""
+    text = " ".join(str(error).split()) or fallback
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def _check_size(proto: onnx.ModelProto) -> None:
+    size = proto.ByteSize()
+    if size > MAX_PROTO_BYTES:
+        raise UnsupportedModelError(
+            f"the model with its external data is {size} bytes; models of 2 GiB or more cannot be cleaned"
+        )
+
+
+def _check_structure(proto: onnx.ModelProto) -> None:
+    """The checker, then strict type and shape inference.
+
+    A wrong-typed tensor (an int64 Conv weight), a Conv fed a rank-1 weight or an output declared
+    (N, 3) that is really (N, 4, 8, 8) is not a valid model; caught here it is a clear refusal
+    instead of a crash in onnxruntime, onnx2torch or PyTorch. Strict mode passes every model we
+    tried from torch's legacy and dynamo exporters (ResNet, VGG, MobileNetV2, EfficientNet,
+    ConvNeXt, ViT, Swin) and onnx's own test models.
+    """
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise UnreadableModelError(f"the ONNX checker rejects the model: {one_line(error, 'invalid model')}") from error
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as error:
+        raise UnreadableModelError(f"the model's types or shapes are inconsistent: {one_line(error, 'type error')}") from error
+
+
+def _constant_tensors(graph: onnx.GraphProto) -> list[tuple[str, TensorProto]]:
+    """Every constant tensor of the main graph: initializers and ``Constant`` node values."""
+    found = [(t.name, t) for t in graph.initializer]
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            found += [(node.output[0], a.t) for a in node.attribute if a.name == "value" and a.HasField("t")]
+    return found
+
+
+def _check_constants(proto: onnx.ModelProto) -> None:
+    """Every constant must decode to its declared shape, and float weights must be finite.
+
+    Decoding one tensor at a time keeps the extra memory to the largest single tensor.
+    """
+    readers: dict[str, set[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    for name, tensor in _constant_tensors(proto.graph):
+        try:
+            array = numpy_helper.to_array(tensor)
+        except (ValueError, TypeError, KeyError, OverflowError, MemoryError) as error:
+            raise UnreadableModelError(
+                f"tensor '{name}': data does not match its declared type and shape ({one_line(error, 'decode failed')})"
+            ) from error
+        if tensor.data_type not in FLOAT_TYPES or array.size == 0:
+            continue
+        # bfloat16 comes back as a numpy extension type; float16/32/64 are checked as they are,
+        # so a large float64 is not mistaken for an overflow to inf.
+        values = array if array.dtype.kind == "f" else array.astype(np.float32)
+        _check_finite(name, values, readers.get(name, set()))
+
+
+def _check_finite(name: str, array: np.ndarray, readers: set[str]) -> None:
+    if np.isnan(array).any():
+        raise UnsupportedModelError(f"weight '{name}' holds NaN (non-finite) values; refusing to clean it")
+    if np.isinf(array).any() and not readers <= INF_ALLOWED_READERS:
+        ops = ", ".join(sorted(readers))
+        raise UnsupportedModelError(
+            f"weight '{name}' (read by {ops}) holds infinite (non-finite) values; refusing to clean it"
+        )
 
 
 def default_opset(proto: onnx.ModelProto) -> int:
@@ -220,7 +311,8 @@ def _find_image_input(
     if not tensor_type.HasField("shape"):
         declared: list[int | None] = [None] * len(override) if override else []
     else:
-        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
+        declared = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    _check_declared_dims(value.name, declared)
     shape = _resolve_shape(value.name, declared, override)
     elements = math.prod(shape[1:])
     if elements > limits.max_noise_elements:
@@ -229,6 +321,26 @@ def _find_image_input(
             f"of {limits.max_noise_elements}"
         )
     return value.name, shape
+
+
+def _check_declared_dims(name: str, declared: list[int | None]) -> None:
+    """Refuse fixed dims the pipeline cannot feed.
+
+    A fixed batch size fails later, not here: parity runs 8 probe images and unlearning
+    ``--batch-size`` noise images in one batch, which onnxruntime rejects for a fixed batch
+    (an internal error before this check). Until the pipeline batches to the model's own size,
+    refusing with the remedy is the honest answer.
+    """
+    bad = [axis for axis, dim in enumerate(declared) if dim is not None and dim <= 0]
+    if bad:
+        raise UnsupportedModelError(
+            f"input '{name}' declares dimension(s) {bad} as {[declared[a] for a in bad]}; an image batch needs sizes > 0"
+        )
+    if declared and declared[0] is not None:
+        raise UnsupportedModelError(
+            f"input '{name}' has a fixed batch size of {declared[0]}; otbr-onnx needs a dynamic batch "
+            "dimension (re-export with a dynamic batch axis, e.g. torch.onnx.export(..., dynamic_axes={...: {0: 'N'}}))"
+        )
 
 
 def _resolve_shape(
@@ -269,6 +381,22 @@ def _find_output(graph: onnx.GraphProto, wanted: str | None) -> tuple[str, int]:
             f"the model has {len(names)} outputs ({', '.join(names)}); choose the logits with --output NAME"
         )
     return names[0], 0
+
+
+def _check_output_depends_on_input(graph: onnx.GraphProto, input_name: str, output_name: str) -> None:
+    """The logits must be computed from the image: otherwise there is nothing to unlearn, and
+    the converted module would not even take the image as its argument."""
+    producers = {name: node for node in graph.node for name in node.output if name}
+    pending, seen = [output_name], set()
+    while pending:
+        name = pending.pop()
+        if name == input_name:
+            return
+        if name in seen or name not in producers:
+            continue
+        seen.add(name)
+        pending.extend(n for n in producers[name].input if n)
+    raise UnsupportedModelError(f"output '{output_name}' does not depend on the image input '{input_name}'")
 
 
 def _ends_in_softmax(graph: onnx.GraphProto, output_name: str) -> bool:

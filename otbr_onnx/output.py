@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 from otbr_onnx.errors import UsageError
 
 
+def _folder(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
 def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
     """Refuse before any work if the output cannot or must not be written."""
+    try:
+        _check_output_path(output, inputs, force)
+    except (OSError, RuntimeError) as error:  # name too long, symlink loop (RuntimeError before 3.13)
+        reason = getattr(error, "strerror", None) or str(error)
+        raise UsageError(f"{output}: unusable output path: {reason}") from error
+
+
+def _check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
     for source in inputs:
         if output.resolve() == source.resolve() and not force:
             raise UsageError(f"{output}: output path is the input file; pass --force to overwrite it")
-    folder = output.parent if str(output.parent) else Path(".")
+    folder = _folder(output)
     if output.is_dir():
         raise UsageError(f"{output}: is a directory; give a file path for the output")
     if not folder.is_dir():
@@ -23,24 +36,58 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
         raise UsageError(f"{folder}: output folder is not writable")
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode the written file should get: that of the file it replaces, else 0o666 - umask.
+
+    mkstemp creates files 0o600; without this, cleaning would quietly make a shared model
+    private, or narrow the permissions of a file the user replaced.
+    """
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable; best effort, as some file systems refuse a folder fsync."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it.
 
     On any failure (disk full, Ctrl-C) the temporary file is removed and ``path`` is untouched.
     """
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    folder = _folder(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as error:  # the folder vanished or filled up since check_output_path
+        raise UsageError(f"{path}: cannot write: {error.strerror or error}") from error
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            if hasattr(os, "fchmod"):  # POSIX only
+                os.fchmod(handle.fileno(), _new_file_mode(path))
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as error:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:  # already gone, or undeletable: the original error is the one to report
             pass
         if isinstance(error, OSError):
             raise UsageError(f"{path}: cannot write: {error.strerror or error}") from error
         raise
+    _sync_folder(folder)

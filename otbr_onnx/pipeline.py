@@ -28,9 +28,11 @@ from otbr_onnx.errors import ParityError, UnsupportedModelError, UsageError
 from otbr_onnx.layers import WeightLayer, find_weight_layers, from_rows, to_rows
 from otbr_onnx.load import Limits, LoadedModel, load_model, load_proto
 from otbr_onnx.ties import FOLLOWER, SOURCE, ChannelTies, analyse
-from otbr_onnx.unlearn import UnlearnConfig, random_unlearning, resolve_device
+from otbr_onnx.clp import clp_masks
+from otbr_onnx.unlearn import UnlearnConfig, UnlearnLog, random_unlearning, resolve_device
 
 PARITY_SAMPLES = 8
+METHODS = ("otbr", "prune-only", "clp")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class CleanOptions:
     fuse_head: bool = False
     aligned_cost: bool = True  # OT cost on input-aligned pruned rows (the reference: raw rows)
     reference: bool = False
+    method: str = "otbr"  # "otbr", "prune-only" (stage 1 alone) or "clp" (baseline)
+    clp_u: float = 3.0
     input_shape: tuple[int, ...] | None = None
     output_name: str | None = None
     limits: Limits = Limits()
@@ -68,6 +72,8 @@ class CleanOptions:
             raise UsageError(f"--fusion-lambda must be in [0, 1], got {self.fusion_lambda}")
         if not 0.0 <= self.prune_ratio < 1.0:
             raise UsageError(f"--prune-ratio must be in [0, 1), got {self.prune_ratio}")
+        if self.method not in METHODS:
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be > 0, got {self.lr}")
         low, high = self.input_range
@@ -141,37 +147,28 @@ def clean(
     backdoored = {i: _neurons(layer, original) for i, layer in enumerate(layers)}
     rank_set = _ranked_layers(layers, ties, options)
     device = resolve_device(options.device)
-    with timer.stage("unlearning"):
-        config = UnlearnConfig(
-            iterations=options.iterations, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
-            device=device, input_range=options.input_range, max_grad_norm=options.max_grad_norm,
-        )
-        tracked = {layer.weight: refs[layer.weight] for layer in layers}
-        on_step = (lambda step, loss: progress("unlearning", step + 1, options.iterations)) if progress else None
-        unlearned, log = random_unlearning(
-            module, tracked, loaded.input_shape, num_classes, loaded.output_index,
-            loaded.output_is_probability, config, on_step,
-        )
-    with timer.stage("nwc"):
-        nwc = {
-            i: nwc_stage.neuron_weight_change(backdoored[i].rows, to_rows(layer, unlearned[layer.weight]))
-            for i, layer in enumerate(layers) if ties.roles[i] != FOLLOWER
-        }
-        if not all(np.all(np.isfinite(v)) for v in nwc.values()):
-            raise UnsupportedModelError(
-                "random unlearning diverged (non-finite weights); lower --lr or --iterations"
-            )
-        ranking = nwc_stage.global_ranking({i: nwc[i] for i in rank_set})
-    with timer.stage("pruning"):
-        masks = prune_stage.select_pruned(ranking, {i: layers[i].out_channels for i in rank_set}, options.prune_ratio)
-        pruned = {
-            i: _pruned(backdoored[i], masks.get(i)) for i in range(len(layers))
-        }
+    if options.method == "clp":
+        nwc, log = {}, UnlearnLog()
+        with timer.stage("pruning"):
+            masks = clp_masks({i: backdoored[i].rows for i in rank_set}, options.clp_u)
+    else:
+        with timer.stage("unlearning"):
+            unlearned, log = _unlearn(module, refs, layers, loaded, num_classes, device, options, progress)
+        with timer.stage("nwc"):
+            nwc = _nwc(layers, ties, backdoored, unlearned)
+            ranking = nwc_stage.global_ranking({i: nwc[i] for i in rank_set})
+        with timer.stage("pruning"):
+            sizes = {i: layers[i].out_channels for i in rank_set}
+            masks = prune_stage.select_pruned(ranking, sizes, options.prune_ratio)
+    pruned = {i: _pruned(backdoored[i], masks.get(i)) for i in range(len(layers))}
     with timer.stage("fusion"):
-        fused_set = _fused_layers(layers, ties, masks, options)
-        fused, record = fusion.fuse(
-            ties, backdoored, pruned, nwc, options.fusion_lambda, fused_set, options.aligned_cost
-        )
+        if options.method == "otbr":
+            fused_set = _fused_layers(layers, ties, masks, options)
+            fused, record = fusion.fuse(
+                ties, backdoored, pruned, nwc, options.fusion_lambda, fused_set, options.aligned_cost
+            )
+        else:  # the baselines hand back the pruned model
+            fused, record = pruned, fusion.FusionRecord()
         new_weights = _changed_weights(layers, backdoored, fused)
     with timer.stage("write_back"):
         cleaned = write_back(loaded.proto, new_weights)
@@ -192,6 +189,30 @@ def clean(
                      log, timer, num_classes, rank_set)
     pruned_counts = {layers[i].label: int(m.sum()) for i, m in masks.items() if m.any()}
     return CleanResult(model=cleaned, report=report, parity=after, pruned=pruned_counts)
+
+
+def _unlearn(module, refs, layers, loaded, num_classes, device, options, progress):
+    config = UnlearnConfig(
+        iterations=options.iterations, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
+        device=device, input_range=options.input_range, max_grad_norm=options.max_grad_norm,
+    )
+    tracked = {layer.weight: refs[layer.weight] for layer in layers}
+    on_step = (lambda step, loss: progress("unlearning", step + 1, options.iterations)) if progress else None
+    return random_unlearning(
+        module, tracked, loaded.input_shape, num_classes, loaded.output_index,
+        loaded.output_is_probability, config, on_step,
+    )
+
+
+def _nwc(layers, ties, backdoored, unlearned) -> dict[int, np.ndarray]:
+    """NWC of every layer with neurons of its own (depthwise followers have none)."""
+    nwc = {
+        i: nwc_stage.neuron_weight_change(backdoored[i].rows, to_rows(layer, unlearned[layer.weight]))
+        for i, layer in enumerate(layers) if ties.roles[i] != FOLLOWER
+    }
+    if not all(np.all(np.isfinite(v)) for v in nwc.values()):
+        raise UnsupportedModelError("random unlearning diverged (non-finite weights); lower --lr or --iterations")
+    return nwc
 
 
 def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedModel:

@@ -90,7 +90,7 @@ def build_report(*, loaded, options, device, layers, skipped, ties, nwc, masks, 
             "groups": {str(g): [layers[i].label for i in m] for g, m in ties.tied_groups().items()},
             "pinned": {layers[i].label: reason for i, reason in sorted(ties.pin_reasons.items())},
         },
-        "nwc": nwc_stage.summary({i: nwc[i] for i in ranked}),
+        "nwc": nwc_stage.summary({i: nwc[i] for i in ranked if i in nwc}),
         "pruning": {
             "ratio": options.prune_ratio,
             "ranked_neurons": int(sum(layers[i].out_channels for i in ranked)),

@@ -74,6 +74,11 @@ def tiny_bytes() -> bytes:
     return tiny_model().SerializeToString(deterministic=True)
 
 
+def parity_probe(count: int = 2) -> np.ndarray:
+    """A batch the tiny model (and anything cleaned from it) must accept."""
+    return np.random.default_rng(5).uniform(0, 1, (count, 1, 8, 8)).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # what a case is
 # ---------------------------------------------------------------------------------------------
@@ -368,12 +373,12 @@ CASES: list[Case] = [
     Case("truncated_protobuf", 2, _from_bytes(truncated), "not an ONNX model"),
     Case("no_nodes", 2, _from_model(no_nodes), "no nodes"),
     Case("missing_initializer", 2, _from_model(missing_initializer), "undefined_weight"),
-    Case("cyclic_graph", 2, _from_model(cyclic), "checker"),
+    Case("cyclic_graph", 2, _from_model(cyclic), "input 'pool_out' of node"),
     Case("future_opset", 3, _from_model(future_opset), "opset"),
     Case("custom_domain_op", 3, _from_model(custom_domain), "com.example.backdoor"),
-    Case("nan_weight", 3, _from_model(lambda: _poisoned_weight(float("nan"))), "conv_w"),
-    Case("inf_weight", 3, _from_model(lambda: _poisoned_weight(float("inf"))), "conv_w"),
-    Case("int64_conv_weight", 2, _from_model(int64_conv_weight), "conv"),
+    Case("nan_weight", 3, _from_model(lambda: _poisoned_weight(float("nan"))), "'conv_w' holds NaN"),
+    Case("inf_weight", 3, _from_model(lambda: _poisoned_weight(float("inf"))), "'conv_w' (read by Conv) holds infinite"),
+    Case("int64_conv_weight", 2, _from_model(int64_conv_weight), "tensor(int64)"),
     Case("no_weight_layer", 3, _from_model(no_weight_layer), "no weight layer"),
     Case("two_image_inputs", 3, _from_model(two_image_inputs), "exactly one image input"),
     Case("huge_input_shape", 3, _from_model(huge_input), "max-noise-elements"),

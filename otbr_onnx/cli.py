@@ -86,6 +86,8 @@ def main() -> None:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Unlearning learning rate (SGD, momentum 0.9).")
 @click.option("--fusion-lambda", type=click.FloatRange(0, 1), help="Weight of the transported pruned model in the fusion.")
 @click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True), help="Share of ranked neurons to prune (gamma).")
+@click.option("--method", type=click.Choice(["otbr", "prune-only", "clp"]), default="otbr", show_default=True,
+              help="otbr: the full method; prune-only: stage 1 alone (ablation); clp: channel-Lipschitz pruning baseline.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for noise, labels and parity inputs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where unlearning runs; auto picks CUDA when torch sees a GPU.")
@@ -100,7 +102,7 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def clean(model: Path, output: Path, report_path: Path | None, iterations, batch_size, lr, fusion_lambda,
-          prune_ratio, seed, device, reference, input_shape, output_name, input_range, force, quiet, debug) -> None:
+          prune_ratio, method, seed, device, reference, input_shape, output_name, input_range, force, quiet, debug) -> None:
     """Clean MODEL and write the repaired model to OUTPUT.
 
     OUTPUT is the input graph with only weight values changed (same inputs, outputs, node
@@ -118,7 +120,7 @@ def clean(model: Path, output: Path, report_path: Path | None, iterations, batch
         given = {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
                  "prune_ratio": prune_ratio}
         options = replace(
-            base, seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
+            base, method=method, seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
             input_range=_range(input_range), **{k: v for k, v in given.items() if v is not None},
         )
         with _progress(quiet) as progress:

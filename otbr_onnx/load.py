@@ -183,6 +183,7 @@ def describe_model(
     input_name, shape = _find_image_input(graph, input_shape, limits)
     out_name, out_index = _find_output(graph, output_name)
     _check_output_depends_on_input(graph, input_name, out_name)
+    _check_runs(proto, input_name, shape, out_name)
     return {
         "proto": proto,
         "input_name": input_name,
@@ -397,6 +398,34 @@ def _check_output_depends_on_input(graph: onnx.GraphProto, input_name: str, outp
         seen.add(name)
         pending.extend(n for n in producers[name].input if n)
     raise UnsupportedModelError(f"output '{output_name}' does not depend on the image input '{input_name}'")
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's own exception classes (they derive from Exception, not RuntimeError)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    found = [v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)]
+    return (RuntimeError, ValueError, TypeError, *found)
+
+
+def _check_runs(proto: onnx.ModelProto, input_name: str, shape: tuple[int, ...], output_name: str) -> None:
+    """Run the model once in onnxruntime on one blank image.
+
+    The checker and shape inference do not see everything onnxruntime rejects (a Conv whose
+    weight expects 1 input channel fed an input declaring 9, an op it has no kernel for). Found
+    here, that is a refusal naming the problem; found later, it surfaced as an internal error.
+    One image keeps the cost to a session build and a single forward pass.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # errors only: warnings would add lines to our one-line stderr
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.run([output_name], {input_name: np.zeros(shape, dtype=np.float32)})
+    except _ort_errors() as error:
+        raise UnsupportedModelError(f"onnxruntime cannot run the model: {one_line(error, type(error).__name__)}") from error
 
 
 def _ends_in_softmax(graph: onnx.GraphProto, output_name: str) -> bool:

@@ -1,0 +1,120 @@
+"""The command line, end to end, through click's runner."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from otbr_onnx.cli import main
+from tests import builders
+
+FAST = ["--iterations", "3", "--batch-size", "16", "--lr", "1e-2", "--prune-ratio", "0.2"]
+
+
+@pytest.fixture()
+def preact(tmp_path):
+    _, model = builders.build("preact")
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_clean_writes_model_and_report(preact, tmp_path):
+    out, report = tmp_path / "clean.onnx", tmp_path / "report.json"
+    before = preact.read_bytes()
+    result = CliRunner().invoke(main, ["clean", str(preact), str(out), "--report", str(report), *FAST])
+    assert result.exit_code == 0, result.output
+    assert preact.read_bytes() == before
+    data = json.loads(report.read_text())
+    assert data["input"]["sha256"] == hashlib.sha256(before).hexdigest()
+    assert data["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert data["options"]["prune_ratio"] == 0.2 and data["options"]["seed"] == 0
+    assert data["pruning"]["pruned_neurons"] > 0 and data["parity"]["output"]["ok"]
+    assert set(data["seconds"]) >= {"load", "convert", "unlearning", "fusion", "write_back", "output_parity"}
+    assert "pruned" in result.stderr and "parity" in result.stderr
+
+
+def test_reference_switch_records_published_settings(preact, tmp_path):
+    out, report = tmp_path / "ref.onnx", tmp_path / "ref.json"
+    result = CliRunner().invoke(main, ["clean", str(preact), str(out), "--reference", "--report", str(report),
+                                       "--iterations", "2", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    options = json.loads(report.read_text())["options"]
+    assert options["reference"] and options["lr"] == 1e-4 and options["fusion_lambda"] == 0.5
+    assert options["layers"] == "conv" and options["iterations"] == 2  # explicit options still win
+
+
+def _one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("otbr-onnx: error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("case, code, words", [
+    ("missing", 2, "no such file"),
+    ("not_onnx", 2, "not an ONNX model"),
+    ("no_weights", 3, "no weight layer"),
+])
+def test_bad_input_gets_one_line_and_no_output(case, code, words, tmp_path):
+    path = tmp_path / "in.onnx"
+    if case == "not_onnx":
+        path.write_bytes(b"\x00\x01 definitely not protobuf \xff" * 10)
+    elif case == "no_weights":
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Relu", ["input"], ["logits"])], "g",
+            [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 1, 4, 4])],
+            [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 1, 4, 4])],
+        )
+        onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["clean", str(path), str(out), *FAST])
+    assert result.exit_code == code
+    assert words in _one_error_line(result)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == (["in.onnx"] if path.exists() else [])
+
+
+def test_output_equal_to_input_needs_force(preact):
+    result = CliRunner().invoke(main, ["clean", str(preact), str(preact), *FAST])
+    assert result.exit_code == 2 and "--force" in _one_error_line(result)
+
+
+def test_dynamic_spatial_input_needs_input_shape(tmp_path):
+    model = builders.export(builders.Chain(), (1, 1, 8, 8))
+    for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "S"
+    path, out = tmp_path / "dyn.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    result = CliRunner().invoke(main, ["clean", str(path), str(out), *FAST])
+    assert result.exit_code == 3 and "--input-shape" in _one_error_line(result)
+    result = CliRunner().invoke(main, ["clean", str(path), str(out), *FAST, "--input-shape", "1,1,8,8"])
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+
+
+def test_eval_reports_acc_and_asr(tmp_path):
+    _, model = builders.build("chain")
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 1, 8, 8), dtype=np.float32)
+    pred = builders.logits(model, x).argmax(1)
+    data = tmp_path / "d.npz"
+    # labels equal to the model's own predictions: ACC 100; triggered set "true" labels != pred
+    np.savez(data, x_clean=x, y_clean=pred, x_poisoned=x, y_poisoned=(pred + 1) % 4, target=np.int64(pred[0]))
+    result = CliRunner().invoke(main, ["eval", str(path), "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["acc"] == 100.0 and metrics["ra"] == 0.0
+    keep = (pred + 1) % 4 != pred[0]
+    assert metrics["asr"] == pytest.approx(100.0 * np.mean(pred[keep] == pred[0]))
+
+
+def test_python_dash_m_shows_help():
+    done = subprocess.run([sys.executable, "-m", "otbr_onnx", "clean", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--prune-ratio" in done.stdout and "--reference" in done.stdout

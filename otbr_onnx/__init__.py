@@ -1,7 +1,14 @@
-"""otbr-onnx: data-free backdoor removal for ONNX image classifiers (OTBR, AAAI 2025)."""
+"""otbr-onnx: data-free backdoor removal for ONNX image classifiers (OTBR, AAAI 2025).
+
+    >>> from otbr_onnx import clean, CleanOptions
+    >>> result = clean("suspicious.onnx", CleanOptions(prune_ratio=0.02))
+    >>> onnx.save(result.model, "cleaned.onnx"); result.report["parity"]
+
+The pipeline is imported on first use, so ``converters`` (which this package's pipeline
+uses) can import the errors below without a cycle.
+"""
 
 from otbr_onnx.errors import OtbrError, ParityError, UnreadableModelError, UnsupportedModelError, UsageError
-from otbr_onnx.pipeline import CleanOptions, CleanResult, clean
 
 __all__ = [
     "CleanOptions",
@@ -14,3 +21,12 @@ __all__ = [
     "clean",
 ]
 __version__ = "0.1.0"
+_PIPELINE = ("CleanOptions", "CleanResult", "clean")
+
+
+def __getattr__(name: str):
+    if name in _PIPELINE:
+        from otbr_onnx import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'otbr_onnx' has no attribute {name!r}")

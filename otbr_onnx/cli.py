@@ -1,7 +1,7 @@
 """Command line: a thin layer over the Python API.
 
 Exit codes: 0 ok, 1 internal error (a bug: please report), 2 bad usage or unreadable model,
-3 unsupported model (refused), 4 parity failure, 130 interrupted. Every error is one line on
+3 unsupported model (refused), 4 parity failure, 5 verify found a difference, 130 interrupted. Every error is one line on
 stderr; ``--debug`` adds the traceback.
 """
 
@@ -197,6 +197,69 @@ def eval_command(model: Path, data_path: Path, poisoned_path: Path | None, targe
         click.echo(f"{model}: {_metrics_line(metrics)}")
         if result.get("der") is not None:
             click.echo(f"DER: {100 * result['der']:.2f}")
+
+    _run(debug, action)
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--input-shape", help="Full input shape for models with dynamic dims, e.g. 1,3,224,224.")
+@click.option("--output", "output_name", help="Name of the logits output when the model has several.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug: bool) -> None:
+    """Show MODEL's interface, weight layers, channel ties and what clean would do. Changes nothing."""
+    from otbr_onnx.describe import describe
+
+    def action() -> None:
+        info = describe(model, _ints(input_shape), output_name)
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        click.echo(f"{info['path']}: opset {info['opset']}, {info['nodes']} nodes, producer {info['producer'] or '?'}")
+        click.echo(f"  input  {info['input']['name']} {info['input']['shape']}")
+        click.echo(f"  output {info['output']['name']}" + (" (probabilities)" if info["output"]["probabilities"] else ""))
+        for layer in info["layers"]:
+            why = f"  ({layer['pinned_because']})" if layer["pinned_because"] else ""
+            click.echo(f"  {layer['op']:7} {layer['neurons']:5d} neurons  {layer['role']:8} group {layer['group']:3d}  "
+                       f"{layer['node']}{why}")
+        for skipped in info["skipped_layers"]:
+            click.echo(f"  skipped {skipped['node']}: {skipped['reason']}")
+        for group, members in info["tie_groups"].items():
+            click.echo(f"  tied group {group}: {', '.join(members)}")
+        click.echo(f"  verdict: {info['verdict']}")
+
+    _run(debug, action)
+
+
+@main.command("verify")
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("cleaned", type=click.Path(path_type=Path))
+@click.option("--input-shape", help="Full input shape for models with dynamic dims.")
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="Random inputs to compare.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def verify_command(original: Path, cleaned: Path, input_shape, samples: int, as_json: bool, debug: bool) -> None:
+    """Check that CLEANED is ORIGINAL with only initializer values changed (exit 5 if not)."""
+    from otbr_onnx.load import load_model
+    from otbr_onnx.verify import verify
+
+    def action() -> None:
+        before = load_model(original, _ints(input_shape))
+        after = load_model(cleaned, _ints(input_shape))
+        result = verify(before.proto, after.proto, before.input_name, before.input_shape, samples)
+        if as_json:
+            click.echo(json.dumps(result.as_dict(), indent=2))
+        elif result.same_graph:
+            click.echo(f"same graph: only initializer values differ ({len(result.moved)} tensors changed)")
+            for name, moved in result.moved.items():
+                click.echo(f"  {name}: max abs {moved['max_abs']:.3g}, relative L2 {moved['relative_l2']:.3g}")
+            click.echo(f"outputs on {samples} random inputs: top-1 agreement {100 * result.top1_agreement:.1f}%, "
+                       f"max abs logit diff {result.max_abs_logit_diff:.3g}")
+        if not result.same_graph:
+            if not as_json:
+                click.echo(f"otbr-onnx: graphs differ at {result.first_difference}", err=True)
+            sys.exit(5)
 
     _run(debug, action)
 

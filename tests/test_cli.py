@@ -118,3 +118,28 @@ def test_eval_reports_acc_and_asr(tmp_path):
 def test_python_dash_m_shows_help():
     done = subprocess.run([sys.executable, "-m", "otbr_onnx", "clean", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--prune-ratio" in done.stdout and "--reference" in done.stdout
+
+
+def test_inspect_lists_layers_ties_and_verdict(preact):
+    result = CliRunner().invoke(main, ["inspect", str(preact), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["verdict"] == "clean would run"
+    assert any(set(g) == {"/stem/Conv", "/b1/c2/Conv"} for g in info["tie_groups"].values())
+    head = next(layer for layer in info["layers"] if layer["node"] == "/fc/Gemm")
+    assert head["head"] and head["role"] == "pinned"
+
+
+def test_verify_accepts_a_cleaned_model_and_rejects_a_changed_graph(preact, tmp_path):
+    out = tmp_path / "clean.onnx"
+    assert CliRunner().invoke(main, ["clean", str(preact), str(out), *FAST]).exit_code == 0
+    result = CliRunner().invoke(main, ["verify", str(preact), str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["same_graph"] and report["moved"] and 0.0 <= report["top1_agreement"] <= 1.0
+    tampered = onnx.load(out)
+    tampered.graph.node[0].name = "renamed"
+    bad = tmp_path / "tampered.onnx"
+    onnx.save(tampered, bad)
+    result = CliRunner().invoke(main, ["verify", str(preact), str(bad)])
+    assert result.exit_code == 5 and "graph.node[0].name" in result.stderr

@@ -1,0 +1,52 @@
+"""``inspect``: what ``clean`` would see and do, without changing anything or unlearning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from otbr_onnx.errors import OtbrError
+from otbr_onnx.layers import find_weight_layers
+from otbr_onnx.load import Limits, load_model
+from otbr_onnx.ties import analyse
+
+
+def describe(path: str | Path, input_shape: tuple[int, ...] | None = None, output_name: str | None = None,
+             limits: Limits = Limits()) -> dict:
+    """Interface, weight layers, channel-tie groups and the verdict ``clean`` would reach.
+
+    Load errors propagate (the model cannot be described at all); problems found later are
+    reported in ``verdict`` so the rest of the description is still shown.
+    """
+    from converters.to_torch import check_convertible
+
+    loaded = load_model(path, input_shape, output_name, limits)
+    proto = loaded.proto
+    layers, skipped = find_weight_layers(proto)
+    info = {
+        "path": str(path),
+        "sha256": loaded.sha256,
+        "opset": loaded.opset,
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "input": {"name": loaded.input_name, "shape": list(loaded.input_shape)},
+        "output": {"name": loaded.output_name, "probabilities": loaded.output_is_probability},
+        "nodes": len(proto.graph.node),
+        "layers": [],
+        "skipped_layers": [{"node": s.node_name, "op": s.op_type, "reason": s.reason} for s in skipped],
+        "tie_groups": {},
+        "verdict": "clean would run",
+    }
+    try:
+        check_convertible(proto)
+        if not layers:
+            raise OtbrError("no weight layer to clean")
+        ties = analyse(proto, layers, loaded.input_name, loaded.input_shape)
+    except OtbrError as error:
+        info["verdict"] = f"clean would refuse: {error}"
+        return info
+    for i, layer in enumerate(layers):
+        info["layers"].append({
+            "node": layer.label, "op": layer.op_type, "neurons": layer.out_channels, "role": ties.roles[i],
+            "group": ties.groups[i], "head": i in ties.heads, "pinned_because": ties.pin_reasons.get(i),
+        })
+    info["tie_groups"] = {str(g): [layers[i].label for i in m] for g, m in ties.tied_groups().items()}
+    return info

@@ -1,0 +1,104 @@
+"""``verify``: prove a cleaned file is the original graph with only weight values changed.
+
+Every protobuf field of the two models is compared recursively, except the values of
+initializers (``raw_data`` and the typed ``*_data`` lists); the first difference found is
+reported by its field path. Then each initializer's movement is measured, and both models are
+run in onnxruntime on the same random inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from google.protobuf.message import Message
+from onnx import numpy_helper
+
+from converters import parity
+
+VALUE_FIELDS = {"raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data"}
+
+
+@dataclass
+class Verification:
+    same_graph: bool
+    first_difference: str | None
+    moved: dict[str, dict[str, float]] = field(default_factory=dict)  # initializer -> movement
+    top1_agreement: float | None = None
+    max_abs_logit_diff: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def first_difference(a: Message, b: Message, path: str = "model") -> str | None:
+    """Path of the first field that differs, ignoring initializer values; None if none does."""
+    in_tensor = path.split(".")[-1].startswith("initializer")
+    fields = {f.name: f for f, _ in a.ListFields()} | {f.name: f for f, _ in b.ListFields()}
+    for name in sorted(fields):
+        if in_tensor and name in VALUE_FIELDS:
+            continue
+        descriptor = fields[name]
+        left, right = getattr(a, name), getattr(b, name)
+        if _is_repeated(descriptor):
+            if len(left) != len(right):
+                return f"{path}.{name} (count {len(left)} vs {len(right)})"
+            for index, (x, y) in enumerate(zip(left, right)):
+                found = _compare(x, y, f"{path}.{name}[{index}]")
+                if found:
+                    return found
+        else:
+            found = _compare(left, right, f"{path}.{name}")
+            if found:
+                return found
+    return None
+
+
+def _is_repeated(descriptor) -> bool:
+    # protobuf >= 5.28 has is_repeated; older releases only the label enum
+    if hasattr(descriptor, "is_repeated"):
+        return bool(descriptor.is_repeated)
+    return descriptor.label == descriptor.LABEL_REPEATED
+
+
+def _compare(x, y, path: str) -> str | None:
+    if isinstance(x, Message):
+        return first_difference(x, y, path)
+    return None if x == y else path
+
+
+def movement(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, dict[str, float]]:
+    """For each changed initializer: max absolute change and L2 change relative to its norm."""
+    old = {t.name: t for t in before.graph.initializer}
+    moved = {}
+    for tensor in after.graph.initializer:
+        a, b = numpy_helper.to_array(old[tensor.name]), numpy_helper.to_array(tensor)
+        if a.dtype.kind != "f" or np.array_equal(a, b):
+            continue
+        diff = b.astype(np.float64) - a.astype(np.float64)
+        norm = float(np.linalg.norm(a))
+        moved[tensor.name] = {
+            "max_abs": float(np.max(np.abs(diff))),
+            "relative_l2": float(np.linalg.norm(diff) / norm) if norm > 0 else float("inf"),
+        }
+    return moved
+
+
+def verify(original: onnx.ModelProto, cleaned: onnx.ModelProto, input_name: str,
+           input_shape: tuple[int, ...], samples: int = 64, seed: int = 0,
+           input_range: tuple[float, float] = (0.0, 1.0)) -> Verification:
+    """Compare structure, weight movement and outputs of ``cleaned`` against ``original``."""
+    difference = first_difference(original, cleaned)
+    result = Verification(same_graph=difference is None, first_difference=difference)
+    if difference is not None:
+        return result
+    result.moved = movement(original, cleaned)
+    x = parity.random_inputs(input_shape, samples, seed, *input_range)
+    out_name = original.graph.output[0].name
+    a = parity.run_ort(parity.session(original), input_name, out_name, x)
+    b = parity.run_ort(parity.session(cleaned), input_name, out_name, x)
+    flat_a, flat_b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    result.top1_agreement = float(np.mean(flat_a.argmax(1) == flat_b.argmax(1)))
+    result.max_abs_logit_diff = float(np.max(np.abs(flat_a - flat_b)))
+    return result

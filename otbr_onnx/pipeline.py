@@ -48,6 +48,7 @@ class CleanOptions:
     device: str = "auto"
     input_range: tuple[float, float] = (0.0, 1.0)
     max_grad_norm: float | None = None
+    max_loss: float | None = 100.0
     layers: str = "all"  # "all" weight layers, or "conv" only as in the paper
     fuse_head: bool = False
     aligned_cost: bool = True  # OT cost on input-aligned pruned rows (the reference: raw rows)
@@ -61,7 +62,7 @@ class CleanOptions:
     @classmethod
     def published(cls, **overrides) -> "CleanOptions":
         """The paper's settings: 20 steps, batch 256, lr 1e-4, lambda 0.5, conv layers only."""
-        base = cls(iterations=20, batch_size=256, lr=1e-4, fusion_lambda=0.5, max_grad_norm=None,
+        base = cls(iterations=20, batch_size=256, lr=1e-4, fusion_lambda=0.5, max_grad_norm=None, max_loss=None,
                    layers="conv", fuse_head=False, aligned_cost=False, reference=True)
         return replace(base, **overrides)
 
@@ -195,6 +196,7 @@ def _unlearn(module, refs, layers, loaded, num_classes, device, options, progres
     config = UnlearnConfig(
         iterations=options.iterations, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
         device=device, input_range=options.input_range, max_grad_norm=options.max_grad_norm,
+        max_loss=options.max_loss,
     )
     tracked = {layer.weight: refs[layer.weight] for layer in layers}
     on_step = (lambda step, loss: progress("unlearning", step + 1, options.iterations)) if progress else None

@@ -30,6 +30,9 @@ class UnlearnConfig:
     input_range: tuple[float, float] = (0.0, 1.0)
     # Ascent on cross-entropy has no maximum; a gradient-norm bound keeps one step finite.
     max_grad_norm: float | None = None
+    # Stop ascending once noise cross-entropy passes this many nats: by then the logits have
+    # blown up and further steps only push weights towards inf (seen at lr 1e-2, 50 steps).
+    max_loss: float | None = 100.0
     train_mode: bool = True  # the reference unlearns with BatchNorm in train mode
 
 
@@ -75,6 +78,9 @@ def random_unlearning(
         value = float(loss.detach())
         if not math.isfinite(value):
             log.stopped_early = f"loss became non-finite at step {step}"
+            break
+        if config.max_loss is not None and value > config.max_loss:
+            log.stopped_early = f"loss {value:.1f} passed the cap of {config.max_loss} at step {step}"
             break
         optimizer.zero_grad(set_to_none=True)
         (-loss).backward()  # ascent: maximise the loss on noise

@@ -112,3 +112,21 @@ def test_residual_add_ties_the_layers_that_write_the_stream():
     assert ties.groups[b1c1] not in (ties.groups[stem], ties.groups[sc])
     head = labels["/fc/Gemm"]
     assert head in ties.heads and ties.roles[head] == "pinned"
+
+
+def test_unlearning_ascent_is_bounded_and_moves_every_weight_layer():
+    from converters.to_torch import convert, weight_refs
+    from otbr_onnx.unlearn import UnlearnConfig, random_unlearning
+
+    _, model = builders.build("chain")
+    layers, _ = find_weight_layers(model)
+    module = convert(model)
+    refs = {layer.weight: ref for layer in layers for name, ref in weight_refs(module, model, layers).items()
+            if name == layer.weight}
+    before = {name: ref.read(module) for name, ref in refs.items()}
+    after, log = random_unlearning(module, refs, (1, 1, 8, 8), 4, 0, False,
+                                   UnlearnConfig(iterations=30, batch_size=8, lr=50.0, max_loss=20.0))
+    assert log.stopped_early and "cap" in log.stopped_early
+    assert all(np.all(np.isfinite(v)) for v in after.values())
+    assert all(not np.array_equal(before[n], after[n]) for n in refs)
+    assert all(np.array_equal(before[n], refs[n].read(module)) for n in refs)  # the input module is untouched

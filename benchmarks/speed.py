@@ -1,0 +1,147 @@
+"""Speed and memory of ``clean`` against the floor of the unlearning itself.
+
+For each model this times every stage of ``clean`` (from the report) and, in the same run,
+the *floor*: the bare I forward+backward+SGD steps at batch B on the same converted module,
+which no implementation of the method can avoid. Each model runs in its own subprocess so its
+peak RSS is its own. Needs no data and no network (models are randomly initialised).
+
+    python benchmarks/speed.py                 # all sizes, writes benchmarks/SPEED.md
+    python benchmarks/speed.py --models small  # quick check
+
+About 10-15 minutes on 2 CPU cores for all sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "models"))
+
+# name -> (input shape, PreActResNet kwargs)
+MODELS = {
+    "small": ((1, 1, 28, 28), dict(in_channels=1, widths=(16, 32, 64), blocks=(1, 1, 1))),
+    "preact18": ((1, 3, 32, 32), dict(in_channels=3, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2))),
+    "preact34": ((1, 3, 32, 32), dict(in_channels=3, widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3))),
+    "preact18-wide": ((1, 3, 32, 32), dict(in_channels=3, widths=(96, 192, 384, 768), blocks=(2, 2, 2, 2))),
+}
+STAGES = ["load", "convert", "conversion_parity", "unlearning", "nwc", "pruning", "fusion", "write_back",
+          "output_parity"]
+
+
+def export_model(name: str, path: Path) -> int:
+    import torch
+    from architectures import PreActResNet
+
+    from tests.builders import export, randomise_bn
+
+    shape, kwargs = MODELS[name]
+    torch.manual_seed(0)
+    net = randomise_bn(PreActResNet(num_classes=10, **kwargs))
+    path.write_bytes(export(net, shape).SerializeToString())
+    return sum(p.numel() for p in net.parameters())
+
+
+def floor_seconds(path: Path, iterations: int, batch_size: int) -> float:
+    """The bare unlearning loop on the converted module: I x (forward, backward, step)."""
+    import copy
+
+    import onnx
+    import torch
+
+    from converters.to_torch import convert
+
+    proto = onnx.load(path)
+    module = copy.deepcopy(convert(proto)).train()
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim][1:]
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        x = torch.rand((batch_size, *shape), generator=gen)
+        y = torch.randint(0, 10, (batch_size,), generator=gen)
+        loss = -torch.nn.functional.cross_entropy(module(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def measure(name: str, iterations: int, batch_size: int) -> dict:
+    """Runs inside the subprocess for one model."""
+    from otbr_onnx import CleanOptions, clean
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{name}.onnx"
+        params = export_model(name, path)
+        floor = floor_seconds(path, iterations, batch_size)
+        start = time.perf_counter()
+        result = clean(path, CleanOptions(iterations=iterations, batch_size=batch_size, device="cpu"))
+        total = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"model": name, "params": params, "floor": floor, "total": total, "stages": result.report["seconds"],
+            "peak_rss_mib": peak_mib}
+
+
+def run_child(name: str, iterations: int, batch_size: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", name, "--iterations", str(iterations), "--batch-size", str(batch_size)],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], iterations: int, batch_size: int) -> str:
+    import torch
+
+    head = ["model", "params (M)"] + STAGES + ["total s", "floor s", "total/floor", "peak RSS MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], f"{r['params'] / 1e6:.2f}"] + [f"{r['stages'].get(s, 0):.2f}" for s in STAGES]
+        cells += [f"{r['total']:.1f}", f"{r['floor']:.1f}", f"{r['total'] / r['floor']:.2f}", f"{r['peak_rss_mib']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    growth = ""
+    if len(rows) > 1:
+        base = min(rows, key=lambda r: r["params"])
+        growth = "\n".join(
+            f"- {r['model']}: {r['params'] / base['params']:.1f}x the parameters of {base['model']}, "
+            f"{r['total'] / base['total']:.1f}x its total time" for r in rows if r is not base)
+    return (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads; I = {iterations} steps, "
+            f"B = {batch_size}.\n\n" + "\n".join(lines) + "\n\n" + growth + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "SPEED.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.iterations, args.batch_size)))
+        return
+    rows = []
+    for name in args.models:
+        rows.append(run_child(name, args.iterations, args.batch_size))
+        print(f"{name}: total {rows[-1]['total']:.1f}s floor {rows[-1]['floor']:.1f}s "
+              f"peak {rows[-1]['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    text = table(rows, args.iterations, args.batch_size)
+    print(text)
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
+    args.out.write_text(f"# Speed and memory of `clean`\n\nCommand: `{command.strip()}`\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()

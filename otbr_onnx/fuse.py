@@ -53,9 +53,10 @@ class FusionRecord:
     fused: list[int] = field(default_factory=list)  # layer positions whose weights changed
 
 
-def marginal(nwc: np.ndarray) -> np.ndarray:
-    """Target marginal ``q`` from NWC values: proportional to NWC, with a floor, summing to 1."""
-    nwc = np.asarray(nwc, dtype=np.float64)
+def marginal(nwc: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """Target marginal ``q`` from NWC values: proportional to ``NWC ** power`` (the paper: 1),
+    with a floor, summing to 1. A power below 1 flattens q, so fewer neurons are mixed."""
+    nwc = np.asarray(nwc, dtype=np.float64) ** power
     mean = nwc.mean() if nwc.size else 0.0
     if not np.isfinite(mean) or mean <= 0:
         return np.full(nwc.shape, 1.0 / max(nwc.size, 1))
@@ -80,12 +81,13 @@ def alignment(plan: np.ndarray) -> np.ndarray:
     return A
 
 
-def group_alignment(pruned: list[Neurons], backdoored: list[Neurons], nwc: list[np.ndarray]) -> np.ndarray:
+def group_alignment(pruned: list[Neurons], backdoored: list[Neurons], nwc: list[np.ndarray],
+                    power: float = 1.0) -> np.ndarray:
     """One plan for all layers of a tied group: costs add up over members, NWCs too."""
     wp = np.hstack([m.flat() for m in pruned])
     wb = np.hstack([m.flat() for m in backdoored])
     cost = ot.dist(wp, wb, metric="euclidean")
-    return alignment(transport_plan(cost, marginal(np.sum(nwc, axis=0))))
+    return alignment(transport_plan(cost, marginal(np.sum(nwc, axis=0), power)))
 
 
 def input_alignment(channels: Channels | None, plans: dict[int, np.ndarray], group_of: list[int]) -> np.ndarray | None:
@@ -136,6 +138,7 @@ def fuse(
     lam: float,
     fused_layers: set[int],
     aligned_cost: bool = True,
+    nwc_power: float = 1.0,
 ) -> tuple[dict[int, Neurons], FusionRecord]:
     """Fuse every layer in ``fused_layers``; the others keep their backdoored weights.
 
@@ -157,7 +160,8 @@ def fuse(
             continue
         members = ties.members(group)
         candidates = [_aligned(m, ties, pruned[m], plans) if aligned_cost else pruned[m] for m in members]
-        plans[group] = group_alignment(candidates, [backdoored[m] for m in members], [nwc[m] for m in members])
+        plans[group] = group_alignment(candidates, [backdoored[m] for m in members], [nwc[m] for m in members],
+                                        nwc_power)
         record.plans[group] = "ot"
     result: dict[int, Neurons] = {}
     for i, neurons in backdoored.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from otbr_onnx.errors import OtbrError
+from otbr_onnx.errors import OtbrError, UsageError
 
 LOG = logging.getLogger("otbr_onnx")
 
@@ -78,7 +78,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--iterations", type=click.IntRange(min=0), help="Random-unlearning steps.  [default: see below]")
@@ -99,30 +99,39 @@ def main() -> None:
 @click.option("--input-range", default="0,1", show_default=True,
               help="Value range of the noise images (use the range the model expects, e.g. -1,1 or 0,255).")
 @click.option("--force", is_flag=True, help="Allow the output path to be the input path.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch mode: models cleaned in parallel.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (batch: the summary) as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def clean(model: Path, output: Path, report_path: Path | None, iterations, batch_size, lr, fusion_lambda,
-          prune_ratio, method, seed, device, reference, input_shape, output_name, input_range, force, quiet, debug) -> None:
-    """Clean MODEL and write the repaired model to OUTPUT.
+def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iterations, batch_size, lr,
+          fusion_lambda, prune_ratio, method, seed, device, reference, input_shape, output_name, input_range, force,
+          jobs, as_json, quiet, verbose, debug) -> None:
+    """Clean MODEL and write the repaired model to OUTPUT (or many models into a folder).
 
     OUTPUT is the input graph with only weight values changed (same inputs, outputs, node
     names, opset and metadata). It is written only after onnxruntime parity passes.
+
+    Batch mode: give a folder or several models, and an output folder. Each model gets
+    NAME.onnx and NAME.report.json there, plus summary.json; models already cleaned with the
+    same input and options are skipped; the exit code is the worst of the models' codes.
     """
+    _logging(verbose)
     from otbr_onnx.output import atomic_write, check_output_path
-    from otbr_onnx.pipeline import CleanOptions, clean as run_clean
+    from otbr_onnx.pipeline import clean as run_clean
     from otbr_onnx.report import summary_text
 
     def action() -> None:
+        options = _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, seed,
+                                 device, input_shape, output_name, input_range)
+        if len(models) > 1 or models[0].is_dir():
+            _clean_batch(list(models), output, options, jobs, as_json, quiet)
+            return
+        model = models[0]
         check_output_path(output, [model], force)
         if report_path is not None:
             check_output_path(report_path, [model, output], False)
-        base = CleanOptions.published() if reference else CleanOptions()
-        given = {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
-                 "prune_ratio": prune_ratio}
-        options = replace(
-            base, method=method, seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
-            input_range=_range(input_range), **{k: v for k, v in given.items() if v is not None},
-        )
         with _progress(quiet) as progress:
             result = run_clean(model, options, progress)
         data = result.to_bytes()
@@ -130,11 +139,64 @@ def clean(model: Path, output: Path, report_path: Path | None, iterations, batch
         result.report["output"] = {"path": str(output), "sha256": hashlib.sha256(data).hexdigest()}
         if report_path is not None:
             atomic_write(report_path, json.dumps(result.report, indent=2).encode())
+        if as_json:
+            click.echo(json.dumps(result.report, indent=2))
         if not quiet:
             click.echo(summary_text(result.report), err=True)
             click.echo(f"  wrote {output}", err=True)
 
     _run(debug, action)
+
+
+def _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, seed, device,
+                   input_shape, output_name, input_range):
+    from otbr_onnx.pipeline import CleanOptions
+
+    base = CleanOptions.published() if reference else CleanOptions()
+    given = {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
+             "prune_ratio": prune_ratio}
+    return replace(
+        base, method=method, seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
+        input_range=_range(input_range), **{k: v for k, v in given.items() if v is not None},
+    )
+
+
+def _clean_batch(inputs: list[Path], out_dir: Path, options, jobs: int, as_json: bool, quiet: bool) -> None:
+    from otbr_onnx.batch import clean_many, collect_models
+
+    models = collect_models(inputs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: batch mode needs an output folder, and this is a file")
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(models), desc="models", file=sys.stderr)
+
+    def done(outcome) -> None:
+        if bar is not None:
+            bar.update(1)
+        if not quiet:
+            text = f"{outcome.status:8} {outcome.model}" + (f": {outcome.message}" if outcome.message else "")
+            (bar.write if bar is not None else lambda t: click.echo(t, err=True))(text)
+
+    outcomes = clean_many(models, out_dir, options, jobs, done)
+    if bar is not None:
+        bar.close()
+    if as_json:
+        click.echo((out_dir / "summary.json").read_text())
+    worst = max(o.exit_code for o in outcomes)
+    if not quiet:
+        counts = {s: sum(o.status == s for o in outcomes) for s in ("cleaned", "skipped", "refused", "failed")}
+        click.echo("batch: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; summary in {out_dir / 'summary.json'}",
+                   err=True)
+    if worst:
+        sys.exit(worst)
+
+
+def _logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="otbr-onnx: %(message)s", stream=sys.stderr)
 
 
 class _progress:

@@ -7,6 +7,7 @@ converted once, and edited only by ``write_back`` at the end.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from otbr_onnx.ties import FOLLOWER, SOURCE, ChannelTies, analyse
 from otbr_onnx.clp import clp_masks
 from otbr_onnx.unlearn import UnlearnConfig, UnlearnLog, random_unlearning, resolve_device
 
+LOG = logging.getLogger("otbr_onnx")
 PARITY_SAMPLES = 8
 METHODS = ("otbr", "prune-only", "clp")
 
@@ -111,6 +113,7 @@ class _Timer:
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 4)
+        LOG.info("%s: %.2fs", name, self.seconds[name])
 
 
 Progress = Callable[[str, int, int], None]

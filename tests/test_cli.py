@@ -1,6 +1,7 @@
 """The command line, end to end, through click's runner."""
 
 import hashlib
+from pathlib import Path
 import json
 import subprocess
 import sys
@@ -143,3 +144,37 @@ def test_verify_accepts_a_cleaned_model_and_rejects_a_changed_graph(preact, tmp_
     onnx.save(tampered, bad)
     result = CliRunner().invoke(main, ["verify", str(preact), str(bad)])
     assert result.exit_code == 5 and "graph.node[0].name" in result.stderr
+
+
+def test_batch_cleans_a_folder_isolates_failures_and_resumes(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for kind in ("chain", "preact"):
+        onnx.save(builders.build(kind)[1], models / f"{kind}.onnx")
+    (models / "broken.onnx").write_bytes(b"not a model")
+    out = tmp_path / "out"
+    args = ["clean", str(models), str(out), *FAST, "--jobs", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2  # the worst model's code: broken.onnx is unreadable
+    summary = json.loads((out / "summary.json").read_text())
+    status = {Path(o["model"]).name: o["status"] for o in summary["outcomes"]}
+    assert status == {"broken.onnx": "failed", "chain.onnx": "cleaned", "preact.onnx": "cleaned"}
+    assert (out / "chain.onnx").exists() and (out / "preact.report.json").exists()
+    assert not (out / "broken.onnx").exists()
+    stamp = (out / "chain.onnx").stat().st_mtime_ns
+    (models / "broken.onnx").unlink()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert {o["status"] for o in summary["outcomes"]} == {"skipped"}
+    assert (out / "chain.onnx").stat().st_mtime_ns == stamp
+    result = CliRunner().invoke(main, [*args[:-2], "--seed", "1"])  # other options: redone
+    assert json.loads((out / "summary.json").read_text())["counts"]["cleaned"] == 2
+
+
+def test_clean_json_prints_the_report_on_stdout(preact, tmp_path):
+    out = tmp_path / "o.onnx"
+    result = CliRunner().invoke(main, ["clean", str(preact), str(out), *FAST, "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert result.stderr == ""

@@ -1,0 +1,115 @@
+"""Batch cleaning: many models into one output folder, in parallel, resumable.
+
+Each model gets ``<name>.onnx`` and ``<name>.report.json`` in the output folder; a model
+whose report already records the same input hash, the same options and an output file with
+the recorded hash is skipped, so a large registry can be swept in pieces. One failing model
+never stops the others; ``summary.json`` lists every outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from otbr_onnx.errors import OtbrError, UsageError
+from otbr_onnx.load import sha256_file
+from otbr_onnx.output import atomic_write
+
+
+@dataclass(frozen=True)
+class Outcome:
+    model: str
+    status: str  # "cleaned", "skipped" (already done), "refused", "failed"
+    exit_code: int
+    message: str = ""
+    output: str | None = None
+
+
+def collect_models(inputs: list[Path]) -> list[Path]:
+    """Expand folders to the ``.onnx`` files directly inside them; keep files as given."""
+    models: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            models.extend(sorted(p for p in item.iterdir() if p.suffix == ".onnx" and p.is_file()))
+        elif item.exists():
+            models.append(item)
+        else:
+            raise UsageError(f"{item}: no such file or folder")
+    names = [m.stem for m in models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"several inputs are named '{duplicates[0]}.onnx'; outputs would collide")
+    if not models:
+        raise UsageError("no .onnx models found in the given inputs")
+    return models
+
+
+def options_key(options) -> str:
+    data = json.dumps(dataclasses.asdict(options), sort_keys=True, default=str)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def already_done(model: Path, out_dir: Path, key: str) -> bool:
+    report_path = out_dir / f"{model.stem}.report.json"
+    output = out_dir / f"{model.stem}.onnx"
+    if not report_path.is_file() or not output.is_file():
+        return False
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (report.get("options_key") == key
+            and report.get("input", {}).get("sha256") == sha256_file(model)
+            and report.get("output", {}).get("sha256") == sha256_file(output))
+
+
+def clean_one(model: Path, out_dir: Path, options) -> Outcome:
+    """Clean one model into ``out_dir``; every failure becomes an Outcome, never an exception."""
+    from otbr_onnx.pipeline import clean
+
+    key = options_key(options)
+    if already_done(model, out_dir, key):
+        return Outcome(str(model), "skipped", 0, "output and report match the input and options",
+                       str(out_dir / f"{model.stem}.onnx"))
+    output = out_dir / f"{model.stem}.onnx"
+    try:
+        result = clean(model, options)
+        data = result.to_bytes()
+        atomic_write(output, data)
+        result.report["output"] = {"path": str(output), "sha256": hashlib.sha256(data).hexdigest()}
+        result.report["options_key"] = key
+        atomic_write(out_dir / f"{model.stem}.report.json", json.dumps(result.report, indent=2).encode())
+        return Outcome(str(model), "cleaned", 0, output=str(output))
+    except OtbrError as error:
+        status = "refused" if error.exit_code == 3 else "failed"
+        return Outcome(str(model), status, error.exit_code, str(error))
+    except Exception as error:  # noqa: BLE001 - one broken model must not stop the sweep
+        return Outcome(str(model), "failed", 1, f"internal error: {type(error).__name__}: {error}")
+
+
+def clean_many(models: list[Path], out_dir: Path, options, jobs: int = 1, on_done=None) -> list[Outcome]:
+    """Clean every model, ``jobs`` at a time; write ``summary.json``; return the outcomes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outcomes: list[Outcome] = []
+    if jobs <= 1:
+        for model in models:
+            outcomes.append(clean_one(model, out_dir, options))
+            if on_done:
+                on_done(outcomes[-1])
+    else:
+        # spawn, not fork: forking after torch started its thread pool can deadlock the child
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(clean_one, model, out_dir, options) for model in models]
+            for future in futures:
+                outcomes.append(future.result())
+                if on_done:
+                    on_done(outcomes[-1])
+    summary = {"models": len(outcomes), "outcomes": [dataclasses.asdict(o) for o in outcomes],
+               "counts": {s: sum(o.status == s for o in outcomes) for s in ("cleaned", "skipped", "refused", "failed")}}
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    return outcomes

@@ -33,6 +33,17 @@ class Parity:
         return {**asdict(self), "ok": self.ok}
 
 
+def providers(name: str) -> list[str]:
+    """onnxruntime providers for ``cpu`` or ``cuda`` (the latter needs onnxruntime-gpu)."""
+    if name == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        from otbr_onnx.errors import UsageError
+
+        raise UsageError("--ort-provider cuda needs onnxruntime-gpu (pip install 'otbr-onnx[gpu]') and a GPU")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 def session(model: onnx.ModelProto, providers: list[str] | None = None) -> ort.InferenceSession:
     """One onnxruntime session; graph optimisations off so it runs the graph as written."""
     options = ort.SessionOptions()

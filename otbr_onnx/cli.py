@@ -91,6 +91,8 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for noise, labels and parity inputs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where unlearning runs; auto picks CUDA when torch sees a GPU.")
+@click.option("--ort-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime provider for the parity checks (cuda needs onnxruntime-gpu).")
 @click.option("--reference", is_flag=True,
               help="Use the published settings exactly (20 steps, batch 256, lr 1e-4, lambda 0.5, conv layers, "
                    "no grad clipping). Options given explicitly still override.")
@@ -106,7 +108,7 @@ def main() -> None:
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iterations, batch_size, lr,
-          fusion_lambda, prune_ratio, method, seed, device, reference, input_shape, output_name, input_range, force,
+          fusion_lambda, prune_ratio, method, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
           jobs, as_json, quiet, verbose, debug) -> None:
     """Clean MODEL and write the repaired model to OUTPUT (or many models into a folder).
 
@@ -125,6 +127,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
     def action() -> None:
         options = _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, seed,
                                  device, input_shape, output_name, input_range)
+        options = replace(options, ort_provider=ort_provider)
         if len(models) > 1 or models[0].is_dir():
             _clean_batch(list(models), output, options, jobs, as_json, quiet)
             return

@@ -66,6 +66,7 @@ class CleanOptions:
     clp_u: float = 3.0
     input_shape: tuple[int, ...] | None = None
     output_name: str | None = None
+    ort_provider: str = "cpu"  # onnxruntime execution provider for parity: "cpu" or "cuda"
     limits: Limits = Limits()
 
     @classmethod
@@ -144,7 +145,8 @@ def clean(
         module = convert(loaded.proto)
         refs = weight_refs(module, loaded.proto, layers)
     with timer.stage("conversion_parity"):
-        session = parity.session(loaded.proto)
+        providers = parity.providers(options.ort_provider)
+        session = parity.session(loaded.proto, providers)
         probe = parity.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
         before_ort = parity.run_ort(session, loaded.input_name, loaded.output_name, probe)
         before = parity.compare(before_ort, parity.run_torch(module, probe, loaded.output_index))
@@ -187,7 +189,7 @@ def clean(
     with timer.stage("output_parity"):
         for name, value in new_weights.items():
             refs[name].write(module, value)
-        after_session = parity.session(cleaned)
+        after_session = parity.session(cleaned, providers)
         after = parity.compare(
             parity.run_ort(after_session, loaded.input_name, loaded.output_name, probe),
             parity.run_torch(module, probe, loaded.output_index),

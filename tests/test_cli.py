@@ -178,3 +178,17 @@ def test_clean_json_prints_the_report_on_stdout(preact, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert result.stderr == ""
+
+
+def test_report_follows_the_documented_schema(preact, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    root = Path(__file__).resolve().parents[1]
+    schema = json.loads((root / "docs" / "report.schema.json").read_text())
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["clean", str(preact), str(tmp_path / "o.onnx"), *FAST, "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    jsonschema.validate(json.loads(report.read_text()), schema)
+    broken = json.loads(report.read_text())
+    del broken["parity"]["output"]["max_abs"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)

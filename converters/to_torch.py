@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 import converters.ops  # noqa: F401  (registers the converters onnx2torch lacks)
+from converters.ops import _REGISTRY, _describe, _register
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.layers import WeightLayer
 
@@ -48,7 +49,60 @@ class TorchTensorRef:
             array = array * np.float32(self.scale)
         target = self.tensor(module)
         with torch.no_grad():
-            target.copy_(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+            target.copy_(torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True)))
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNormalization: normalized_shape from the scale, not from shape inference
+# --------------------------------------------------------------------------------------------
+
+
+def _original_layer_norm():
+    """onnx2torch's own LayerNormalization-17 converter (also after a re-import of this module)."""
+    existing = _REGISTRY[_describe("LayerNormalization", 17)]
+    return getattr(existing, "_otbr_replaces", existing)
+
+
+def _normalized_rank(axis: int, node, graph) -> int | None:
+    """How many trailing axes a LayerNormalization normalises, or None if unknown."""
+    if axis < 0:
+        return -axis
+    info = graph.value_info.get(node.input_values[0])
+    dims = info.type.tensor_type.shape.dim if info is not None and info.type.tensor_type.HasField("shape") else None
+    return len(dims) - axis if dims else None
+
+
+def _convert_layer_norm(node, graph):
+    """``nn.LayerNorm`` whose ``normalized_shape`` is the scale's shape.
+
+    onnx2torch reads ``normalized_shape`` from the input's inferred shape. Where inference left
+    it unknown (the legacy exporter computes an MLP-Mixer's token reshape through ``Shape``
+    chains), it builds ``LayerNorm([0])``, which fails on the first call. The scale initializer
+    holds the normalised shape itself, whatever the input shape inference found.
+    """
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+    axis = node.attributes.get("axis", -1)
+    scale_name = node.input_values[1]
+    bias_name = node.input_values[2] if len(node.input_values) > 2 and node.input_values[2] else None
+    if scale_name not in graph.initializers or (bias_name and bias_name not in graph.initializers):
+        return _original_layer_norm()(node, graph)
+    scale = graph.initializers[scale_name].to_torch()
+    bias = graph.initializers[bias_name].to_torch() if bias_name else None
+    if _normalized_rank(axis, node, graph) != scale.dim() or (bias is not None and bias.shape != scale.shape):
+        return _original_layer_norm()(node, graph)
+    module = nn.LayerNorm(tuple(scale.shape), eps=node.attributes.get("epsilon", 1e-5), bias=bias is not None)
+    with torch.no_grad():
+        module.weight.copy_(scale)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return OperationConverterResult(
+        torch_module=module, onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values)
+    )
+
+
+_convert_layer_norm._otbr_replaces = _original_layer_norm()
+_register("LayerNormalization", (17,), _convert_layer_norm, replace=True)
 
 
 def check_convertible(model: onnx.ModelProto) -> None:

@@ -88,6 +88,10 @@ def main() -> None:
 @click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True), help="Share of ranked neurons to prune (gamma).")
 @click.option("--method", type=click.Choice(["otbr", "prune-only", "clp"]), default="otbr", show_default=True,
               help="otbr: the full method; prune-only: stage 1 alone (ablation); clp: channel-Lipschitz pruning baseline.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help="npz of CLEAN images (x, y) you trust: choose the prune ratio under --max-acc-drop on them.")
+@click.option("--max-acc-drop", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="With --calibration: accuracy points the cleaning may cost on those images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for noise, labels and parity inputs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where unlearning runs; auto picks CUDA when torch sees a GPU.")
@@ -108,7 +112,7 @@ def main() -> None:
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iterations, batch_size, lr,
-          fusion_lambda, prune_ratio, method, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
+          fusion_lambda, prune_ratio, method, calibration, max_acc_drop, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
           jobs, as_json, quiet, verbose, debug) -> None:
     """Clean MODEL and write the repaired model to OUTPUT (or many models into a folder).
 
@@ -125,9 +129,9 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
     from otbr_onnx.report import summary_text
 
     def action() -> None:
-        options = _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, seed,
+        options = _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, calibration, max_acc_drop, seed,
                                  device, input_shape, output_name, input_range)
-        options = replace(options, ort_provider=ort_provider)
+        options = replace(options, ort_provider=ort_provider, calibration=calibration, max_acc_drop=max_acc_drop)
         if len(models) > 1 or models[0].is_dir():
             _clean_batch(list(models), output, options, jobs, as_json, quiet)
             return
@@ -151,7 +155,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
     _run(debug, action)
 
 
-def _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, seed, device,
+def _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, calibration, max_acc_drop, seed, device,
                    input_shape, output_name, input_range):
     from otbr_onnx.pipeline import CleanOptions
 

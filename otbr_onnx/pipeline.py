@@ -66,6 +66,10 @@ class CleanOptions:
     clp_u: float = 3.0
     input_shape: tuple[int, ...] | None = None
     output_name: str | None = None
+    # With clean images (an npz of x/y), prune_ratio is chosen as the largest candidate whose
+    # accuracy drop on them stays within max_acc_drop points. Never triggered data.
+    calibration: str | None = None
+    max_acc_drop: float = 2.0
     ort_provider: str = "cpu"  # onnxruntime execution provider for parity: "cpu" or "cuda"
     limits: Limits = Limits()
 
@@ -160,29 +164,40 @@ def clean(
     backdoored = {i: _neurons(layer, original) for i, layer in enumerate(layers)}
     rank_set = _ranked_layers(layers, ties, options)
     device = resolve_device(options.device)
-    if options.method == "clp":
-        nwc, log = {}, UnlearnLog()
-        with timer.stage("pruning"):
-            masks = clp_masks({i: backdoored[i].rows for i in rank_set}, options.clp_u)
-    else:
+    nwc, log, ranking = {}, UnlearnLog(), []
+    if options.method != "clp":
         with timer.stage("unlearning"):
             unlearned, log = _unlearn(module, refs, layers, loaded, num_classes, device, options, progress)
         with timer.stage("nwc"):
             nwc = _nwc(layers, ties, backdoored, unlearned)
             ranking = nwc_stage.global_ranking({i: nwc[i] for i in rank_set})
-        with timer.stage("pruning"):
-            sizes = {i: layers[i].out_channels for i in rank_set}
-            masks = prune_stage.select_pruned(ranking, sizes, options.prune_ratio)
-    pruned = {i: _pruned(backdoored[i], masks.get(i)) for i in range(len(layers))}
+
+    def prune(ratio: float) -> tuple[dict, dict]:
+        if options.method == "clp":
+            masks = clp_masks({i: backdoored[i].rows for i in rank_set}, options.clp_u)
+        else:
+            masks = prune_stage.select_pruned(ranking, {i: layers[i].out_channels for i in rank_set}, ratio)
+        return masks, {i: _pruned(backdoored[i], masks.get(i)) for i in range(len(layers))}
+
+    def fuse(masks: dict, pruned: dict) -> tuple[dict, fusion.FusionRecord]:
+        if options.method != "otbr":  # the baselines hand back the pruned model
+            return pruned, fusion.FusionRecord()
+        return fusion.fuse(
+            ties, backdoored, pruned, nwc, options.fusion_lambda, _fused_layers(layers, ties, masks, options),
+            options.aligned_cost, options.nwc_power,
+        )
+
+    calibration = None
+    ratio = options.prune_ratio
+    if options.calibration is not None and options.method != "clp":
+        with timer.stage("calibration"):
+            calibration = _calibrate(module, refs, layers, backdoored, loaded, options,
+                                     lambda r: fuse(*prune(r))[0])
+            ratio = calibration["chosen_ratio"]
+    with timer.stage("pruning"):
+        masks, pruned = prune(ratio)
     with timer.stage("fusion"):
-        if options.method == "otbr":
-            fused_set = _fused_layers(layers, ties, masks, options)
-            fused, record = fusion.fuse(
-                ties, backdoored, pruned, nwc, options.fusion_lambda, fused_set, options.aligned_cost,
-                options.nwc_power,
-            )
-        else:  # the baselines hand back the pruned model
-            fused, record = pruned, fusion.FusionRecord()
+        fused, record = fuse(masks, pruned)
         new_weights = _changed_weights(layers, backdoored, fused)
     with timer.stage("write_back"):
         cleaned = write_back(loaded.proto, new_weights)
@@ -201,8 +216,54 @@ def clean(
             )
     report = _report(loaded, options, device, layers, skipped, ties, nwc, masks, record, before, after,
                      log, timer, num_classes, rank_set)
+    report["pruning"]["ratio"] = ratio
+    report["calibration"] = calibration
     pruned_counts = {layers[i].label: int(m.sum()) for i, m in masks.items() if m.any()}
     return CleanResult(model=cleaned, report=report, parity=after, pruned=pruned_counts)
+
+
+CALIBRATION_RATIOS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2)
+
+
+def _calibrate(module, refs, layers, backdoored, loaded, options, fused_at) -> dict:
+    """Try each candidate ratio on the user's clean images; keep the largest within budget."""
+    from otbr_onnx.evaluate import load_npz, split_sets
+
+    (x, y), _ = split_sets(load_npz(options.calibration), {})
+    if tuple(x.shape[1:]) != tuple(loaded.input_shape[1:]):
+        raise UsageError(
+            f"--calibration images have shape {tuple(x.shape[1:])}, the model expects {tuple(loaded.input_shape[1:])}"
+        )
+    baseline = _accuracy(module, x, y, loaded.output_index)
+    trials = []
+    for ratio in CALIBRATION_RATIOS:
+        changed = _changed_weights(layers, backdoored, fused_at(ratio))
+        for name, value in changed.items():
+            refs[name].write(module, value)
+        trials.append({"ratio": ratio, "acc": _accuracy(module, x, y, loaded.output_index)})
+        for name in changed:  # back to the original weights for the next trial
+            refs[name].write(module, _original(layers, backdoored, name))
+    within = [t for t in trials if baseline - t["acc"] <= options.max_acc_drop]
+    chosen = max(within, key=lambda t: t["ratio"]) if within else min(trials, key=lambda t: t["ratio"])
+    return {"images": int(len(y)), "baseline_acc": baseline, "max_acc_drop": options.max_acc_drop,
+            "trials": trials, "chosen_ratio": chosen["ratio"], "budget_met": bool(within)}
+
+
+def _original(layers: list[WeightLayer], backdoored: dict, name: str) -> np.ndarray:
+    for i, layer in enumerate(layers):
+        if layer.weight == name:
+            return from_rows(layer, backdoored[i].rows)
+        if layer.bias == name:
+            return backdoored[i].bias
+    raise KeyError(name)
+
+
+def _accuracy(module, x: np.ndarray, y: np.ndarray, output_index: int) -> float:
+    correct = 0
+    for start in range(0, len(x), 256):
+        logits = parity.run_torch(module, x[start:start + 256], output_index)
+        correct += int(np.sum(logits.reshape(len(logits), -1).argmax(axis=1) == y[start:start + 256]))
+    return 100.0 * correct / max(len(y), 1)
 
 
 def _unlearn(module, refs, layers, loaded, num_classes, device, options, progress):

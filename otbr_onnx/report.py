@@ -128,4 +128,9 @@ def summary_text(report: dict) -> str:
         f"  parity vs onnxruntime: max abs {par['max_abs']:.2e}, max rel {par['max_rel']:.2e} (ok)",
         f"  {total:.1f}s on {report['device']}",
     ]
+    calibration = report.get("calibration")
+    if calibration:
+        verdict = "within" if calibration["budget_met"] else "NOT within (smallest ratio used)"
+        lines.insert(2, f"  calibration on {calibration['images']} clean images: ratio {calibration['chosen_ratio']} "
+                        f"{verdict} the {calibration['max_acc_drop']}-point accuracy budget")
     return "\n".join(lines)

@@ -122,3 +122,20 @@ def test_same_seed_same_bytes_and_other_seed_other_bytes():
     first = clean(model, CleanOptions(**FAST)).to_bytes()
     assert clean(model, CleanOptions(**FAST)).to_bytes() == first
     assert clean(model, CleanOptions(**{**FAST, "seed": 1})).to_bytes() != first
+
+
+@pytest.mark.parametrize("budget", [0.0, 100.0])
+def test_calibration_picks_the_largest_ratio_within_the_accuracy_budget(budget, tmp_path):
+    _, model = builders.build("preact")
+    x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "calib.npz", x=x, y=builders.logits(model, x).argmax(1))  # baseline: 100%
+    report = clean(model, CleanOptions(**{**FAST, "calibration": str(tmp_path / "calib.npz"),
+                                          "max_acc_drop": budget})).report
+    calibration = report["calibration"]
+    assert calibration["baseline_acc"] == 100.0
+    within = [t["ratio"] for t in calibration["trials"] if 100.0 - t["acc"] <= budget]
+    expected = max(within) if within else min(t["ratio"] for t in calibration["trials"])
+    assert calibration["chosen_ratio"] == expected == report["pruning"]["ratio"]
+    assert calibration["budget_met"] == bool(within)
+    if budget == 100.0:
+        assert expected == max(t["ratio"] for t in calibration["trials"])

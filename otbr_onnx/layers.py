@@ -15,8 +15,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from otbr_onnx.errors import UnsupportedModelError
+
 # How an initializer is laid out, relative to rows = [out, in, ...].
 CONV = "conv"  # Conv weight [out, in/groups, *k]: already rows
+CONV_T = "conv_t"  # ConvTranspose weight [in, out, *k] (groups 1): neurons on axis 1
 OUT_IN = "out_in"  # Gemm transB=1, or MatMul W @ X with W [out, in]
 IN_OUT = "in_out"  # Gemm transB=0, or MatMul X @ W with W [in, out]
 
@@ -42,6 +45,11 @@ class WeightLayer:
         return self.node_name or f"{self.op_type}#{self.node_index}"
 
     @property
+    def is_conv_like(self) -> bool:
+        """Conv or ConvTranspose: channels on axis 1 of an (N, C, *spatial) tensor."""
+        return self.layout in (CONV, CONV_T)
+
+    @property
     def is_depthwise(self) -> bool:
         return self.op_type == "Conv" and self.groups > 1 and self.in_channels == 1 and self.out_channels == self.groups
 
@@ -52,12 +60,16 @@ class WeightLayer:
 
 def to_rows(layer: WeightLayer, weight: np.ndarray) -> np.ndarray:
     """ONNX layout -> rows ``[out, in, ...]``."""
-    return weight.T if layer.layout == IN_OUT else weight
+    if layer.layout == IN_OUT:
+        return weight.T
+    if layer.layout == CONV_T:
+        return np.swapaxes(weight, 0, 1)
+    return weight
 
 
 def from_rows(layer: WeightLayer, rows: np.ndarray) -> np.ndarray:
     """Rows ``[out, in, ...]`` -> ONNX layout (inverse of ``to_rows``)."""
-    return np.ascontiguousarray(rows.T if layer.layout == IN_OUT else rows)
+    return np.ascontiguousarray(to_rows(layer, rows))  # both swaps are their own inverse
 
 
 @dataclass(frozen=True)
@@ -68,18 +80,23 @@ class SkippedLayer:
 
 
 def find_weight_layers(model: onnx.ModelProto) -> tuple[list[WeightLayer], list[SkippedLayer]]:
-    """All Conv / Gemm / MatMul nodes with a constant float weight, in graph order.
+    """All Conv / ConvTranspose / Gemm / MatMul nodes with a constant float weight, in graph order.
 
     A weight initializer read by more than one node is skipped (left untouched): changing it
-    for one reader would silently change the others.
+    for one reader would silently change the others. A model whose only weights live in
+    ``Constant`` nodes (Paddle's exporter writes them so) is refused here, naming a node: the
+    generic "no weight layer" answer would wrongly suggest it has no weights at all.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    constants = _constant_outputs(graph)
     uses = Counter(name for node in graph.node for name in node.input)
     layers: list[WeightLayer] = []
     skipped: list[SkippedLayer] = []
     for index, node in enumerate(graph.node):
         found = _describe(index, node, inits)
+        if found is None or isinstance(found, SkippedLayer):
+            found = _constant_weight(node, constants) or found
         if found is None:
             continue
         if isinstance(found, SkippedLayer):
@@ -90,7 +107,44 @@ def find_weight_layers(model: onnx.ModelProto) -> tuple[list[WeightLayer], list[
             skipped.append(SkippedLayer(found.label, node.op_type, f"initializer '{shared[0]}' is shared with other nodes"))
             continue
         layers.append(found)
+    if not layers:
+        _refuse_constant_weights(skipped)
     return layers, skipped
+
+
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CONSTANT_NODE_REASON = "reads its weight from Constant node"
+
+
+def _constant_outputs(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {node.output[0]: node for node in graph.node if node.op_type == "Constant" and node.output}
+
+
+def _constant_weight(node: onnx.NodeProto, constants: dict[str, onnx.NodeProto]) -> SkippedLayer | None:
+    """A weight op whose weight is a ``Constant`` node's output: skipped, with the reason.
+
+    Write-back edits initializers only, and onnx2torch cannot convert such a node (it looks the
+    weight up among the initializers), so these weights are left as they are.
+    """
+    if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
+        return None
+    position = 0 if node.op_type == "MatMul" and node.input[0] in constants else 1
+    source = constants.get(node.input[position])
+    if source is None:
+        return None
+    return SkippedLayer(node.name, node.op_type,
+                        f"{CONSTANT_NODE_REASON} '{source.name or source.output[0]}', not an initializer")
+
+
+def _refuse_constant_weights(skipped: list[SkippedLayer]) -> None:
+    held = [s for s in skipped if s.reason.startswith(CONSTANT_NODE_REASON)]
+    if held:
+        first = held[0]
+        raise UnsupportedModelError(
+            f"all {len(held)} weight layers keep their weights in Constant nodes instead of initializers "
+            f"(as Paddle's exporter writes them; e.g. {first.op_type} '{first.node_name}'); "
+            "re-export with weights as initializers"
+        )
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -110,6 +164,8 @@ def _float_init(inits: dict, name: str) -> TensorProto | None:
 def _describe(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer | SkippedLayer | None:
     if node.op_type == "Conv":
         return _describe_conv(index, node, inits)
+    if node.op_type == "ConvTranspose":
+        return _describe_conv_transpose(index, node, inits)
     if node.op_type == "Gemm":
         return _describe_gemm(index, node, inits)
     if node.op_type == "MatMul":
@@ -138,6 +194,24 @@ def _describe_conv(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer
         node_index=index, node_name=node.name, op_type="Conv", weight=node.input[1], bias=bias,
         layout=CONV, out_channels=dims[0], in_channels=dims[1], groups=int(_attr(node, "group", 1)), data_input=0,
         kernel=tuple(dims[2:]),
+    )
+
+
+def _describe_conv_transpose(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer | SkippedLayer:
+    """ConvTranspose: weight ``[C_in, C_out / groups, *k]``, so its neurons are axis 1."""
+    if len(node.input) < 2 or _float_init(inits, node.input[1]) is None:
+        return SkippedLayer(node.name, node.op_type, "weight is not a float32 initializer")
+    groups = int(_attr(node, "group", 1))
+    if groups != 1:
+        # with groups the neurons of group g are axis 1 of rows g*C_in/g.. only: not one matrix
+        return SkippedLayer(node.name, node.op_type, f"grouped ConvTranspose (group={groups}) is not supported")
+    dims = list(inits[node.input[1]].dims)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and _bias_name(inits, bias, dims[1]) is None:
+        return SkippedLayer(node.name, node.op_type, "bias is not a per-channel float32 initializer")
+    return WeightLayer(
+        node_index=index, node_name=node.name, op_type="ConvTranspose", weight=node.input[1], bias=bias,
+        layout=CONV_T, out_channels=dims[1], in_channels=dims[0], groups=1, data_input=0, kernel=tuple(dims[2:]),
     )
 
 

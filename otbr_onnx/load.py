@@ -3,6 +3,14 @@
 Nothing here trusts the file: external-data paths are resolved against the model's own folder
 and refused when they leave it, sizes are capped before anything large is allocated, and every
 failure becomes an ``OtbrError`` with a one-line message.
+
+What a model must pass, in order (exit 2 = not a valid model, 3 = valid but refused):
+names are UTF-8 (2) and free of quotes, backslashes and control characters, which would reach
+generated PyTorch code (3); default-domain ops at a known opset (3); the ONNX checker and strict
+type/shape inference (2); every constant decodes to its declared shape (2) and holds no NaN,
+nor +-Inf outside bound/mask uses (3); one float image input with a dynamic batch and a capped
+size (3); logits computed from that input (3); and one onnxruntime run on a random image
+(3), whose logits must be finite.
 """
 
 from __future__ import annotations
@@ -10,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +39,13 @@ MAX_PROTO_BYTES = 2**31 - 1
 MAX_MESSAGE_CHARS = 300
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
-# Readers for which an infinite constant is a legitimate bound or mask (Clip(x, 0, inf), an
-# attention mask of -inf added to scores). Everywhere else an infinite value, and NaN anywhere,
-# is a corrupt or hostile weight: cleaning it would write a model that outputs NaN.
+# Readers for which an infinite constant is a legitimate bound, comparison or fill value
+# (Clip(x, 0, inf), Where(mask, x, -inf) from masked_fill). Everywhere else an infinite value,
+# and NaN anywhere, is a corrupt or hostile weight: cleaning it would write a model that
+# outputs NaN. Add/Sub are deliberately absent: an infinite bias is the commonest way to
+# poison logits, and image classifiers have no additive -inf attention masks.
 INF_ALLOWED_READERS = frozenset({
-    "Clip", "Min", "Max", "Where", "Add", "Sub", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal",
+    "Clip", "Min", "Max", "Where", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal",
 })
 
 
@@ -83,7 +95,8 @@ def load_model(
     path = Path(path)
     data = _read_bytes(path, limits)
     proto = _parse(data, path)
-    _inline_external_data(proto, path.parent)
+    _check_names(proto.graph)  # first: later messages quote names, and must stay one line
+    _inline_external_data(proto, path.parent, limits)
     model = describe_model(proto, input_shape, output_name, limits)
     return LoadedModel(path=path, sha256=hashlib.sha256(data).hexdigest(), **model)
 
@@ -135,31 +148,66 @@ def _parse(data: bytes, path: Path) -> onnx.ModelProto:
     return proto
 
 
-def _inline_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
-    """Load external tensors, refusing any location that leaves the model's folder."""
+def _inline_external_data(proto: onnx.ModelProto, base_dir: Path, limits: Limits) -> None:
+    """Load external tensors, refusing any location that leaves the model's folder.
+
+    The bytes to be read are totalled before reading any: a few tensors each pointing at the
+    whole of one large file would otherwise multiply it in memory.
+    """
     base = base_dir.resolve()
+    total = 0
     for tensor in external_data_helper._get_all_tensors(proto):  # noqa: SLF001 - onnx's own walker
         if not external_data_helper.uses_external_data(tensor):
             continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = info.location
-        if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
-            raise UnsupportedModelError(
-                f"tensor '{tensor.name}': external data location '{location}' is absolute; refused"
-            )
-        target = (base / location).resolve()
-        if base != target and base not in target.parents:
-            raise UnsupportedModelError(
-                f"tensor '{tensor.name}': external data location '{location}' leaves the model folder; refused"
-            )
-        if not target.is_file():
+        try:
+            with warnings.catch_warnings():  # unknown keys are ignored; a warning would be a 2nd stderr line
+                warnings.simplefilter("ignore")
+                info = external_data_helper.ExternalDataInfo(tensor)
+        except (ValueError, TypeError) as error:  # offset or length that is not an integer
+            raise UnreadableModelError(f"tensor '{tensor.name}': malformed external data entry: {error}") from error
+        try:
+            target = _external_target(tensor.name, info.location, base)
+            total += _external_length(tensor.name, info, target)
+        except (OSError, ValueError, TypeError, RuntimeError) as error:  # NUL or bad UTF-8, too long, a loop
             raise UnreadableModelError(
-                f"tensor '{tensor.name}': external data file '{location}' is missing"
+                f"tensor '{tensor.name}': unusable external data location {info.location[:80]!r}: {error}"
+            ) from error
+        if total > limits.max_file_bytes:
+            raise UnsupportedModelError(
+                f"external data adds up to more than the --max-file-bytes limit of {limits.max_file_bytes} bytes"
             )
     try:
-        external_data_helper.load_external_data_for_model(proto, str(base))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            external_data_helper.load_external_data_for_model(proto, str(base))
     except (OSError, ValueError) as error:
         raise UnreadableModelError(f"cannot read external data: {error}") from error
+
+
+def _external_target(name: str, location: str, base: Path) -> Path:
+    """The file ``location`` names, refused unless it is a regular file inside ``base``."""
+    if not location:
+        raise UnreadableModelError(f"tensor '{name}': external data has no location")
+    if os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise UnsupportedModelError(f"tensor '{name}': external data location '{location}' is absolute; refused")
+    target = (base / location).resolve()  # follows symlinks: a link out of the folder is caught below
+    if base != target and base not in target.parents:
+        raise UnsupportedModelError(
+            f"tensor '{name}': external data location '{location}' leaves the model folder; refused"
+        )
+    if not target.is_file():  # missing, a folder, or a FIFO that would block the read forever
+        raise UnreadableModelError(f"tensor '{name}': external data file '{location}' is missing")
+    return target
+
+
+def _external_length(name: str, info: external_data_helper.ExternalDataInfo, target: Path) -> int:
+    """How many bytes loading this tensor reads (onnx reads to the end when no length is given)."""
+    offset = info.offset or 0
+    size = target.stat().st_size
+    if offset < 0 or (info.length is not None and info.length < 0) or offset > size:
+        raise UnreadableModelError(f"tensor '{name}': external data offset {offset} / length {info.length} is invalid")
+    available = size - offset
+    return min(info.length, available) if info.length else available
 
 
 def describe_model(
@@ -176,6 +224,7 @@ def describe_model(
         raise UnsupportedModelError(
             f"the graph has {len(graph.node)} nodes, above the --max-nodes limit of {limits.max_nodes}"
         )
+    _check_names(graph)
     _check_domains(proto)
     _check_size(proto)
     _check_structure(proto)
@@ -199,6 +248,42 @@ def one_line(error: BaseException, fallback: str) -> str:
     """The error's text on one line (the checker's messages span several), capped in length."""
     text = " ".join(str(error).split()) or fallback
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
+# Characters refused in any name. onnx2torch turns node names into torch.fx module targets and
+# fx pastes them, unescaped, into the Python source of the generated forward(): a node named
+# 'relu")\nimport os; os.system(...)\n#' is code that runs when the model is called. Quotes,
+# backslashes and line breaks are what such an injection needs; real exporters never emit them.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+_UNSAFE_CHARS = frozenset("\"'\\")
+
+
+def _unsafe_name(name: str) -> bool:
+    return any(c in _UNSAFE_CHARS or unicodedata.category(c) in _UNSAFE_CATEGORIES for c in name)
+
+
+def _graph_names(graph: onnx.GraphProto) -> list[tuple[str, str]]:
+    """(what, name) for every node and tensor name, subgraphs (If / Loop bodies) included."""
+    found = [("graph input", v.name) for v in graph.input] + [("graph output", v.name) for v in graph.output]
+    found += [("value", v.name) for v in graph.value_info] + [("initializer", t.name) for t in graph.initializer]
+    for node in graph.node:
+        found += [("node", node.name), ("op type", node.op_type)]
+        found += [("tensor", n) for n in (*node.input, *node.output)]
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                found += _graph_names(sub)
+    return found
+
+
+def _check_names(graph: onnx.GraphProto) -> None:
+    for what, name in _graph_names(graph):
+        if not isinstance(name, str):  # protobuf hands back bytes for a string that is not UTF-8
+            raise UnreadableModelError(f"{what} name {bytes(name)[:60]!r} is not valid UTF-8")
+        if _unsafe_name(name):
+            raise UnsupportedModelError(
+                f"{what} name {name[:60]!r} contains a quote, backslash or control character; refused, "
+                "since names reach generated PyTorch code"
+            )
 
 
 def _check_size(proto: onnx.ModelProto) -> None:
@@ -409,23 +494,33 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
 
 
 def _check_runs(proto: onnx.ModelProto, input_name: str, shape: tuple[int, ...], output_name: str) -> None:
-    """Run the model once in onnxruntime on one blank image.
+    """Run the model once in onnxruntime on one random image in [0, 1]; its logits must be finite.
 
     The checker and shape inference do not see everything onnxruntime rejects (a Conv whose
-    weight expects 1 input channel fed an input declaring 9, an op it has no kernel for). Found
-    here, that is a refusal naming the problem; found later, it surfaced as an internal error.
+    weight expects 1 input channel fed an input declaring 9, an op it has no kernel for), and a
+    finite but huge weight (1e38) overflows to infinite logits. Found here, each is a refusal
+    naming the problem; found later, it was an internal error or a misleading parity message.
     One image keeps the cost to a session build and a single forward pass.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3  # errors only: warnings would add lines to our one-line stderr
+    # Fatal only: onnxruntime logs a failing kernel at error level on the process's stderr,
+    # which would put a second line beside our one-line message (the exception carries it).
+    options.log_severity_level = 4
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
+    image = np.random.default_rng(0).uniform(0.0, 1.0, size=shape).astype(np.float32)
     try:
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        session.run([output_name], {input_name: np.zeros(shape, dtype=np.float32)})
+        logits = np.asarray(session.run([output_name], {input_name: image}, run_options)[0])
     except _ort_errors() as error:
         raise UnsupportedModelError(f"onnxruntime cannot run the model: {one_line(error, type(error).__name__)}") from error
+    if logits.dtype.kind == "f" and not np.isfinite(logits).all():
+        raise UnsupportedModelError(
+            f"output '{output_name}' is NaN or infinite on a random image in [0, 1]: the weights are corrupt or overflow"
+        )
 
 
 def _ends_in_softmax(graph: onnx.GraphProto, output_name: str) -> bool:

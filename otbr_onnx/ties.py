@@ -35,6 +35,12 @@ sources involved are *pinned*: their group takes the identity plan, so the fused
 no plan of its own and carries its input's plan, since channel ``c`` out depends only on
 channel ``c`` in. Pinning can only make the fused model closer to the backdoored one; it never
 misaligns it.
+
+A ``MatMul`` whose constant weight contracts an axis other than the tracked channels (an
+MLP-Mixer's token mixing, ``W @ X`` over tokens) keeps channel ``c`` at ``c``: the channels flow
+through it, and the layer itself is pinned, since its own neurons lie on an untracked axis.
+ConvTranspose layers are sources like convs (their neurons are axis 1 of the weight). Shapes
+come from ONNX shape inference, and from one onnxruntime run where inference gives up.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from otbr_onnx.layers import CONV, IN_OUT, WeightLayer
+from otbr_onnx.layers import IN_OUT, WeightLayer
 
 SOURCE, FOLLOWER, PINNED = "source", "follower", "pinned"
 
@@ -139,8 +145,26 @@ def static_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[in
     """Shapes of every value with the input fixed to ``input_shape`` and batch 2.
 
     Batch 2 rather than 1 keeps a reshape that merges the batch into another axis from
-    looking like one that keeps it.
+    looking like one that keeps it. ONNX shape inference comes first; where it leaves a node
+    output unknown (the legacy exporter computes ``Reshape`` targets through
+    ``Shape -> Gather -> Concat`` chains that data propagation does not always follow), the
+    model is run once in onnxruntime and the real shapes fill the gaps. An unknown shape
+    pins every layer whose channels pass through it, so each shape recovered here is a tie
+    that can be honoured instead of pinned.
     """
+    shapes = _inferred_shapes(model, input_name, input_shape)
+    unknown = [name for node in model.graph.node for name in node.output
+               if name and not _fully_known(shapes.get(name))]
+    if unknown:
+        shapes.update(_executed_shapes(model, input_name, input_shape, unknown))
+    return shapes
+
+
+def _fully_known(dims: list[int] | None) -> bool:
+    return dims is not None and all(d > 0 for d in dims)
+
+
+def _with_batch_two(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.value_info[:]
@@ -150,6 +174,11 @@ def static_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[in
             del dims[:]
             for size in (2,) + tuple(input_shape[1:]):
                 dims.add().dim_value = int(size)
+    return probe
+
+
+def _inferred_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...]) -> dict[str, list[int]]:
+    probe = _with_batch_two(model, input_name, input_shape)
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is best effort; unknown shapes pin
@@ -164,6 +193,34 @@ def static_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[in
     for tensor in graph.initializer:
         shapes[tensor.name] = list(tensor.dims)
     return shapes
+
+
+def _executed_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...],
+                     names: list[str]) -> dict[str, list[int]]:
+    """Shapes of ``names`` from one onnxruntime run on a batch of two constant images.
+
+    A value onnxruntime cannot expose (a sequence, an optional) or a run that fails leaves the
+    shape unknown: the walk then pins what flows through it, which is always safe.
+    """
+    import onnxruntime as ort
+
+    probe = _with_batch_two(model, input_name, input_shape)
+    declared = {v.name for v in probe.graph.output}
+    wanted = [name for name in dict.fromkeys(names) if name not in declared]
+    probe.graph.output.extend([onnx.ValueInfoProto(name=name) for name in wanted])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    batch = np.full((2,) + tuple(input_shape[1:]), 0.5, dtype=np.float32)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in session.get_outputs()]
+        values = session.run(outputs, {input_name: batch})
+    except Exception:  # noqa: BLE001 - best effort, as for shape inference
+        return {}
+    wanted_set = set(names)
+    return {name: list(np.shape(value)) for name, value in zip(outputs, values)
+            if name in wanted_set and isinstance(value, np.ndarray)}
 
 
 def analyse(
@@ -267,20 +324,20 @@ class _Walker:
     # -- weight layers ---------------------------------------------------------------------
     def weight_layer(self, pos: int, node: onnx.NodeProto, ins: list) -> object:
         layer = self.layers[pos]
-        data = node.input[layer.data_input]
         value = ins[layer.data_input]
-        rank = self.rank(data)
-        in_axis = -2 if (layer.op_type == "MatMul" and layer.layout != IN_OUT) else -1
-        if layer.layout == CONV and rank is not None:
-            in_axis = 1 - rank
+        in_axis = self.input_axis(layer, node)
+        if isinstance(value, Channels) and value.axis != in_axis and self.passes_through(layer, node, value):
+            # x @ W mixing tokens (MLP-Mixer) keeps channel c of x at c: the tracked channels
+            # flow on, and the layer's own neurons lie on an axis no one tracks: pin it
+            self.pins.setdefault(pos, f"{layer.op_type} mixes an axis other than the tracked channels")
+            return value
         total_in = layer.in_channels * layer.groups
         if isinstance(value, Channels):
             if value.axis == in_axis and value.width * value.repeat == total_in:
                 self.inputs[pos] = value
             else:
                 self.pin(value, f"read by {layer.label} along another axis")
-        out_rank = self.rank(node.output[0])
-        out_axis = in_axis if layer.op_type != "Conv" else (1 - out_rank if out_rank else -3)
+        out_axis = self.output_axis(layer, node, in_axis)
         if layer.is_depthwise:
             self.roles[pos] = FOLLOWER
             return self.inputs[pos].moved(out_axis) if self.inputs[pos] is not None else FIXED
@@ -289,6 +346,31 @@ class _Walker:
             self.inputs[pos] = None
             self.pins.setdefault(pos, "grouped conv cannot transport its channels")
         return Channels(out_axis, ((pos, layer.out_channels),))
+
+    def input_axis(self, layer: WeightLayer, node: onnx.NodeProto) -> int | None:
+        """The (negative) axis of the data input that the weight contracts; None for a conv
+        whose input rank is unknown (its channel axis, 1, cannot be counted from the end)."""
+        if layer.is_conv_like:
+            rank = self.rank(node.input[layer.data_input])
+            return 1 - rank if rank is not None else None
+        return -2 if (layer.op_type == "MatMul" and layer.layout != IN_OUT) else -1
+
+    def output_axis(self, layer: WeightLayer, node: onnx.NodeProto, in_axis: int | None) -> int:
+        """Where the layer's neurons lie in its output (a conv's channel axis is axis 1; with
+        an unknown rank ``checked`` finds no shape to confirm it and pins the layer)."""
+        if not layer.is_conv_like:
+            return in_axis
+        out_rank = self.rank(node.output[0])
+        return 1 - out_rank if out_rank else -3
+
+    def passes_through(self, layer: WeightLayer, node: onnx.NodeProto, value: Channels) -> bool:
+        """A MatMul with a 2-D weight keeps every axis of its data input but the contracted
+        one at the same position counted from the end (``X @ W``: all but the last; ``W @ X``:
+        all but the second-to-last), as long as the input has at least two axes."""
+        if layer.op_type != "MatMul":
+            return False
+        in_rank, out_rank = self.rank(node.input[layer.data_input]), self.rank(node.output[0])
+        return in_rank is not None and in_rank == out_rank and in_rank >= 2 and -value.axis <= in_rank
 
     # -- other ops -------------------------------------------------------------------------
     def op(self, node: onnx.NodeProto, ins: list) -> list:

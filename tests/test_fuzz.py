@@ -12,22 +12,26 @@ never exit 1 (an internal error is a bug) and never print a traceback.
 
 Normal runs try a quick 40 examples. The long run (a few minutes per 1000 examples)::
 
-    OTBR_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_fuzz.py -q -x
+    OTBR_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_fuzz.py -q -x --hypothesis-show-statistics
 
 A failure prints the shortest mutation list hypothesis found; replay it with ``apply``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -48,7 +52,7 @@ OP_TYPES = ["Relu", "Conv", "Gemm", "MatMul", "Add", "Flatten", "Softmax", "Iden
 ATTRIBUTE_NAMES = ["pads", "strides", "dilations", "group", "kernel_shape", "transA", "transB", "alpha",
                    "beta", "axis", "auto_pad", "perm"]
 NAMES = ["x", "conv_w", "conv_b", "conv_out", "relu_out", "pool_out", "flat_out", "fc_w", "fc_b", "logits",
-         "", "ghost", "x/../x"]
+         "", "ghost", "x/../x", "conv", "fc", 'conv")\n#', "a'b", "tab\there", "nul\x00", "back\\slash", "é/層"]
 INT_VALUES = st.sampled_from([-(2**40), -2, -1, 0, 1, 2, 3, 5, 64, 2**31, 2**40])
 FLOAT_VALUES = st.sampled_from([0.0, -1.0, 1e-30, 1e30, 2.0, float("nan"), float("inf")])
 
@@ -227,7 +231,8 @@ class DropInput:
 
 @dataclass(frozen=True)
 class Rename:
-    """Rename a tensor in one place only (node input/output, initializer, graph input/output)."""
+    """Rename one thing in one place only: a node, a node's input or output, an initializer, a
+    graph input or output (so references dangle or collide)."""
 
     place: str
     which: int
@@ -236,6 +241,11 @@ class Rename:
 
     def on_model(self, model: onnx.ModelProto) -> None:
         graph = model.graph
+        if self.place == "node":
+            node = _pick(graph.node, self.which)
+            if node is not None:
+                node.name = self.name
+            return
         if self.place in ("input", "output"):
             node = _pick(graph.node, self.which)
             names = None if node is None else getattr(node, self.place)
@@ -313,7 +323,7 @@ MODEL_MUTATIONS = st.one_of(
     st.builds(SetAttribute, POSITION, st.sampled_from(ATTRIBUTE_NAMES), ATTRIBUTE_VALUES),
     st.builds(DropAttribute, POSITION, POSITION),
     st.builds(DropInput, POSITION, POSITION, st.booleans()),
-    st.builds(Rename, st.sampled_from(["input", "output", "initializer", "graph_input", "graph_output"]),
+    st.builds(Rename, st.sampled_from(["node", "input", "output", "initializer", "graph_input", "graph_output"]),
               POSITION, POSITION, st.sampled_from(NAMES)),
     st.builds(SetOpType, POSITION, st.sampled_from(OP_TYPES)),
     st.builds(DropNode, POSITION),
@@ -366,15 +376,37 @@ def _check_success(output: Path) -> None:
     assert np.isfinite(logits).all(), "exit 0 but the cleaned model outputs non-finite values"
 
 
+@contextlib.contextmanager
+def _warnings_as_a_user_sees_them() -> Iterator[list]:
+    """Record the warnings Python's default filters would print on a real run's stderr.
+
+    Under pytest they are captured rather than printed, so CliRunner's stderr alone would hide
+    a warning that, for a user, is a second stderr line.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=hidden)
+        yield caught
+
+
 @settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
 @given(mutations=MUTATIONS)
-def test_mutated_model_is_cleaned_or_cleanly_refused(mutations: list) -> None:
+def test_mutated_model_is_cleaned_or_cleanly_refused(mutations: list, capfd: pytest.CaptureFixture) -> None:
     data = apply(mutations)
     with tempfile.TemporaryDirectory() as folder:
         model, output = Path(folder) / "model.onnx", Path(folder) / "cleaned.onnx"
         model.write_bytes(data)
-        outcome = run_clean(model, output, *QUICK_ARGS)
+        capfd.readouterr()  # forget what earlier examples left
+        with _warnings_as_a_user_sees_them() as caught:
+            outcome = run_clean(model, output, *QUICK_ARGS)
+        # onnxruntime's C++ logger writes straight to file descriptor 2, past CliRunner.
+        event(f"exit {outcome.exit_code}")  # the outcome mix, shown by --hypothesis-show-statistics
+        native = capfd.readouterr().err
+        assert native == "", f"native code wrote to stderr: {native[:300]!r}"
+        assert [str(w.message) for w in caught] == [], "warnings would print extra stderr lines"
         assert model.read_bytes() == data, "the input file changed"
         if outcome.exit_code == 0:
             assert outcome.exception is None and outcome.stderr == "", outcome.stderr

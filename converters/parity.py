@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -48,16 +50,19 @@ def session(model: onnx.ModelProto, providers: list[str] | None = None) -> ort.I
     """One onnxruntime session; graph optimisations off so it runs the graph as written."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors surface as exceptions; never as extra stderr lines
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers or ["CPUExecutionProvider"])
 
 
 def run_ort(sess: ort.InferenceSession, input_name: str, output_name: str, x: np.ndarray) -> np.ndarray:
-    return sess.run([output_name], {input_name: x})[0]
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
+    return sess.run([output_name], {input_name: x}, run_options)[0]
 
 
 def run_torch(module: nn.Module, x: np.ndarray, output_index: int) -> np.ndarray:
-    with torch.inference_mode():
+    # torch.fx prints its own traceback to stderr when forward fails; the caller reports instead
+    with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
         out = module(torch.from_numpy(x))
     if isinstance(out, (tuple, list)):
         out = out[output_index]
@@ -71,6 +76,11 @@ def random_inputs(shape: tuple[int, ...], count: int, seed: int, low: float = 0.
 
 def compare(reference: np.ndarray, other: np.ndarray, atol: float = ATOL, rtol: float = RTOL) -> Parity:
     """Max absolute and relative difference of ``other`` against ``reference``."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _compare(reference, other, atol, rtol)
+
+
+def _compare(reference: np.ndarray, other: np.ndarray, atol: float, rtol: float) -> Parity:
     if reference.shape != other.shape:
         return Parity(float("inf"), float("inf"), float("nan"), 0.0, int(reference.shape[0]))
     diff = np.abs(reference.astype(np.float64) - other.astype(np.float64))

@@ -127,7 +127,7 @@ def convert(model: onnx.ModelProto) -> fx.GraphModule:
 
     check_convertible(model)
     try:
-        module = onnx2torch_convert(model)
+        module = onnx2torch_convert(_neutral_names(model))
     except (NotImplementedError, KeyError, ValueError, RuntimeError, TypeError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UnsupportedModelError(f"onnx2torch cannot convert the model: {message}") from error
@@ -135,10 +135,21 @@ def convert(model: onnx.ModelProto) -> fx.GraphModule:
 
 
 def module_names(model: onnx.ModelProto) -> list[str]:
-    """onnx2torch's submodule name for each node of ``model.graph.node``, in order."""
+    """The submodule name ``convert`` gives each node of ``model.graph.node``, in order."""
     from onnx2torch.onnx_graph import OnnxGraph
 
-    return list(OnnxGraph(model.graph).nodes.keys())
+    return list(OnnxGraph(_neutral_names(model).graph).nodes.keys())
+
+
+def _neutral_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose nodes are named n0, n1, ...: onnx2torch pastes node names into the Python
+    source torch.fx generates, so a hostile name could otherwise become code (load.py refuses
+    such names too; this keeps conversion safe on its own)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for index, node in enumerate(copy.graph.node):
+        node.name = f"n{index}"
+    return copy
 
 
 def weight_refs(

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import traceback
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,14 +47,28 @@ def _range(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the file system is not a folder
+        return False
+
+
 def _run(debug: bool, action) -> None:
     """Run ``action``; turn every failure into one stderr line and an exit code."""
     try:
-        action()
+        with warnings.catch_warnings():
+            if not debug:  # library warnings would break the one-line-on-stderr contract
+                warnings.simplefilter("ignore")
+            action()
     except OtbrError as error:
         if debug:
             traceback.print_exc()
-        click.echo(f"otbr-onnx: error: {error}", err=True)
+        click.echo(f"otbr-onnx: error: {_one_line(str(error))}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         click.echo("otbr-onnx: interrupted; nothing was written", err=True)
@@ -62,7 +77,8 @@ def _run(debug: bool, action) -> None:
         if debug:
             traceback.print_exc()
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        click.echo(f"otbr-onnx: internal error: {type(error).__name__}: {first} (rerun with --debug)", err=True)
+        click.echo(f"otbr-onnx: internal error: {type(error).__name__}: {_one_line(first)} (rerun with --debug)",
+                   err=True)
         sys.exit(1)
 
 
@@ -132,7 +148,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
         options = _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, calibration, max_acc_drop, seed,
                                  device, input_shape, output_name, input_range)
         options = replace(options, ort_provider=ort_provider, calibration=calibration, max_acc_drop=max_acc_drop)
-        if len(models) > 1 or models[0].is_dir():
+        if len(models) > 1 or _is_dir(models[0]):
             _clean_batch(list(models), output, options, jobs, as_json, quiet)
             return
         model = models[0]

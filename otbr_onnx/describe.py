@@ -21,7 +21,6 @@ def describe(path: str | Path, input_shape: tuple[int, ...] | None = None, outpu
 
     loaded = load_model(path, input_shape, output_name, limits)
     proto = loaded.proto
-    layers, skipped = find_weight_layers(proto)
     info = {
         "path": str(path),
         "sha256": loaded.sha256,
@@ -31,11 +30,13 @@ def describe(path: str | Path, input_shape: tuple[int, ...] | None = None, outpu
         "output": {"name": loaded.output_name, "probabilities": loaded.output_is_probability},
         "nodes": len(proto.graph.node),
         "layers": [],
-        "skipped_layers": [{"node": s.node_name, "op": s.op_type, "reason": s.reason} for s in skipped],
+        "skipped_layers": [],
         "tie_groups": {},
         "verdict": "clean would run",
     }
     try:
+        layers, skipped = find_weight_layers(proto)
+        info["skipped_layers"] = [{"node": s.node_name, "op": s.op_type, "reason": s.reason} for s in skipped]
         check_convertible(proto)
         if not layers:
             raise OtbrError("no weight layer to clean")

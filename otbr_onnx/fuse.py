@@ -87,7 +87,33 @@ def group_alignment(pruned: list[Neurons], backdoored: list[Neurons], nwc: list[
     wp = np.hstack([m.flat() for m in pruned])
     wb = np.hstack([m.flat() for m in backdoored])
     cost = ot.dist(wp, wb, metric="euclidean")
-    return alignment(transport_plan(cost, marginal(np.sum(nwc, axis=0), power)))
+    q = marginal(np.sum(nwc, axis=0), power)
+    return alignment(symmetrise(transport_plan(cost, q), wp, wb, q))
+
+
+def symmetrise(plan: np.ndarray, wp: np.ndarray, wb: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Average the plan over identical pruned rows (all pruned neurons are zero) and over
+    identical backdoored neurons with equal ``q``.
+
+    EMD breaks such ties by neuron order, so without this the plan, and every later layer's
+    input alignment, would depend on how the input model happened to order its neurons. The
+    average of optimal plans over a symmetry of the problem is still optimal.
+    """
+    plan = plan.copy()
+    for classes, axis in ((_row_classes(wp), 0), (_row_classes(np.hstack([wb, q[:, None]])), 1)):
+        for label in np.unique(classes):
+            index = np.flatnonzero(classes == label)
+            if len(index) < 2:
+                continue
+            if axis == 0:
+                plan[index] = plan[index].mean(axis=0)
+            else:
+                plan[:, index] = plan[:, index].mean(axis=1, keepdims=True)
+    return plan
+
+
+def _row_classes(rows: np.ndarray) -> np.ndarray:
+    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
 
 
 def input_alignment(channels: Channels | None, plans: dict[int, np.ndarray], group_of: list[int]) -> np.ndarray | None:

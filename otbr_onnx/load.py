@@ -397,7 +397,9 @@ def _find_image_input(
     if not tensor_type.HasField("shape"):
         declared: list[int | None] = [None] * len(override) if override else []
     else:
-        declared = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        # Paddle writes a dynamic dimension as -1 rather than leaving it symbolic
+        declared = [d.dim_value if d.HasField("dim_value") and d.dim_value != -1 else None
+                    for d in tensor_type.shape.dim]
     _check_declared_dims(value.name, declared)
     shape = _resolve_shape(value.name, declared, override)
     elements = math.prod(shape[1:])

@@ -35,6 +35,7 @@ from otbr_onnx.unlearn import UnlearnConfig, UnlearnLog, random_unlearning, reso
 LOG = logging.getLogger("otbr_onnx")
 PARITY_SAMPLES = 8
 METHODS = ("otbr", "prune-only", "clp")
+CONV_OPS = ("Conv", "ConvTranspose")
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def clean(
         session = parity.session(loaded.proto, providers)
         probe = parity.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
         before_ort = parity.run_ort(session, loaded.input_name, loaded.output_name, probe)
-        before = parity.compare(before_ort, parity.run_torch(module, probe, loaded.output_index))
+        before = parity.compare(before_ort, _first_torch_run(module, probe, loaded.output_index))
         if not before.ok:
             raise UnsupportedModelError(
                 f"the PyTorch conversion disagrees with onnxruntime before any change "
@@ -291,6 +292,15 @@ def _nwc(layers, ties, backdoored, unlearned) -> dict[int, np.ndarray]:
     return nwc
 
 
+def _first_torch_run(module, probe: np.ndarray, output_index: int) -> np.ndarray:
+    """The converted module's first forward pass; a crash there is a conversion problem."""
+    try:
+        return parity.run_torch(module, probe, output_index)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsupportedModelError(f"the converted PyTorch model fails to run: {first}") from error
+
+
 def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedModel:
     if isinstance(model, onnx.ModelProto):
         return load_proto(model, options.input_shape, options.output_name, options.limits)
@@ -341,7 +351,7 @@ def _ranked_layers(layers: list[WeightLayer], ties: ChannelTies, options: CleanO
     for i, layer in enumerate(layers):
         if i in ties.heads or layer.is_depthwise or layer.is_grouped:
             continue
-        if options.layers == "conv" and layer.op_type != "Conv":
+        if options.layers == "conv" and layer.op_type not in CONV_OPS:
             continue
         if options.reference and _is_shortcut(layer, ties, i):
             continue
@@ -364,7 +374,7 @@ def _fused_layers(layers: list[WeightLayer], ties: ChannelTies, masks: dict[int,
     first = min(pruned_nodes)
     chosen = set()
     for i, layer in enumerate(layers):
-        if options.layers == "conv" and layer.op_type != "Conv":
+        if options.layers == "conv" and layer.op_type not in CONV_OPS:
             continue
         if i in ties.heads and not options.fuse_head:
             continue

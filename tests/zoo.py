@@ -38,6 +38,8 @@ import onnx
 import torch
 from torch import nn
 
+from tests.builders import PreActBlock
+
 # --------------------------------------------------------------------------------------------
 # permutation helpers: each edits one tensor axis in place
 # --------------------------------------------------------------------------------------------
@@ -115,19 +117,6 @@ def _gap(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # PreAct-ResNet: BN before conv, so BN nodes survive export; identity and projection blocks
 # --------------------------------------------------------------------------------------------
-
-
-class PreActBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.bn1, self.c1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2, self.c2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.sc = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(x))
-        shortcut = self.sc(out) if self.sc is not None else x
-        return self.c2(torch.relu(self.bn2(self.c1(out)))) + shortcut
 
 
 class PreActResNet(nn.Module):

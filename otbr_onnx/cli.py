@@ -99,6 +99,9 @@ def main() -> None:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--iterations", type=click.IntRange(min=0), help="Random-unlearning steps.  [default: see below]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Noise images per unlearning step.")
+@click.option("--micro-batch", type=click.IntRange(min=1),
+              help="Unlearn each noise batch in chunks of this many images: less memory; BatchNorm in "
+                   "train mode then sees per-chunk statistics.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Unlearning learning rate (SGD, momentum 0.9).")
 @click.option("--fusion-lambda", type=click.FloatRange(0, 1), help="Weight of the transported pruned model in the fusion.")
 @click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True), help="Share of ranked neurons to prune (gamma).")
@@ -127,7 +130,7 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iterations, batch_size, lr,
+def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iterations, batch_size, micro_batch, lr,
           fusion_lambda, prune_ratio, method, calibration, max_acc_drop, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
           jobs, as_json, quiet, verbose, debug) -> None:
     """Clean MODEL and write the repaired model to OUTPUT (or many models into a folder).
@@ -147,7 +150,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
     def action() -> None:
         options = _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, calibration, max_acc_drop, seed,
                                  device, input_shape, output_name, input_range)
-        options = replace(options, ort_provider=ort_provider, calibration=calibration, max_acc_drop=max_acc_drop)
+        options = replace(options, micro_batch=micro_batch, ort_provider=ort_provider, calibration=calibration, max_acc_drop=max_acc_drop)
         if len(models) > 1 or _is_dir(models[0]):
             _clean_batch(list(models), output, options, jobs, as_json, quiet)
             return

@@ -33,6 +33,7 @@ class UnlearnConfig:
     # Stop ascending once noise cross-entropy passes this many nats: by then the logits have
     # blown up and further steps only push weights towards inf (seen at lr 1e-2, 50 steps).
     max_loss: float | None = 100.0
+    micro_batch: int | None = None  # split each batch to bound memory (see _ascent_gradients)
     train_mode: bool = True  # the reference unlearns with BatchNorm in train mode
 
 
@@ -74,16 +75,14 @@ def random_unlearning(
     for step in range(config.iterations):
         x = torch.rand((config.batch_size,) + tuple(input_shape[1:]), generator=generator) * (high - low) + low
         y = torch.randint(0, num_classes, (config.batch_size,), generator=generator)
-        loss = _cross_entropy(student(x.to(config.device)), y.to(config.device), output_index, output_is_probability)
-        value = float(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        value = _ascent_gradients(student, x, y, config, output_index, output_is_probability)
         if not math.isfinite(value):
             log.stopped_early = f"loss became non-finite at step {step}"
             break
         if config.max_loss is not None and value > config.max_loss:
             log.stopped_early = f"loss {value:.1f} passed the cap of {config.max_loss} at step {step}"
             break
-        optimizer.zero_grad(set_to_none=True)
-        (-loss).backward()  # ascent: maximise the loss on noise
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
@@ -92,6 +91,23 @@ def random_unlearning(
             on_step(step, value)
     student = student.cpu()
     return {name: ref.read(student) for name, ref in refs.items()}, log
+
+
+def _ascent_gradients(student: nn.Module, x: torch.Tensor, y: torch.Tensor, config: UnlearnConfig,
+                      output_index: int, output_is_probability: bool) -> float:
+    """Accumulate the gradient of -CE over the batch, ``micro_batch`` images at a time.
+
+    Chunking bounds activation memory (the batch's activations are most of the peak); in train
+    mode BatchNorm then normalises each chunk with its own statistics, so it is opt-in.
+    """
+    chunk = config.micro_batch or len(x)
+    total = 0.0
+    for start in range(0, len(x), chunk):
+        xs, ys = x[start:start + chunk].to(config.device), y[start:start + chunk].to(config.device)
+        loss = _cross_entropy(student(xs), ys, output_index, output_is_probability) * (len(xs) / len(x))
+        (-loss).backward()  # ascent: maximise the loss on noise
+        total += float(loss.detach())
+    return total
 
 
 def _trainable(student: nn.Module, refs: dict[str, TorchTensorRef]) -> list[torch.Tensor]:

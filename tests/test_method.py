@@ -130,3 +130,21 @@ def test_unlearning_ascent_is_bounded_and_moves_every_weight_layer():
     assert all(np.all(np.isfinite(v)) for v in after.values())
     assert all(not np.array_equal(before[n], after[n]) for n in refs)
     assert all(np.array_equal(before[n], refs[n].read(module)) for n in refs)  # the input module is untouched
+
+
+def test_micro_batches_accumulate_the_same_gradient_without_batchnorm():
+    """On a BN-free model, chunking the noise batch changes memory, not the unlearned weights."""
+    from converters.to_torch import convert, weight_refs
+    from otbr_onnx.unlearn import UnlearnConfig, random_unlearning
+
+    _, model = builders.build("chain")
+    layers, _ = find_weight_layers(model)
+    module = convert(model)
+    refs = weight_refs(module, model, layers)
+    config = UnlearnConfig(iterations=3, batch_size=12, lr=1e-2)
+    whole, _ = random_unlearning(module, refs, (1, 1, 8, 8), 4, 0, False, config)
+    chunked, _ = random_unlearning(module, refs, (1, 1, 8, 8), 4, 0, False,
+                                   UnlearnConfig(iterations=3, batch_size=12, lr=1e-2, micro_batch=5))
+    for name in refs:
+        np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-5, atol=1e-7)
+    assert any(not np.array_equal(whole[n], refs[n].read(module)) for n in refs)

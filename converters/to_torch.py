@@ -19,7 +19,7 @@ from torch import fx, nn
 
 import converters.ops  # noqa: F401  (registers the converters onnx2torch lacks)
 from converters.ops import _REGISTRY, _describe, _register
-from otbr_onnx.errors import UnsupportedModelError
+from otbr_onnx.errors import UnsupportedModelError, one_line
 from otbr_onnx.layers import WeightLayer
 
 
@@ -129,8 +129,9 @@ def convert(model: onnx.ModelProto) -> fx.GraphModule:
     try:
         module = onnx2torch_convert(_neutral_names(model))
     except (NotImplementedError, KeyError, ValueError, RuntimeError, TypeError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UnsupportedModelError(f"onnx2torch cannot convert the model: {message}") from error
+        raise UnsupportedModelError(
+            f"onnx2torch cannot convert the model: {one_line(error, type(error).__name__)}"
+        ) from error
     return module.eval()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from otbr_onnx.errors import OtbrError, UsageError
+from otbr_onnx.errors import OtbrError, UsageError, one_line
 
 LOG = logging.getLogger("otbr_onnx")
 
@@ -47,10 +47,6 @@ def _range(text: str) -> tuple[float, float]:
     return low, high
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _is_dir(path: Path) -> bool:
     try:
         return path.is_dir()
@@ -68,7 +64,7 @@ def _run(debug: bool, action) -> None:
     except OtbrError as error:
         if debug:
             traceback.print_exc()
-        click.echo(f"otbr-onnx: error: {_one_line(str(error))}", err=True)
+        click.echo(f"otbr-onnx: error: {one_line(error, limit=None)}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         click.echo("otbr-onnx: interrupted; nothing was written", err=True)
@@ -76,8 +72,7 @@ def _run(debug: bool, action) -> None:
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
         if debug:
             traceback.print_exc()
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        click.echo(f"otbr-onnx: internal error: {type(error).__name__}: {_one_line(first)} (rerun with --debug)",
+        click.echo(f"otbr-onnx: internal error: {type(error).__name__}: {one_line(error)} (rerun with --debug)",
                    err=True)
         sys.exit(1)
 

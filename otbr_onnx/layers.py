@@ -183,13 +183,22 @@ def _bias_name(inits: dict, name: str | None, out_channels: int) -> str | None:
     return name
 
 
-def _describe_conv(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer | SkippedLayer | None:
+def _conv_weight(node: onnx.NodeProto, inits: dict, neuron_axis: int) -> tuple[list[int], str | None] | SkippedLayer:
+    """Weight dims and bias name of a Conv/ConvTranspose, or why the node cannot be cleaned."""
     if len(node.input) < 2 or _float_init(inits, node.input[1]) is None:
         return SkippedLayer(node.name, node.op_type, "weight is not a float32 initializer")
     dims = list(inits[node.input[1]].dims)
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if bias is not None and _bias_name(inits, bias, dims[0]) is None:
+    if bias is not None and _bias_name(inits, bias, dims[neuron_axis]) is None:
         return SkippedLayer(node.name, node.op_type, "bias is not a per-channel float32 initializer")
+    return dims, bias
+
+
+def _describe_conv(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer | SkippedLayer | None:
+    found = _conv_weight(node, inits, neuron_axis=0)
+    if isinstance(found, SkippedLayer):
+        return found
+    dims, bias = found
     return WeightLayer(
         node_index=index, node_name=node.name, op_type="Conv", weight=node.input[1], bias=bias,
         layout=CONV, out_channels=dims[0], in_channels=dims[1], groups=int(_attr(node, "group", 1)), data_input=0,
@@ -205,10 +214,10 @@ def _describe_conv_transpose(index: int, node: onnx.NodeProto, inits: dict) -> W
     if groups != 1:
         # with groups the neurons of group g are axis 1 of rows g*C_in/g.. only: not one matrix
         return SkippedLayer(node.name, node.op_type, f"grouped ConvTranspose (group={groups}) is not supported")
-    dims = list(inits[node.input[1]].dims)
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if bias is not None and _bias_name(inits, bias, dims[1]) is None:
-        return SkippedLayer(node.name, node.op_type, "bias is not a per-channel float32 initializer")
+    found = _conv_weight(node, inits, neuron_axis=1)
+    if isinstance(found, SkippedLayer):
+        return found
+    dims, bias = found
     return WeightLayer(
         node_index=index, node_name=node.name, op_type="ConvTranspose", weight=node.input[1], bias=bias,
         layout=CONV_T, out_channels=dims[1], in_channels=dims[0], groups=1, data_input=0, kernel=tuple(dims[2:]),

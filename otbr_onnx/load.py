@@ -28,7 +28,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, external_data_helper, numpy_helper
 
-from otbr_onnx.errors import UnreadableModelError, UnsupportedModelError, UsageError
+from otbr_onnx.errors import UnreadableModelError, UnsupportedModelError, UsageError, one_line
 
 SUPPORTED_DOMAINS = ("", "ai.onnx")
 MAX_FILE_BYTES = 2 * 1024**3
@@ -36,7 +36,6 @@ MAX_NODES = 100_000
 # protobuf cannot serialise a message of 2 GiB or more, and onnxruntime and the checker are
 # handed serialised bytes: a model whose inlined external data crosses this cannot be cleaned.
 MAX_PROTO_BYTES = 2**31 - 1
-MAX_MESSAGE_CHARS = 300
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 # Readers for which an infinite constant is a legitimate bound, comparison or fill value
@@ -242,12 +241,6 @@ def describe_model(
         "output_is_probability": _ends_in_softmax(graph, out_name),
         "opset": default_opset(proto),
     }
-
-
-def one_line(error: BaseException, fallback: str) -> str:
-    """The error's text on one line (the checker's messages span several), capped in length."""
-    text = " ".join(str(error).split()) or fallback
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
 # Characters refused in any name. onnx2torch turns node names into torch.fx module targets and

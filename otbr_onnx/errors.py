@@ -40,6 +40,10 @@ class UnsupportedModelError(OtbrError):
     exit_code = 3
 
 
+class FidelityBudgetError(UnsupportedModelError):
+    """Even the gentlest cleaning changes the model beyond the user's budget: refused (exit 3)."""
+
+
 class ParityError(OtbrError):
     """onnxruntime and PyTorch disagree beyond tolerance (exit 4)."""
 

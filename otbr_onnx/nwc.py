@@ -11,6 +11,17 @@ def neuron_weight_change(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     return delta.reshape(delta.shape[0], -1).sum(axis=1)
 
 
+def scaled_for_ranking(values: np.ndarray, fan_in: int, scale: str) -> np.ndarray:
+    """NWC as the global ranking compares it across layers: ``"sum"`` as is (the paper), or
+    ``"mean"`` per weight (divided by the neuron's fan-in), since a sum over more weights is
+    larger for the layer's size alone."""
+    if scale == "sum":
+        return values
+    if scale == "mean":
+        return values / fan_in
+    raise ValueError(f"unknown NWC scale {scale!r}")
+
+
 def global_ranking(nwc: dict[int, np.ndarray]) -> list[tuple[int, int]]:
     """All (layer, neuron) pairs, highest NWC first; ties broken by layer then neuron index
     so the order (and the output file) is deterministic."""

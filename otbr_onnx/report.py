@@ -120,17 +120,25 @@ def summary_text(report: dict) -> str:
     pruning, fusion, par = report["pruning"], report["fusion"], report["parity"]["output"]
     total = sum(report["seconds"].values())
     tied = len(report["channel_ties"]["groups"])
+    ratio = "" if pruning["ratio"] is None else f" (ratio {pruning['ratio']})"  # CLP has no ratio
     lines = [
         f"otbr-onnx: {len(report['layers'])} weight layers, {pruning['ranked_neurons']} ranked neurons, "
         f"{tied} tied group(s), {len(report['channel_ties']['pinned'])} pinned layer(s)",
-        f"  pruned {pruning['pruned_neurons']} neurons (ratio {pruning['ratio']}), "
+        f"  pruned {pruning['pruned_neurons']} neurons{ratio}, "
         f"fused {len(fusion['fused_layers'])} layers (lambda {fusion['lambda']})",
         f"  parity vs onnxruntime: max abs {par['max_abs']:.2e}, max rel {par['max_rel']:.2e} (ok)",
         f"  {total:.1f}s on {report['device']}",
     ]
-    calibration = report.get("calibration")
-    if calibration:
-        verdict = "within" if calibration["budget_met"] else "NOT within (smallest ratio used)"
-        lines.insert(2, f"  calibration on {calibration['images']} clean images: ratio {calibration['chosen_ratio']} "
-                        f"{verdict} the {calibration['max_acc_drop']}-point accuracy budget")
+    selection = report.get("ratio_selection")
+    if selection:
+        lines.insert(2, "  " + _selection_text(selection))
     return "\n".join(lines)
+
+
+def _selection_text(selection: dict) -> str:
+    chosen = next(t for t in selection["trials"] if t["ratio"] == selection["chosen_ratio"])
+    budget = (f"{selection['budget']:g}% changed answers" if selection["metric"] == "agreement"
+              else f"{selection['budget']:g} accuracy points")
+    return (f"ratio {selection['chosen_ratio']} chosen on {selection['images']} {selection['source']}: "
+            f"{selection['metric']} {chosen['score']:.1f}% vs {selection['baseline']:.1f}%, within "
+            f"the budget of {budget}")

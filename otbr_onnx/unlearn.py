@@ -104,7 +104,7 @@ def _ascent_gradients(student: nn.Module, x: torch.Tensor, y: torch.Tensor, conf
     total = 0.0
     for start in range(0, len(x), chunk):
         xs, ys = x[start:start + chunk].to(config.device), y[start:start + chunk].to(config.device)
-        loss = _cross_entropy(student(xs), ys, output_index, output_is_probability) * (len(xs) / len(x))
+        loss = cross_entropy(student(xs), ys, output_index, output_is_probability) * (len(xs) / len(x))
         (-loss).backward()  # ascent: maximise the loss on noise
         total += float(loss.detach())
     return total
@@ -125,7 +125,8 @@ def _trainable(student: nn.Module, refs: dict[str, TorchTensorRef]) -> list[torc
     return params
 
 
-def _cross_entropy(out, y: torch.Tensor, output_index: int, is_probability: bool) -> torch.Tensor:
+def cross_entropy(out, y: torch.Tensor, output_index: int, is_probability: bool) -> torch.Tensor:
+    """Cross-entropy of a converted module's class output (logits, or probabilities after Softmax)."""
     if isinstance(out, (tuple, list)):
         out = out[output_index]
     out = out.reshape(out.shape[0], -1)

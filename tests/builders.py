@@ -119,3 +119,31 @@ def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def quadrant_images(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """8x8 grey images whose class (0-3) is the quadrant lit up above faint noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, count)
+    x = rng.random((count, 1, 8, 8), dtype=np.float32) * 0.3
+    for i, label in enumerate(y):
+        row, col = divmod(int(label), 2)
+        x[i, 0, 4 * row:4 * row + 4, 4 * col:4 * col + 4] += 0.7
+    return x, y
+
+
+def build_trained(kind: str, seed: int = 0, steps: int = 150) -> tuple[nn.Module, onnx.ModelProto]:
+    """A tiny model trained on ``quadrant_images`` (a second): every class is reachable, and
+    BatchNorm holds statistics of real training inputs, as in a model a user would bring."""
+    torch.manual_seed(seed)
+    model = {"chain": Chain, "preact": TinyPreActResNet}[kind]()
+    x, y = (torch.from_numpy(a) for a in quadrant_images(512, seed))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        batch = torch.arange(64) + 64 * (step % 8)
+        loss = nn.functional.cross_entropy(model(x[batch]), y[batch].long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, export(model, (1, 1, 8, 8))

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-QUICK_ARGS = ("--iterations", "2", "--batch-size", "4", "--quiet")
+QUICK_ARGS = ("--iterations", "2", "--batch-size", "4", "--prune-ratio", "0.25", "--quiet")
 OPSET = 17
 IR_VERSION = 8
 

@@ -48,6 +48,20 @@ def test_reference_switch_records_published_settings(preact, tmp_path):
     options = json.loads(report.read_text())["options"]
     assert options["reference"] and options["lr"] == 1e-4 and options["fusion_lambda"] == 0.5
     assert options["layers"] == "conv" and options["iterations"] == 2  # explicit options still win
+    assert options["prune_ratio"] == 0.02  # a fixed gamma, as published: no data-free selection
+
+
+def test_default_ratio_is_chosen_and_said_on_stderr(preact, tmp_path):
+    result = CliRunner().invoke(main, ["clean", str(preact), str(tmp_path / "o.onnx"), *FAST[:-2],
+                                       "--probes", "8", "--max-disagreement", "25"])
+    assert result.exit_code == 0, result.output
+    assert "chosen on 8 synthesised probes" in result.stderr and "25% changed answers" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--max-disagreement", "150"], ["--probes", "0"]])
+def test_bad_selection_options_are_usage_errors(args, preact, tmp_path):
+    result = CliRunner().invoke(main, ["clean", str(preact), str(tmp_path / "o.onnx"), *args])
+    assert result.exit_code == 2 and not (tmp_path / "o.onnx").exists()
 
 
 def _one_error_line(result) -> str:
@@ -180,14 +194,17 @@ def test_clean_json_prints_the_report_on_stdout(preact, tmp_path):
     assert result.stderr == ""
 
 
-def test_report_follows_the_documented_schema(preact, tmp_path):
+@pytest.mark.parametrize("ratio_args", [["--prune-ratio", "0.2"], ["--probes", "8"]], ids=["fixed", "chosen"])
+def test_report_follows_the_documented_schema(ratio_args, preact, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
     root = Path(__file__).resolve().parents[1]
     schema = json.loads((root / "docs" / "report.schema.json").read_text())
     report = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["clean", str(preact), str(tmp_path / "o.onnx"), *FAST, "--report", str(report)])
+    result = CliRunner().invoke(main, ["clean", str(preact), str(tmp_path / "o.onnx"), *FAST[:-2], *ratio_args,
+                                       "--report", str(report)])
     assert result.exit_code == 0, result.output
     jsonschema.validate(json.loads(report.read_text()), schema)
+    assert (json.loads(report.read_text())["ratio_selection"] is None) == (ratio_args[0] == "--prune-ratio")
     broken = json.loads(report.read_text())
     del broken["parity"]["output"]["max_abs"]
     with pytest.raises(jsonschema.ValidationError):

@@ -24,6 +24,17 @@ def test_global_ranking_orders_across_layers_and_is_deterministic_on_ties():
     assert ranking == [(1, 1), (0, 1), (0, 2), (1, 0), (0, 0)]
 
 
+def test_mean_scale_ranks_by_change_per_weight_not_by_layer_size():
+    wide, narrow = np.array([9.0, 8.0]), np.array([1.0, 0.5])  # fan-in 90 and 2
+    by_sum = nwc.global_ranking({0: wide, 1: narrow})
+    by_mean = nwc.global_ranking({0: nwc.scaled_for_ranking(wide, 90, "mean"),
+                                  1: nwc.scaled_for_ranking(narrow, 2, "mean")})
+    assert by_sum[:2] == [(0, 0), (0, 1)] and by_mean[:2] == [(1, 0), (1, 1)]
+    assert nwc.scaled_for_ranking(wide, 90, "sum") is wide
+    with pytest.raises(ValueError):
+        nwc.scaled_for_ranking(wide, 90, "max")
+
+
 def test_select_pruned_takes_floor_of_ratio_and_never_empties_a_layer():
     ranking = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (0, 2)]
     masks = prune.select_pruned(ranking, {0: 2, 1: 4}, ratio=0.5)  # floor(0.5 * 6) = 3
@@ -148,3 +159,20 @@ def test_micro_batches_accumulate_the_same_gradient_without_batchnorm():
     for name in refs:
         np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-5, atol=1e-7)
     assert any(not np.array_equal(whole[n], refs[n].read(module)) for n in refs)
+
+
+@pytest.mark.parametrize("kind, same", [("chain", True), ("preact", False)])
+def test_batchnorm_mode_during_unlearning_matters_only_where_bn_remains(kind, same):
+    """unlearn_bn="eval" normalises noise with the running statistics instead of the batch's:
+    a BN-free graph unlearns identically either way, a PreAct graph (BN kept) does not."""
+    from converters.to_torch import convert, weight_refs
+    from otbr_onnx.unlearn import UnlearnConfig, random_unlearning
+
+    _, model = builders.build(kind)
+    layers, _ = find_weight_layers(model)
+    module = convert(model)
+    refs = weight_refs(module, model, layers)
+    runs = [random_unlearning(module, refs, (1, 1, 8, 8), 4, 0, False,
+                              UnlearnConfig(iterations=3, batch_size=12, lr=1e-2, train_mode=mode))[0]
+            for mode in (True, False)]
+    assert all(np.allclose(runs[0][n], runs[1][n], rtol=1e-5, atol=1e-7) for n in refs) == same

@@ -133,11 +133,15 @@ def test_calibration_picks_the_largest_ratio_within_the_accuracy_budget(budget, 
     np.savez(tmp_path / "calib.npz", x=x, y=builders.logits(model, x).argmax(1))  # baseline: 100%
     report = clean(model, CleanOptions(**{**FAST, "calibration": str(tmp_path / "calib.npz"),
                                           "max_acc_drop": budget})).report
-    calibration = report["calibration"]
-    assert calibration["baseline_acc"] == 100.0
-    within = [t["ratio"] for t in calibration["trials"] if 100.0 - t["acc"] <= budget]
-    expected = max(within) if within else min(t["ratio"] for t in calibration["trials"])
+    calibration, selection = report["calibration"], report["ratio_selection"]
+    assert selection["source"] == "calibration images" and selection["metric"] == "accuracy"
+    assert calibration["baseline_acc"] == selection["baseline"] == 100.0
+    within = [100.0 - t["acc"] <= budget for t in calibration["trials"]]
+    assert all(within[:-1])  # the upward scan stops at the first ratio over budget
+    expected = max(t["ratio"] for t, ok in zip(calibration["trials"], within) if ok)
     assert calibration["chosen_ratio"] == expected == report["pruning"]["ratio"]
-    assert calibration["budget_met"] == bool(within)
+    assert calibration["budget_met"]  # else clean refuses: test_a_budget_nothing_meets_is_refused
     if budget == 100.0:
-        assert expected == max(t["ratio"] for t in calibration["trials"])
+        assert expected == max(t["ratio"] for t in calibration["trials"]) == 0.2
+
+

@@ -1,7 +1,8 @@
 """Defense benchmark: OTBR (data-free defaults) against its oracle, the published settings, prune-only and CLP.
 
-Trains small backdoored Fashion-MNIST classifiers (3 architectures x 5 BackdoorBench-style attacks,
-all-to-one, target 0, 10% poisoning, SIG clean-label) plus one clean model per architecture,
+Trains small backdoored Fashion-MNIST classifiers (3 architectures, plus the PreAct one at twice
+the width, x 5 BackdoorBench-style attacks, all-to-one, target 0, 10% poisoning, SIG clean-label)
+plus one clean model per architecture,
 exports each to ONNX (legacy exporter, opset 17, as models/make_demo.py), cleans each with every
 method and writes a markdown table of ACC / ASR / DER before and after.
 
@@ -9,17 +10,17 @@ Run from the repository root (trained models are cached in benchmarks/cache/, gi
 
     nice -n 10 .venv/bin/python benchmarks/defense.py --out benchmarks/RESULTS.md --json benchmarks/results.json
 
-benchmarks/RESULTS.md holds all 18 models; it was written by the same run with an explicit order
-(`--models preact:clean vgg:clean mobilenetv2:clean preact:badnets ... mobilenetv2:wanet`, see its
-header), which only changes the row order. Smoke run (preact x badnets plus the clean preact):
+benchmarks/RESULTS.md holds all 24 models; it was written by the same run with an explicit order
+(`--models preact:clean vgg:clean mobilenetv2:clean preact-x2:clean preact:badnets ... preact-x2:wanet`,
+see its header), which only changes the row order. Smoke run (preact x badnets plus the clean preact):
 
     nice -n 10 .venv/bin/python benchmarks/defense.py --quick --out /tmp/RESULTS.md
 
 Needs Debian's dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`). Measured on 2 CPU
 cores shared with other jobs: training takes 0.5-5 minutes per model depending on the load
-(MobileNetV2 up to 9: torch's depthwise convs are slow on CPU), about 40 minutes for all 18 models
+(MobileNetV2 up to 9: torch's depthwise convs are slow on CPU), about 45 minutes for all 24 models
 from an empty cache; the defenses and evaluation take under a minute per model (random
-unlearning is memoised across the cleans that share it), about 5 minutes for all 18.
+unlearning is memoised across the cleans that share it), about 5 minutes for all 24.
 
 Methods (see shared/method.md):
 - otbr: `CleanOptions()` -- the data-free defaults, whatever they are at run time (gamma chosen
@@ -115,6 +116,8 @@ ARCHS: dict[str, ArchSpec] = {
     "mobilenetv2": ArchSpec(
         "mobilenetv2", (("widths", (8, 12, 16)), ("blocks", (1, 1, 1)), ("expand", 3), ("head_width", 64))
     ),
+    # Twice as wide (the demo's architecture): how much of the damage is narrowness?
+    "preact-x2": ArchSpec("preact_resnet", (("widths", (16, 32, 64)), ("blocks", (1, 1, 1)))),
 }
 # "clean" trains without poisoning. WaNet's BackdoorBench strength (k=4, s=0.5) moves pixels by a
 # fraction of a pixel on 28x28 and is not learnt in a few epochs: s=1.0 (still sub-pixel to ~1 px)

@@ -1,18 +1,26 @@
 """otbr-onnx: data-free backdoor removal for ONNX image classifiers (OTBR, AAAI 2025).
 
     >>> from otbr_onnx import clean, CleanOptions
-    >>> result = clean("suspicious.onnx", CleanOptions(prune_ratio=0.02))
+    >>> result = clean("suspicious.onnx", CleanOptions())  # gamma chosen on synthesised probes
     >>> onnx.save(result.model, "cleaned.onnx"); result.report["parity"]
 
 The pipeline is imported on first use, so ``converters`` (which this package's pipeline
 uses) can import the errors below without a cycle.
 """
 
-from otbr_onnx.errors import OtbrError, ParityError, UnreadableModelError, UnsupportedModelError, UsageError
+from otbr_onnx.errors import (
+    FidelityBudgetError,
+    OtbrError,
+    ParityError,
+    UnreadableModelError,
+    UnsupportedModelError,
+    UsageError,
+)
 
 __all__ = [
     "CleanOptions",
     "CleanResult",
+    "FidelityBudgetError",
     "OtbrError",
     "ParityError",
     "UnreadableModelError",

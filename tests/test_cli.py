@@ -209,3 +209,16 @@ def test_report_follows_the_documented_schema(ratio_args, preact, tmp_path):
     del broken["parity"]["output"]["max_abs"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def test_a_ratio_over_budget_is_refused_with_one_line_and_no_output(tmp_path):
+    _, model = builders.build_trained("preact")
+    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, path)
+    x, _ = builders.quadrant_images(256, seed=3)
+    np.savez(tmp_path / "calib.npz", x=x, y=builders.logits(model, x).argmax(1))
+    result = CliRunner().invoke(main, ["clean", str(path), str(out), *FAST[:-2], "--calibration",
+                                       str(tmp_path / "calib.npz"), "--max-acc-drop", "0"])
+    assert result.exit_code == 3
+    assert "no prune ratio stays within --max-acc-drop 0" in _one_error_line(result)
+    assert not out.exists()

@@ -6,7 +6,7 @@ import torch
 
 from converters.to_torch import convert
 from otbr_onnx import CleanOptions, clean
-from otbr_onnx.errors import FidelityBudgetError
+from otbr_onnx import FidelityBudgetError
 from otbr_onnx.probes import ProbeConfig, _BatchNormStatistics, probe_classes, synthesise_probes
 from otbr_onnx.ratio import CANDIDATE_RATIOS, choose_ratio, distinct_candidates
 from tests import builders

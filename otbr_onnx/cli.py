@@ -110,7 +110,8 @@ def main() -> None:
 @click.option("--max-acc-drop", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="With --calibration: accuracy points the cleaning may cost on those images.")
 @click.option("--max-disagreement", type=click.FloatRange(0, 100), default=10.0, show_default=True,
-              help="Without --calibration or --prune-ratio: % of synthesised probes whose class the cleaning may change.")
+              help="Without --calibration or --prune-ratio: how much (%) of the original's confidence in its own "
+                   "answers on the synthesised probes the cleaning may lose.")
 @click.option("--probes", type=click.IntRange(min=1), default=64, show_default=True,
               help="Probe images synthesised from the model to choose the prune ratio.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for noise, labels and parity inputs.")

@@ -67,8 +67,8 @@ class CleanOptions:
     # How NWC is compared ACROSS layers in the global ranking: "sum" over the neuron's weights
     # (the paper), or "mean" per weight, so that wide fan-in layers do not fill the ranking on size.
     # At fixed gammas "mean" gave 3-5 points more mean DER on the first 18 benchmark models, but
-    # it damages more per pruned neuron: under the ratio rule it is refused on 13 of 24 models
-    # against 5 and ends lower (benchmarks/RATIO_STUDY.md), so the paper's "sum" stays.
+    # it damages more per pruned neuron: under the ratio rule it is refused on all 24 models
+    # against 15 (benchmarks/RATIO_STUDY.md), so the paper's "sum" stays.
     nwc_scale: str = "sum"
     unlearn_bn: str = "train"  # BatchNorm mode during unlearning: "train" (the reference) or "eval"
     aligned_cost: bool = True  # OT cost on input-aligned pruned rows (the reference: raw rows)
@@ -78,10 +78,11 @@ class CleanOptions:
     input_shape: tuple[int, ...] | None = None
     output_name: str | None = None
     # With clean images (an npz of x/y), the ratio scan (ratio.py) scores accuracy on them under
-    # max_acc_drop points instead of agreement on probes. Never triggered data.
+    # max_acc_drop points instead of soft agreement on probes. Never triggered data.
     calibration: str | None = None
     max_acc_drop: float = 2.0
-    # Without calibration images: % of synthesised probes whose top-1 class the cleaning may change.
+    # Without calibration images: % of the original's confidence in its own answers on the
+    # synthesised probes that the cleaning may lose (soft disagreement, see _scorer).
     max_disagreement: float = 10.0
     probes: int = 64
     ort_provider: str = "cpu"  # onnxruntime execution provider for parity: "cpu" or "cuda"
@@ -274,9 +275,10 @@ def _select_ratio(module, refs, layers, backdoored, original, loaded, options, d
         on_step = (lambda step: progress("probes", step + 1, config.steps)) if progress else None
         x = probes.synthesise_probes(module, loaded.input_shape, num_classes, loaded.output_index,
                                      loaded.output_is_probability, config, on_step)
-        y = _predictions(module, x, loaded.output_index)  # the original's answers: score = agreement
-        source, metric, budget = "synthesised probes", "agreement", options.max_disagreement
-    baseline = _accuracy(module, x, y, loaded.output_index)
+        y = _predictions(module, x, loaded.output_index)  # the original's own answers
+        source, metric, budget = "synthesised probes", "soft agreement", options.max_disagreement
+    score = _scorer(metric, x, y, loaded)
+    baseline = score(module)
 
     def score_at(ratio: float) -> float:
         if progress:
@@ -284,10 +286,10 @@ def _select_ratio(module, refs, layers, backdoored, original, loaded, options, d
         changed = _changed_weights(layers, backdoored, fused_at(ratio))
         for name, value in changed.items():
             refs[name].write(module, value)
-        score = _accuracy(module, x, y, loaded.output_index)
+        value = score(module)
         for name in changed:  # back to the original weights for the next candidate
             refs[name].write(module, original[name])
-        return score
+        return value
 
     choice = ratio_rule.choose_ratio(candidates, score_at, baseline, budget)
     if choice["chosen_ratio"] is None:
@@ -297,8 +299,9 @@ def _select_ratio(module, refs, layers, backdoored, original, loaded, options, d
 
 
 def _over_budget(first: dict, baseline: float, budget: float, metric: str, images: str) -> FidelityBudgetError:
-    if metric == "agreement":
-        option, damage = "--max-disagreement", f"changes the answer on {baseline - first['score']:.1f}% of {images}"
+    if metric == "soft agreement":
+        option = "--max-disagreement"
+        damage = f"loses {baseline - first['score']:.1f}% of the original's confidence in its answers on {images}"
     else:
         option, damage = "--max-acc-drop", f"costs {baseline - first['score']:.1f} accuracy points on {images}"
     return FidelityBudgetError(
@@ -335,6 +338,37 @@ def _predictions(module, x: np.ndarray, output_index: int) -> np.ndarray:
 
 def _accuracy(module, x: np.ndarray, y: np.ndarray, output_index: int) -> float:
     return 100.0 * float(np.mean(_predictions(module, x, output_index) == y)) if len(y) else 0.0
+
+
+def _scorer(metric: str, x: np.ndarray, y: np.ndarray, loaded: LoadedModel) -> Callable[[torch.nn.Module], float]:
+    """Accuracy on labelled images, or soft agreement on probes: the module's mean probability
+    for the original's answers, as % of the original's own (fixed on the first call).
+
+    Soft rather than top-1: probes are confident class impressions, and a damaged model keeps
+    most of their top-1 answers while losing confidence. Measured on the benchmark (24 models x
+    gammas 0.01/0.02/0.05), the top-1 disagreement was about half the real relative accuracy
+    loss; the soft one about 1.2x, with the better rank correlation (0.65 against 0.61).
+    """
+    if metric == "accuracy":
+        return lambda module: _accuracy(module, x, y, loaded.output_index)
+    reference: list[float] = []
+
+    def soft_agreement(module: torch.nn.Module) -> float:
+        confidence = float(np.mean(_label_probabilities(module, x, y, loaded)))
+        if not reference:
+            reference.append(max(confidence, 1e-12))
+        return 100.0 * confidence / reference[0]
+
+    return soft_agreement
+
+
+def _label_probabilities(module, x: np.ndarray, y: np.ndarray, loaded: LoadedModel) -> np.ndarray:
+    outputs = np.concatenate([parity.run_torch(module, x[start:start + 256], loaded.output_index)
+                              for start in range(0, len(x), 256)]).reshape(len(x), -1).astype(np.float64)
+    if not loaded.output_is_probability:
+        outputs = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    probabilities = outputs / outputs.sum(axis=1, keepdims=True)
+    return probabilities[np.arange(len(y)), y]
 
 
 def _unlearn(module, refs, layers, loaded, num_classes, device, options, progress):

@@ -8,8 +8,9 @@ a reference set, scanning upwards and stopping at the first candidate over budge
 with gamma, and a scan that stops early fuses fewer candidates). The reference set is either
 
 - synthesised probes (``probes.py``, no data; the default), labelled with the original model's
-  own answers, so the score is top-1 agreement with the original and the budget is the share of
-  probes whose answer may change (``max_disagreement``); or
+  own answers; the score is soft agreement, the cleaned model's mean probability for those
+  answers as % of the original's, and the budget is how much of it may be lost
+  (``max_disagreement``); or
 - the user's clean images (``--calibration``), scored by accuracy, with ``max_acc_drop``.
 
 If even the smallest candidate breaks the budget, no ratio is chosen and ``clean`` refuses

@@ -137,7 +137,7 @@ def summary_text(report: dict) -> str:
 
 def _selection_text(selection: dict) -> str:
     chosen = next(t for t in selection["trials"] if t["ratio"] == selection["chosen_ratio"])
-    budget = (f"{selection['budget']:g}% changed answers" if selection["metric"] == "agreement"
+    budget = (f"{selection['budget']:g}% disagreement" if selection["metric"] == "soft agreement"
               else f"{selection['budget']:g} accuracy points")
     return (f"ratio {selection['chosen_ratio']} chosen on {selection['images']} {selection['source']}: "
             f"{selection['metric']} {chosen['score']:.1f}% vs {selection['baseline']:.1f}%, within "

@@ -55,7 +55,7 @@ def test_default_ratio_is_chosen_and_said_on_stderr(preact, tmp_path):
     result = CliRunner().invoke(main, ["clean", str(preact), str(tmp_path / "o.onnx"), *FAST[:-2],
                                        "--probes", "8", "--max-disagreement", "25"])
     assert result.exit_code == 0, result.output
-    assert "chosen on 8 synthesised probes" in result.stderr and "25% changed answers" in result.stderr
+    assert "chosen on 8 synthesised probes" in result.stderr and "25% disagreement" in result.stderr
 
 
 @pytest.mark.parametrize("args", [["--max-disagreement", "150"], ["--probes", "0"]])

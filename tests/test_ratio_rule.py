@@ -124,7 +124,7 @@ def test_default_chooses_the_ratio_on_synthesised_probes(kind):
     _, model = builders.build(kind)
     report = clean(model, CleanOptions(**FAST)).report
     selection = report["ratio_selection"]
-    assert selection["source"] == "synthesised probes" and selection["metric"] == "agreement"
+    assert selection["source"] == "synthesised probes" and selection["metric"] == "soft agreement"
     assert selection["images"] == 16 and selection["baseline"] == 100.0 and selection["budget"] == 10.0
     _consistent(selection, report["pruning"]["ratio"])
     assert report["pruning"]["pruned_neurons"] >= 1  # never an unchanged model passed as cleaned
@@ -167,3 +167,23 @@ def test_progress_covers_probe_synthesis_and_the_candidates_tried():
     assert probe_steps == list(range(1, ProbeConfig().steps + 1))
     tried = [done for stage, done, _ in calls if stage == "ratio candidates"]
     assert tried == list(range(1, len(report["ratio_selection"]["trials"]) + 1))
+
+
+def test_soft_agreement_falls_when_confidence_in_the_original_answers_falls():
+    from types import SimpleNamespace
+
+    from otbr_onnx.pipeline import _scorer
+
+    x = np.random.default_rng(0).random((32, 4), dtype=np.float32)
+    sharp, flat = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        flat.weight.copy_(sharp.weight * 0.2)  # same answers (argmax), less confidence
+        flat.bias.copy_(sharp.bias * 0.2)
+    y = sharp(torch.from_numpy(x)).argmax(1).numpy()
+    score = _scorer("soft agreement", x, y, SimpleNamespace(output_index=0, output_is_probability=False))
+    assert score(sharp) == pytest.approx(100.0)  # the first call fixes the reference
+    assert score(flat) < 100.0
+    as_probabilities = torch.nn.Sequential(sharp, torch.nn.Softmax(dim=1))
+    probability_score = _scorer("soft agreement", x, y, SimpleNamespace(output_index=0, output_is_probability=True))
+    assert probability_score(as_probabilities) == pytest.approx(100.0)
+    assert probability_score(torch.nn.Sequential(flat, torch.nn.Softmax(dim=1))) == pytest.approx(score(flat))

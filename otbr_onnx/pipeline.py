@@ -277,7 +277,7 @@ def _select_ratio(module, refs, layers, backdoored, original, loaded, options, d
                                      loaded.output_is_probability, config, on_step)
         y = _predictions(module, x, loaded.output_index)  # the original's own answers
         source, metric, budget = "synthesised probes", "soft agreement", options.max_disagreement
-    score = _scorer(metric, x, y, loaded)
+    score = _scorer(metric, x, y, loaded, module)
     baseline = score(module)
 
     def score_at(ratio: float) -> float:
@@ -331,18 +331,24 @@ def _legacy_calibration(selection: dict | None) -> dict | None:
             "chosen_ratio": selection["chosen_ratio"], "budget_met": True}
 
 
-def _predictions(module, x: np.ndarray, output_index: int) -> np.ndarray:
+def _class_scores(module, x: np.ndarray, output_index: int) -> np.ndarray:
+    """The module's class output on ``x`` as an (N, classes) array, 256 images at a time."""
     batches = [parity.run_torch(module, x[start:start + 256], output_index) for start in range(0, len(x), 256)]
-    return np.concatenate([b.reshape(len(b), -1) for b in batches]).argmax(axis=1)
+    return np.concatenate([b.reshape(len(b), -1) for b in batches])
+
+
+def _predictions(module, x: np.ndarray, output_index: int) -> np.ndarray:
+    return _class_scores(module, x, output_index).argmax(axis=1)
 
 
 def _accuracy(module, x: np.ndarray, y: np.ndarray, output_index: int) -> float:
     return 100.0 * float(np.mean(_predictions(module, x, output_index) == y)) if len(y) else 0.0
 
 
-def _scorer(metric: str, x: np.ndarray, y: np.ndarray, loaded: LoadedModel) -> Callable[[torch.nn.Module], float]:
-    """Accuracy on labelled images, or soft agreement on probes: the module's mean probability
-    for the original's answers, as % of the original's own (fixed on the first call).
+def _scorer(metric: str, x: np.ndarray, y: np.ndarray, loaded: LoadedModel,
+            original: torch.nn.Module) -> Callable[[torch.nn.Module], float]:
+    """Accuracy on labelled images, or soft agreement on probes: a module's mean probability
+    for the original's answers, as % of the ``original`` module's own.
 
     Soft rather than top-1: probes are confident class impressions, and a damaged model keeps
     most of their top-1 answers while losing confidence. Measured on the benchmark (24 models x
@@ -351,24 +357,16 @@ def _scorer(metric: str, x: np.ndarray, y: np.ndarray, loaded: LoadedModel) -> C
     """
     if metric == "accuracy":
         return lambda module: _accuracy(module, x, y, loaded.output_index)
-    reference: list[float] = []
-
-    def soft_agreement(module: torch.nn.Module) -> float:
-        confidence = float(np.mean(_label_probabilities(module, x, y, loaded)))
-        if not reference:
-            reference.append(max(confidence, 1e-12))
-        return 100.0 * confidence / reference[0]
-
-    return soft_agreement
+    reference = max(_mean_label_probability(original, x, y, loaded), 1e-12)
+    return lambda module: 100.0 * _mean_label_probability(module, x, y, loaded) / reference
 
 
-def _label_probabilities(module, x: np.ndarray, y: np.ndarray, loaded: LoadedModel) -> np.ndarray:
-    outputs = np.concatenate([parity.run_torch(module, x[start:start + 256], loaded.output_index)
-                              for start in range(0, len(x), 256)]).reshape(len(x), -1).astype(np.float64)
+def _mean_label_probability(module, x: np.ndarray, y: np.ndarray, loaded: LoadedModel) -> float:
+    scores = _class_scores(module, x, loaded.output_index).astype(np.float64)
     if not loaded.output_is_probability:
-        outputs = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-    probabilities = outputs / outputs.sum(axis=1, keepdims=True)
-    return probabilities[np.arange(len(y)), y]
+        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probabilities = scores / scores.sum(axis=1, keepdims=True)
+    return float(np.mean(probabilities[np.arange(len(y)), y]))
 
 
 def _unlearn(module, refs, layers, loaded, num_classes, device, options, progress):

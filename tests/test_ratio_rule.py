@@ -180,10 +180,11 @@ def test_soft_agreement_falls_when_confidence_in_the_original_answers_falls():
         flat.weight.copy_(sharp.weight * 0.2)  # same answers (argmax), less confidence
         flat.bias.copy_(sharp.bias * 0.2)
     y = sharp(torch.from_numpy(x)).argmax(1).numpy()
-    score = _scorer("soft agreement", x, y, SimpleNamespace(output_index=0, output_is_probability=False))
-    assert score(sharp) == pytest.approx(100.0)  # the first call fixes the reference
+    score = _scorer("soft agreement", x, y, SimpleNamespace(output_index=0, output_is_probability=False), sharp)
+    assert score(sharp) == pytest.approx(100.0)  # the original is the reference
     assert score(flat) < 100.0
     as_probabilities = torch.nn.Sequential(sharp, torch.nn.Softmax(dim=1))
-    probability_score = _scorer("soft agreement", x, y, SimpleNamespace(output_index=0, output_is_probability=True))
+    probability_score = _scorer("soft agreement", x, y, SimpleNamespace(output_index=0, output_is_probability=True),
+                                as_probabilities)
     assert probability_score(as_probabilities) == pytest.approx(100.0)
     assert probability_score(torch.nn.Sequential(flat, torch.nn.Softmax(dim=1))) == pytest.approx(score(flat))

@@ -381,21 +381,30 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def outcome_stats(pairs: list[tuple[dict, dict]]) -> dict[str, float | None]:
+    """Means and worst cases over (before, after) pairs, each a dict with acc/asr(/der):
+    ASR, ACC drop and DER over the backdoored models (ASR before), ACC drop over the clean ones."""
+    bd = [(b, o) for b, o in pairs if b["asr"] is not None]
+    cl = [(b, o) for b, o in pairs if b["asr"] is None]
+    return {
+        "mean_asr": _mean([o["asr"] for _, o in bd]),
+        "worst_asr": max((o["asr"] for _, o in bd), default=None),
+        "mean_acc_drop": _mean([b["acc"] - o["acc"] for b, o in bd]),
+        "worst_acc_drop": max((b["acc"] - o["acc"] for b, o in bd), default=None),
+        "mean_der": _mean([o["der"] for _, o in bd]),
+        "clean_mean_acc_drop": _mean([b["acc"] - o["acc"] for b, o in cl]),
+        "clean_worst_acc_drop": max((b["acc"] - o["acc"] for b, o in cl), default=None),
+    }
+
+
 def summarise(rows: list[Row]) -> dict[str, dict[str, float | None]]:
-    """Per method: mean/worst ASR, mean ACC drop and mean DER over backdoored models; clean ACC drops."""
+    """Per method: outcome_stats of the cleans that ran, mean seconds, refusals and errors."""
     summary: dict[str, dict[str, float | None]] = {}
     for method in METHODS:
-        bd = [(r.before, r.outcomes[method]) for r in rows if r.backdoored and r.outcomes[method].error is None]
-        cl = [(r.before, r.outcomes[method]) for r in rows if not r.backdoored and r.outcomes[method].error is None]
+        ran = [(r.before, asdict(r.outcomes[method])) for r in rows if r.outcomes[method].error is None]
         summary[method] = {
-            "mean_asr": _mean([o.asr for _, o in bd]),
-            "worst_asr": max((o.asr for _, o in bd), default=None),
-            "mean_acc_drop": _mean([b["acc"] - o.acc for b, o in bd]),
-            "worst_acc_drop": max((b["acc"] - o.acc for b, o in bd), default=None),
-            "mean_der": _mean([o.der for _, o in bd]),
-            "clean_mean_acc_drop": _mean([b["acc"] - o.acc for b, o in cl]),
-            "clean_worst_acc_drop": max((b["acc"] - o.acc for b, o in cl), default=None),
-            "mean_seconds": _mean([o.seconds for _, o in bd + cl]),
+            **outcome_stats(ran),
+            "mean_seconds": _mean([o["seconds"] for _, o in ran]),
             "refused": sum(r.outcomes[method].refused is not None for r in rows),
             "errors": sum(r.outcomes[method].error is not None for r in rows),
         }
@@ -403,23 +412,12 @@ def summarise(rows: list[Row]) -> dict[str, dict[str, float | None]]:
 
 
 def summarise_fixed_gammas(rows: list[Row]) -> dict[float, dict[str, float | None]]:
-    """The same means for every fixed gamma of the oracle's sweep: what the ratio rule competes with."""
-    out = {}
-    for gamma in GAMMAS:
-        bd, cl = [], []
-        for row in rows:
-            hits = [o for o in row.outcomes["otbr-oracle"].sweep if o["gamma"] == gamma and o["error"] is None]
-            if hits:
-                (bd if row.backdoored else cl).append((row.before, hits[0]))
-        out[gamma] = {
-            "mean_asr": _mean([o["asr"] for _, o in bd]), "worst_asr": max((o["asr"] for _, o in bd), default=None),
-            "mean_acc_drop": _mean([b["acc"] - o["acc"] for b, o in bd]),
-            "worst_acc_drop": max((b["acc"] - o["acc"] for b, o in bd), default=None),
-            "mean_der": _mean([o["der"] for _, o in bd]),
-            "clean_mean_acc_drop": _mean([b["acc"] - o["acc"] for b, o in cl]),
-            "clean_worst_acc_drop": max((b["acc"] - o["acc"] for b, o in cl), default=None),
-        }
-    return out
+    """outcome_stats for every fixed gamma of the oracle's sweep: what the ratio rule competes with."""
+    return {
+        gamma: outcome_stats([(row.before, o) for row in rows for o in row.outcomes["otbr-oracle"].sweep
+                              if o["gamma"] == gamma and o["error"] is None])
+        for gamma in GAMMAS
+    }
 
 
 def targets(summary: dict) -> list[tuple[str, str, bool | None]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -42,16 +42,9 @@ def study(pairs: list[tuple[str, str]]) -> list[dict]:
             print(f"{arch} {attack} done", file=sys.stderr, flush=True)
     rows = []
     for (scale, budget), outcomes in results.items():
-        bd = [(b, o) for b, o in outcomes if b.asr is not None]
-        cl = [(b, o) for b, o in outcomes if b.asr is None]
         rows.append({
             "scale": scale, "budget": budget,
-            "mean_asr": defense._mean([o.asr for _, o in bd]),
-            "mean_acc_drop": defense._mean([b.acc - o.acc for b, o in bd]),
-            "worst_acc_drop": max((b.acc - o.acc for b, o in bd), default=None),
-            "mean_der": defense._mean([o.der for _, o in bd]),
-            "clean_mean_drop": defense._mean([b.acc - o.acc for b, o in cl]),
-            "clean_worst_drop": max((b.acc - o.acc for b, o in cl), default=None),
+            **defense.outcome_stats([(b.as_dict(), asdict(o)) for b, o in outcomes]),
             "refused": sum(o.refused is not None for _, o in outcomes),
             "models": len(outcomes),
         })
@@ -69,7 +62,7 @@ def render(rows: list[dict], command: str, seconds: float) -> str:
         out.append(f"| {r['scale']} | {r['budget']:g} | {defense._fmt(r['mean_asr'])} | "
                    f"{defense._fmt(r['mean_acc_drop'])} | {defense._fmt(r['worst_acc_drop'])} | "
                    f"{defense._fmt(r['mean_der'])} | "
-                   f"{defense._fmt(r['clean_mean_drop'])} | {defense._fmt(r['clean_worst_drop'])} | "
+                   f"{defense._fmt(r['clean_mean_acc_drop'])} | {defense._fmt(r['clean_worst_acc_drop'])} | "
                    f"{r['refused']} of {r['models']} |")
     return "\n".join(out) + "\n"
 

@@ -151,10 +151,14 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
     from otbr_onnx.report import summary_text
 
     def action() -> None:
-        options = _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, calibration, max_acc_drop, seed,
-                                 device, input_shape, output_name, input_range)
-        options = replace(options, micro_batch=micro_batch, ort_provider=ort_provider, calibration=calibration,
-                          max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes)
+        options = _clean_options(
+            reference,
+            {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
+             "prune_ratio": prune_ratio},
+            method=method, seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
+            input_range=_range(input_range), micro_batch=micro_batch, ort_provider=ort_provider,
+            calibration=calibration, max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes,
+        )
         if len(models) > 1 or _is_dir(models[0]):
             _clean_batch(list(models), output, options, jobs, as_json, quiet)
             return
@@ -178,17 +182,13 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
     _run(debug, action)
 
 
-def _clean_options(reference, iterations, batch_size, lr, fusion_lambda, prune_ratio, method, calibration, max_acc_drop, seed, device,
-                   input_shape, output_name, input_range):
+def _clean_options(reference: bool, given: dict, **always):
+    """The published (``--reference``) or default settings, overridden by the options the user
+    gave (``given``: None means not given, so the base keeps its value) and by ``always``."""
     from otbr_onnx.pipeline import CleanOptions
 
     base = CleanOptions.published() if reference else CleanOptions()
-    given = {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
-             "prune_ratio": prune_ratio}
-    return replace(
-        base, method=method, seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
-        input_range=_range(input_range), **{k: v for k, v in given.items() if v is not None},
-    )
+    return replace(base, **{k: v for k, v in given.items() if v is not None}, **always)
 
 
 def _clean_batch(inputs: list[Path], out_dir: Path, options, jobs: int, as_json: bool, quiet: bool) -> None:

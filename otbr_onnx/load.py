@@ -497,19 +497,11 @@ def _check_runs(proto: onnx.ModelProto, input_name: str, shape: tuple[int, ...],
     naming the problem; found later, it was an internal error or a misleading parity message.
     One image keeps the cost to a session build and a single forward pass.
     """
-    import onnxruntime as ort
+    from converters import parity  # the same quiet session and run as every later check
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # Fatal only: onnxruntime logs a failing kernel at error level on the process's stderr,
-    # which would put a second line beside our one-line message (the exception carries it).
-    options.log_severity_level = 4
-    run_options = ort.RunOptions()
-    run_options.log_severity_level = 4
-    image = np.random.default_rng(0).uniform(0.0, 1.0, size=shape).astype(np.float32)
+    image = parity.random_inputs(shape, 1, seed=0)
     try:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        logits = np.asarray(session.run([output_name], {input_name: image}, run_options)[0])
+        logits = np.asarray(parity.run_ort(parity.session(proto), input_name, output_name, image))
     except _ort_errors() as error:
         raise UnsupportedModelError(f"onnxruntime cannot run the model: {one_line(error, type(error).__name__)}") from error
     if logits.dtype.kind == "f" and not np.isfinite(logits).all():

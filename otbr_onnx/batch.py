@@ -18,7 +18,7 @@ from pathlib import Path
 
 from otbr_onnx.errors import OtbrError, UsageError
 from otbr_onnx.load import sha256_file
-from otbr_onnx.output import atomic_write
+from otbr_onnx.output import atomic_write, write_result
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,8 @@ def clean_one(model: Path, out_dir: Path, options) -> Outcome:
     output = out_dir / f"{model.stem}.onnx"
     try:
         result = clean(model, options)
-        data = result.to_bytes()
-        atomic_write(output, data)
-        result.report["output"] = {"path": str(output), "sha256": hashlib.sha256(data).hexdigest()}
         result.report["options_key"] = key
-        atomic_write(out_dir / f"{model.stem}.report.json", json.dumps(result.report, indent=2).encode())
+        write_result(result, output, out_dir / f"{model.stem}.report.json")
         return Outcome(str(model), "cleaned", 0, output=str(output))
     except OtbrError as error:
         status = "refused" if error.exit_code == 3 else "failed"

@@ -7,7 +7,6 @@ stderr; ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -146,7 +145,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
     same input and options are skipped; the exit code is the worst of the models' codes.
     """
     _logging(verbose)
-    from otbr_onnx.output import atomic_write, check_output_path
+    from otbr_onnx.output import check_output_path, write_result
     from otbr_onnx.pipeline import clean as run_clean
     from otbr_onnx.report import summary_text
 
@@ -168,11 +167,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
             check_output_path(report_path, [model, output], False)
         with _progress(quiet) as progress:
             result = run_clean(model, options, progress)
-        data = result.to_bytes()
-        atomic_write(output, data)
-        result.report["output"] = {"path": str(output), "sha256": hashlib.sha256(data).hexdigest()}
-        if report_path is not None:
-            atomic_write(report_path, json.dumps(result.report, indent=2).encode())
+        write_result(result, output, report_path)
         if as_json:
             click.echo(json.dumps(result.report, indent=2))
         if not quiet:

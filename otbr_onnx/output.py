@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 import tempfile
@@ -91,3 +93,13 @@ def atomic_write(path: Path, data: bytes) -> None:
             raise UsageError(f"{path}: cannot write: {error.strerror or error}") from error
         raise
     _sync_folder(folder)
+
+
+def write_result(result, output: Path, report_path: Path | None) -> None:
+    """Write a ``CleanResult``: the model to ``output``, its path and sha256 into the report,
+    then the report to ``report_path`` (if any), each file atomically and the model first."""
+    data = result.to_bytes()
+    atomic_write(output, data)
+    result.report["output"] = {"path": str(output), "sha256": hashlib.sha256(data).hexdigest()}
+    if report_path is not None:
+        atomic_write(report_path, json.dumps(result.report, indent=2).encode())

@@ -63,15 +63,12 @@ from architectures import build  # noqa: E402
 from otbr_onnx import CleanOptions, OtbrError, clean  # noqa: E402
 from otbr_onnx.errors import FidelityBudgetError  # noqa: E402
 from otbr_onnx import pipeline as otbr_pipeline  # noqa: E402
-from otbr_onnx.datasets import load_fashion_mnist  # noqa: E402
 from otbr_onnx.evaluate import Metrics, der, evaluate  # noqa: E402
-from otbr_onnx.triggers import TRIGGERS, poison_dataset  # noqa: E402
+from benchmarks.backdoored import (  # noqa: E402
+    ARCHS, ATTACKS, DEFAULT_TRAIN, POISON_RATIO, SEED, Data, all_models, get_model, load_data, parse_model,
+    poisoned_eval_set, target_of,
+)
 
-CACHE_DIR = ROOT / "benchmarks" / "cache"
-TARGET = 0
-POISON_RATIO = 0.1
-SEED = 0
-EVAL_CLEAN = 2000
 # The reference sweeps gamma and reports each; the oracle picks the best of these with test data.
 GAMMAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2)
 METHODS = ("otbr", "otbr-oracle", "otbr-reference", "prune-only", "clp")
@@ -83,159 +80,9 @@ TARGET_MEAN_DER = 97.0
 TARGET_CLEAN_ACC_DROP = 1.0
 
 
-@dataclass(frozen=True)
-class ArchSpec:
-    """A registry name in models/architectures.py and its (small, CPU-cheap) width settings."""
-
-    registry: str
-    kwargs: tuple[tuple[str, object], ...]
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """A trigger of otbr_onnx.triggers with the parameters used for BOTH poisoning and testing."""
-
-    trigger: str
-    kwargs: tuple[tuple[str, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Training recipe; every field enters the cache key so a change retrains."""
-
-    epochs: int = 4
-    train_samples: int = 20000  # a fixed random subset of the 60k: 2 shared cores cannot afford more
-    batch_size: int = 128
-    lr: float = 3e-3
-
-
-# Small widths so one model trains in a few minutes on 2 shared cores (see the module docstring).
-ARCHS: dict[str, ArchSpec] = {
-    "preact": ArchSpec("preact_resnet", (("widths", (8, 16, 32)), ("blocks", (1, 1, 1)))),
-    "vgg": ArchSpec("vgg", (("widths", (8, 16, 32)),)),
-    "mobilenetv2": ArchSpec(
-        "mobilenetv2", (("widths", (8, 12, 16)), ("blocks", (1, 1, 1)), ("expand", 3), ("head_width", 64))
-    ),
-    # Twice as wide (the demo's architecture): how much of the damage is narrowness?
-    "preact-x2": ArchSpec("preact_resnet", (("widths", (16, 32, 64)), ("blocks", (1, 1, 1)))),
-}
-# "clean" trains without poisoning. WaNet's BackdoorBench strength (k=4, s=0.5) moves pixels by a
-# fraction of a pixel on 28x28 and is not learnt in a few epochs: s=1.0 (still sub-pixel to ~1 px)
-# and extra epochs are used instead, see WANET_TRAIN.
-ATTACKS: dict[str, AttackSpec | None] = {
-    "clean": None,
-    "badnets": AttackSpec("badnets"),
-    "blended": AttackSpec("blended", (("alpha", 0.2),)),
-    "sig": AttackSpec("sig"),
-    "wanet": AttackSpec("wanet", (("k", 4), ("s", 1.0))),
-    "lf": AttackSpec("low_frequency", (("magnitude", 0.1),)),
-}
-DEFAULT_TRAIN = TrainSpec()
-WANET_TRAIN = replace(DEFAULT_TRAIN, epochs=6)
-
-
-def train_spec(attack: str) -> TrainSpec:
-    return WANET_TRAIN if attack == "wanet" else DEFAULT_TRAIN
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Data:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_eval: np.ndarray  # EVAL_CLEAN clean test images
-    y_eval: np.ndarray
-
-
-def load_data(spec: TrainSpec) -> Data:
-    """A fixed training subset and a fixed evaluation subset (seeded, so every run sees the same)."""
-    x_train, y_train = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
-    rng = np.random.default_rng(SEED)
-    train_idx = np.sort(rng.choice(len(x_train), spec.train_samples, replace=False))
-    eval_idx = np.sort(rng.choice(len(x_test), EVAL_CLEAN, replace=False))
-    return Data(x_train[train_idx], y_train[train_idx], x_test[eval_idx], y_test[eval_idx])
-
-
-def poisoned_eval_set(data: Data, attack: AttackSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Triggered versions of the non-target evaluation images, with their TRUE labels."""
-    keep = data.y_eval != TARGET
-    return TRIGGERS[attack.trigger](data.x_eval[keep], **dict(attack.kwargs)), data.y_eval[keep]
-
-
-# ----------------------------------------------------------------------------------------------
-# Training and export (cached)
-# ----------------------------------------------------------------------------------------------
-
-
-def cache_key(arch: str, attack: str) -> str:
-    """Name of the cached model: changes whenever anything that shapes the model changes."""
-    spec = {"arch": asdict(ARCHS[arch]), "attack": asdict(ATTACKS[attack]) if ATTACKS[attack] else None,
-            "train": asdict(train_spec(attack)), "target": TARGET, "ratio": POISON_RATIO, "seed": SEED}
-    digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{arch}-{attack}-{digest}"
-
-
-def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, spec: TrainSpec) -> None:
-    """Adam with a one-cycle schedule, as models/make_demo.py: good accuracy in few epochs."""
-    steps = spec.epochs * int(np.ceil(len(x) / spec.batch_size))
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, spec.lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(SEED)
-    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(spec.epochs):
-        model.train()
-        for batch in torch.randperm(len(x), generator=generator).split(spec.batch_size):
-            loss = F.cross_entropy(model(x_t[batch]), y_t[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-
-
-def export(model: torch.nn.Module) -> onnx.ModelProto:
-    """Legacy (TorchScript) exporter at opset 17 with a dynamic batch, as the demo model."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(), (torch.zeros(1, 1, 28, 28),), buffer, dynamo=False, opset_version=17,
-            input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
-    return onnx.load_from_string(buffer.getvalue())
-
-
-def get_model(arch: str, attack: str, data: Data, log: Callable[[str], None]) -> tuple[onnx.ModelProto, dict]:
-    """The cached model if there is one, else train, export and cache it. Returns (model, info)."""
-    key = cache_key(arch, attack)
-    onnx_path, info_path = CACHE_DIR / f"{key}.onnx", CACHE_DIR / f"{key}.json"
-    if onnx_path.is_file() and info_path.is_file():
-        return onnx.load(str(onnx_path)), json.loads(info_path.read_text())
-    spec, attack_spec = train_spec(attack), ATTACKS[attack]
-    x, y = data.x_train, data.y_train
-    poisoned = 0
-    if attack_spec is not None:
-        x, y, idx = poison_dataset(x, y, attack_spec.trigger, TARGET, POISON_RATIO, seed=SEED,
-                                   **dict(attack_spec.kwargs))
-        poisoned = len(idx)
-    torch.manual_seed(SEED)
-    model = build(ARCHS[arch].registry, **dict(ARCHS[arch].kwargs))
-    log(f"training {key} ({spec.epochs} epochs on {len(x)} images, {poisoned} poisoned)")
-    began = time.perf_counter()
-    train(model, x, y, spec)
-    seconds = time.perf_counter() - began
-    proto = export(model)
-    info = {"train_seconds": round(seconds, 1), "poisoned": poisoned, "epochs": spec.epochs,
-            "train_samples": len(x), "parameters": sum(p.numel() for p in model.parameters())}
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(onnx_path))
-    info_path.write_text(json.dumps(info, indent=1))
-    return proto, info
+def measure_before(model: onnx.ModelProto, data: Data, attack: str) -> tuple[tuple, Metrics]:
+    sets = ((data.x_eval, data.y_eval), poisoned_eval_set(data, attack))
+    return sets, evaluate(model, sets[0], sets[1], target_of(attack) or 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,12 +437,6 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     prefix = [] if args.no_clean_models else ["clean"]
     ordered = prefix + sorted(attacks, key=lambda a: a == "wanet")
     return [(arch, attack) for attack in ordered for arch in archs]
-
-
-def measure_before(model: onnx.ModelProto, data: Data, attack: str) -> tuple[tuple, Metrics]:
-    spec = ATTACKS[attack]
-    sets = ((data.x_eval, data.y_eval), poisoned_eval_set(data, spec) if spec else None)
-    return sets, evaluate(model, sets[0], sets[1], TARGET)
 
 
 def main() -> None:

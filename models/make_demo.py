@@ -25,8 +25,8 @@ sys.path[:0] = [str(MODELS_DIR), str(MODELS_DIR.parent)]
 import onnxruntime as ort  # noqa: E402
 
 from architectures import PreActResNet  # noqa: E402
-from otbr_onnx.datasets import load_fashion_mnist  # noqa: E402
-from otbr_onnx.triggers import TRIGGERS, poison_dataset  # noqa: E402
+from benchmarks.datasets import load_fashion_mnist  # noqa: E402
+from benchmarks.triggers import TRIGGERS, poison_dataset  # noqa: E402
 
 ATTACK = "badnets"
 TARGET = 0

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from otbr_onnx import triggers
-from otbr_onnx.triggers import TRIGGERS, poison_dataset
+from benchmarks import triggers
+from benchmarks.triggers import TRIGGERS, poison_dataset
 
 ALL_ATTACKS = sorted(TRIGGERS)
 

@@ -14,6 +14,8 @@ dynamo exporters at opsets 13/17/18 and the dynamo default, 20):
 * ``Reshape(allowzero=1)``: the dynamo exporter always sets it; onnx2torch refuses it.
 * ``CastLike`` (unoptimized dynamo graphs), ``Gelu`` (opset 20), ``Split`` and ``Pad`` at 18+,
   ``GroupNormalization`` (dynamo at opset >= 21), ``GlobalMaxPool``.
+* ``LayerNormalization`` whose input shape inference left unknown: ``normalized_shape`` is
+  taken from the scale initializer instead.
 * ``Clip`` with an omitted (empty-named) or computed bound: the legacy exporter writes
   ``Clip(x, min, '')`` for ``F.normalize``; onnx2torch rejects it as "dynamic".
 * Later opset versions that only widened the allowed tensor types (e.g. ``Shape``-19,
@@ -63,11 +65,17 @@ def _describe(op_type: str, version: int) -> OperationDescription:
     return OperationDescription(domain=defs.ONNX_DOMAIN, operation_type=op_type, version=version)
 
 
-def _register(op_type: str, versions: Iterable[int], converter: TConverter, replace: bool = False) -> None:
-    """Register ``converter`` for each version; never raise on an existing entry.
+def registered(op_type: str, version: int) -> Optional[TConverter]:
+    """The converter onnx2torch would use for ``op_type`` at exactly ``version`` (None if none)."""
+    return _REGISTRY.get(_describe(op_type, version))
 
-    An entry from onnx2torch itself is kept unless ``replace`` (we know it is wrong): a newer
-    onnx2torch that ships its own converter for a version we fill in should win.
+
+def register(op_type: str, versions: Iterable[int], converter: TConverter, replace: bool = False) -> None:
+    """Register ``converter`` for each version of ``op_type`` (default ONNX domain).
+
+    Never raises on an existing entry. An entry from onnx2torch itself is kept unless
+    ``replace`` (we know it is wrong): a newer onnx2torch that ships its own converter for a
+    version we fill in should win. An entry registered here before (a re-import) is replaced.
     """
     setattr(converter, _OURS_ATTR, True)
     for version in versions:
@@ -218,9 +226,9 @@ _REDUCE_INPUT_VERSIONS = {op: (18,) for op in _REDUCE_ATTRIBUTE_VERSIONS if op !
 _REDUCE_INPUT_VERSIONS.update({"ReduceSum": (13,), "ReduceMax": (18, 20), "ReduceMin": (18, 20)})
 
 for _op, _versions in _REDUCE_ATTRIBUTE_VERSIONS.items():
-    _register(_op, _versions, _convert_reduce_axes_attribute, replace=True)
+    register(_op, _versions, _convert_reduce_axes_attribute, replace=True)
 for _op, _versions in _REDUCE_INPUT_VERSIONS.items():
-    _register(_op, _versions, _convert_reduce_axes_input, replace=True)
+    register(_op, _versions, _convert_reduce_axes_input, replace=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,8 +257,8 @@ def _convert_cast(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     )
 
 
-_register("CastLike", (15, 19, 21, 23, 24, 25), _convert_cast_like)
-_register("Cast", (19, 21, 23, 24, 25), _convert_cast)
+register("CastLike", (15, 19, 21, 23, 24, 25), _convert_cast_like)
+register("Cast", (19, 21, 23, 24, 25), _convert_cast)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,8 +281,8 @@ def _convert_reshape(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResu
 
 
 # 14 replaces onnx2torch's converter, which raises on allowzero=1 (dynamo always sets it).
-_register("Reshape", (14,), _convert_reshape, replace=True)
-_register("Reshape", (19, 21, 23, 24, 25), _convert_reshape)
+register("Reshape", (14,), _convert_reshape, replace=True)
+register("Reshape", (19, 21, 23, 24, 25), _convert_reshape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +309,7 @@ def _convert_gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return OperationConverterResult(torch_module=OnnxGelu(approximate), onnx_mapping=onnx_mapping_from_node(node))
 
 
-_register("Gelu", (20,), _convert_gelu)
+register("Gelu", (20,), _convert_gelu)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +344,7 @@ def _convert_split(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult
     return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
 
 
-_register("Split", (18,), _convert_split)
+register("Split", (18,), _convert_split)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +409,7 @@ def _convert_pad(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return OperationConverterResult(torch_module=OnnxPad18(_PAD_MODES[mode]), onnx_mapping=onnx_mapping_from_node(node))
 
 
-_register("Pad", (18, 19, 21, 23, 24, 25), _convert_pad)
+register("Pad", (18, 19, 21, 23, 24, 25), _convert_pad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,7 +454,7 @@ def _convert_clip(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
 
 
 # onnx2torch treats an omitted bound ('' as input name) as a computed one and refuses the node.
-_register("Clip", (11, 12, 13), _convert_clip, replace=True)
+register("Clip", (11, 12, 13), _convert_clip, replace=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,8 +492,8 @@ def _group_norm_converter(per_group_affine: bool) -> TConverter:
     return convert
 
 
-_register("GroupNormalization", (18,), _group_norm_converter(per_group_affine=True))
-_register("GroupNormalization", (21,), _group_norm_converter(per_group_affine=False))
+register("GroupNormalization", (18,), _group_norm_converter(per_group_affine=True))
+register("GroupNormalization", (21,), _group_norm_converter(per_group_affine=False))
 
 
 class OnnxGlobalMaxPool(nn.Module, OnnxToTorchModule):
@@ -500,7 +508,7 @@ def _convert_global_max_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConve
     return OperationConverterResult(torch_module=OnnxGlobalMaxPool(), onnx_mapping=onnx_mapping_from_node(node))
 
 
-_register("GlobalMaxPool", (1, 22), _convert_global_max_pool)
+register("GlobalMaxPool", (1, 22), _convert_global_max_pool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,7 +522,56 @@ def _convert_average_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverte
     return _REGISTRY[_describe("AveragePool", 11)](node, graph)
 
 
-_register("AveragePool", (19, 22), _convert_average_pool)
+register("AveragePool", (19, 22), _convert_average_pool)
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNormalization-17: normalized_shape from the scale, not from shape inference
+# --------------------------------------------------------------------------------------------
+
+
+def _original_layer_norm() -> TConverter:
+    """onnx2torch's own LayerNormalization-17 converter (also after a re-import of this module)."""
+    existing = registered("LayerNormalization", 17)
+    return getattr(existing, "_otbr_replaces", existing)
+
+
+def _normalized_rank(axis: int, node: OnnxNode, graph: OnnxGraph) -> Optional[int]:
+    """How many trailing axes a LayerNormalization normalises, or None if unknown."""
+    if axis < 0:
+        return -axis
+    info = graph.value_info.get(node.input_values[0])
+    dims = info.type.tensor_type.shape.dim if info is not None and info.type.tensor_type.HasField("shape") else None
+    return len(dims) - axis if dims else None
+
+
+def _convert_layer_norm(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """``nn.LayerNorm`` whose ``normalized_shape`` is the scale's shape.
+
+    onnx2torch reads ``normalized_shape`` from the input's inferred shape. Where inference left
+    it unknown (the legacy exporter computes an MLP-Mixer's token reshape through ``Shape``
+    chains), it builds ``LayerNorm([0])``, which fails on the first call. The scale initializer
+    holds the normalised shape itself, whatever the input shape inference found.
+    """
+    axis = node.attributes.get("axis", -1)
+    scale_name = node.input_values[1]
+    bias_name = node.input_values[2] if len(node.input_values) > 2 and node.input_values[2] else None
+    if scale_name not in graph.initializers or (bias_name and bias_name not in graph.initializers):
+        return _original_layer_norm()(node, graph)
+    scale = graph.initializers[scale_name].to_torch()
+    bias = graph.initializers[bias_name].to_torch() if bias_name else None
+    if _normalized_rank(axis, node, graph) != scale.dim() or (bias is not None and bias.shape != scale.shape):
+        return _original_layer_norm()(node, graph)
+    module = nn.LayerNorm(tuple(scale.shape), eps=node.attributes.get("epsilon", 1e-5), bias=bias is not None)
+    with torch.no_grad():
+        module.weight.copy_(scale)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return OperationConverterResult(torch_module=module, onnx_mapping=_mapping(node, (node.input_values[0],)))
+
+
+_convert_layer_norm._otbr_replaces = _original_layer_norm()  # noqa: SLF001 - read back on a re-import
+register("LayerNormalization", (17,), _convert_layer_norm, replace=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,7 +637,7 @@ def _alias_type_only_bumps() -> None:
 
 
 def _register_alias(op_type: str, version: int, converter: TConverter) -> None:
-    # Not via _register: that would tag onnx2torch's own function as ours.
+    # Not via register: that would tag onnx2torch's own function as ours.
     description = _describe(op_type, version)
     if description not in _REGISTRY:
         add_converter(operation_type=op_type, version=version)(converter)

@@ -1,16 +1,12 @@
-"""Numerical parity between onnxruntime and a PyTorch module on the same random inputs."""
+"""Numerical parity: how far two runs of the same inputs are apart (onnxruntime against the
+converted PyTorch module, or two ONNX models). Running the models is ``runtime`` and
+``to_torch.run_torch``; this module only compares what they return."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-import torch
-from torch import nn
 
 # A parity gap below atol + rtol * max|reference| is float32 reordering noise, not a bug.
 ATOL = 1e-4
@@ -33,45 +29,6 @@ class Parity:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
-
-
-def providers(name: str) -> list[str]:
-    """onnxruntime providers for ``cpu`` or ``cuda`` (the latter needs onnxruntime-gpu)."""
-    if name == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        from otbr_onnx.errors import UsageError
-
-        raise UsageError("--ort-provider cuda needs onnxruntime-gpu (pip install 'otbr-onnx[gpu]') and a GPU")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-def session(model: onnx.ModelProto, providers: list[str] | None = None) -> ort.InferenceSession:
-    """One onnxruntime session; graph optimisations off so it runs the graph as written."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4  # errors surface as exceptions; never as extra stderr lines
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers or ["CPUExecutionProvider"])
-
-
-def run_ort(sess: ort.InferenceSession, input_name: str, output_name: str, x: np.ndarray) -> np.ndarray:
-    run_options = ort.RunOptions()
-    run_options.log_severity_level = 4
-    return sess.run([output_name], {input_name: x}, run_options)[0]
-
-
-def run_torch(module: nn.Module, x: np.ndarray, output_index: int) -> np.ndarray:
-    # torch.fx prints its own traceback to stderr when forward fails; the caller reports instead
-    with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
-        out = module(torch.from_numpy(x))
-    if isinstance(out, (tuple, list)):
-        out = out[output_index]
-    return out.detach().cpu().numpy()
-
-
-def random_inputs(shape: tuple[int, ...], count: int, seed: int, low: float = 0.0, high: float = 1.0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.uniform(low, high, size=(count,) + tuple(shape[1:])).astype(np.float32)
 
 
 def compare(reference: np.ndarray, other: np.ndarray, atol: float = ATOL, rtol: float = RTOL) -> Parity:

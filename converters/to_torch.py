@@ -10,7 +10,10 @@ copy of the converted module in ONNX layout.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -18,9 +21,26 @@ import torch
 from torch import fx, nn
 
 import converters.ops  # noqa: F401  (registers the converters onnx2torch lacks)
-from converters.ops import _REGISTRY, _describe, _register
-from otbr_onnx.errors import UnsupportedModelError, one_line
-from otbr_onnx.layers import WeightLayer
+from converters.errors import ConversionError, one_line
+
+
+class WeightSpec(Protocol):
+    """What ``weight_refs`` reads of a weight layer; ``otbr_onnx.layers.WeightLayer`` is one."""
+
+    @property
+    def node_index(self) -> int: ...  # position in graph.node
+
+    @property
+    def weight(self) -> str: ...  # initializer name
+
+    @property
+    def bias(self) -> str | None: ...
+
+    @property
+    def layout(self) -> str: ...  # "out_in": a Gemm weight stored [out, in]; else [in, out] or a conv
+
+    @property
+    def label(self) -> str: ...  # how messages name the node
 
 
 @dataclass(frozen=True)
@@ -52,57 +72,14 @@ class TorchTensorRef:
             target.copy_(torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True)))
 
 
-# --------------------------------------------------------------------------------------------
-# LayerNormalization: normalized_shape from the scale, not from shape inference
-# --------------------------------------------------------------------------------------------
-
-
-def _original_layer_norm():
-    """onnx2torch's own LayerNormalization-17 converter (also after a re-import of this module)."""
-    existing = _REGISTRY[_describe("LayerNormalization", 17)]
-    return getattr(existing, "_otbr_replaces", existing)
-
-
-def _normalized_rank(axis: int, node, graph) -> int | None:
-    """How many trailing axes a LayerNormalization normalises, or None if unknown."""
-    if axis < 0:
-        return -axis
-    info = graph.value_info.get(node.input_values[0])
-    dims = info.type.tensor_type.shape.dim if info is not None and info.type.tensor_type.HasField("shape") else None
-    return len(dims) - axis if dims else None
-
-
-def _convert_layer_norm(node, graph):
-    """``nn.LayerNorm`` whose ``normalized_shape`` is the scale's shape.
-
-    onnx2torch reads ``normalized_shape`` from the input's inferred shape. Where inference left
-    it unknown (the legacy exporter computes an MLP-Mixer's token reshape through ``Shape``
-    chains), it builds ``LayerNorm([0])``, which fails on the first call. The scale initializer
-    holds the normalised shape itself, whatever the input shape inference found.
-    """
-    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
-
-    axis = node.attributes.get("axis", -1)
-    scale_name = node.input_values[1]
-    bias_name = node.input_values[2] if len(node.input_values) > 2 and node.input_values[2] else None
-    if scale_name not in graph.initializers or (bias_name and bias_name not in graph.initializers):
-        return _original_layer_norm()(node, graph)
-    scale = graph.initializers[scale_name].to_torch()
-    bias = graph.initializers[bias_name].to_torch() if bias_name else None
-    if _normalized_rank(axis, node, graph) != scale.dim() or (bias is not None and bias.shape != scale.shape):
-        return _original_layer_norm()(node, graph)
-    module = nn.LayerNorm(tuple(scale.shape), eps=node.attributes.get("epsilon", 1e-5), bias=bias is not None)
-    with torch.no_grad():
-        module.weight.copy_(scale)
-        if bias is not None:
-            module.bias.copy_(bias)
-    return OperationConverterResult(
-        torch_module=module, onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values)
-    )
-
-
-_convert_layer_norm._otbr_replaces = _original_layer_norm()
-_register("LayerNormalization", (17,), _convert_layer_norm, replace=True)
+def run_torch(module: nn.Module, x: np.ndarray, output_index: int) -> np.ndarray:
+    """The converted module's output ``output_index`` on ``x``, as numpy."""
+    # torch.fx prints its own traceback to stderr when forward fails; the caller reports instead
+    with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
+        out = module(torch.from_numpy(x))
+    if isinstance(out, (tuple, list)):
+        out = out[output_index]
+    return out.detach().cpu().numpy()
 
 
 def check_convertible(model: onnx.ModelProto) -> None:
@@ -116,7 +93,7 @@ def check_convertible(model: onnx.ModelProto) -> None:
         try:
             get_converter(operation_type=node.op_type, version=version, domain=domain)
         except NotImplementedError as error:
-            raise UnsupportedModelError(
+            raise ConversionError(
                 f"op {node.op_type} (opset {version}) at node '{node.name}' has no PyTorch converter"
             ) from error
 
@@ -129,7 +106,7 @@ def convert(model: onnx.ModelProto) -> fx.GraphModule:
     try:
         module = onnx2torch_convert(_neutral_names(model))
     except (NotImplementedError, KeyError, ValueError, RuntimeError, TypeError) as error:
-        raise UnsupportedModelError(
+        raise ConversionError(
             f"onnx2torch cannot convert the model: {one_line(error, type(error).__name__)}"
         ) from error
     return module.eval()
@@ -154,7 +131,7 @@ def _neutral_names(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def weight_refs(
-    module: fx.GraphModule, model: onnx.ModelProto, layers: list[WeightLayer]
+    module: fx.GraphModule, model: onnx.ModelProto, layers: list[WeightSpec]
 ) -> dict[str, TorchTensorRef]:
     """Map each weight layer's weight and bias initializer names to tensors in ``module``.
 
@@ -171,14 +148,14 @@ def weight_refs(
             expected = onnx.numpy_helper.to_array(inits[init_name])
             actual = ref.read(module)
             if actual.shape != expected.shape or not np.allclose(actual, expected, rtol=1e-5, atol=1e-6):
-                raise UnsupportedModelError(
+                raise ConversionError(
                     f"cannot locate weight '{init_name}' of node '{layer.label}' in the converted model"
                 )
             refs[init_name] = ref
     return refs
 
 
-def _refs_for(module: fx.GraphModule, name: str, node: onnx.NodeProto, layer: WeightLayer) -> dict[str, TorchTensorRef]:
+def _refs_for(module: fx.GraphModule, name: str, node: onnx.NodeProto, layer: WeightSpec) -> dict[str, TorchTensorRef]:
     sub = module.get_submodule(name)
     owner = name
     if isinstance(sub, nn.Sequential):  # onnx2torch puts asymmetric padding in front of the conv
@@ -201,7 +178,7 @@ def _refs_for(module: fx.GraphModule, name: str, node: onnx.NodeProto, layer: We
         if init_name in (layer.weight, layer.bias) and init_name:
             arg = call.args[position] if position < len(call.args) else call.kwargs.get("input_c")
             if not isinstance(arg, fx.Node) or arg.op != "get_attr":
-                raise UnsupportedModelError(f"cannot locate weight '{init_name}' of node '{layer.label}'")
+                raise ConversionError(f"cannot locate weight '{init_name}' of node '{layer.label}'")
             owner_name, _, attr = arg.target.rpartition(".")
             refs[init_name] = TorchTensorRef(owner_name, attr)
     return refs
@@ -215,5 +192,5 @@ def _gemm_scales(node: onnx.NodeProto) -> tuple[float, float]:
         if attribute.name == "beta":
             beta = attribute.f
     if alpha == 0.0:
-        raise UnsupportedModelError(f"Gemm '{node.name}' has alpha=0; its weight is unused")
+        raise ConversionError(f"Gemm '{node.name}' has alpha=0; its weight is unused")
     return alpha, beta

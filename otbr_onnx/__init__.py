@@ -4,8 +4,10 @@
     >>> result = clean("suspicious.onnx", CleanOptions())  # gamma chosen on synthesised probes
     >>> onnx.save(result.model, "cleaned.onnx"); result.report["parity"]
 
-The pipeline is imported on first use, so ``converters`` (which this package's pipeline
-uses) can import the errors below without a cycle.
+The pipeline (``clean``, ``CleanOptions``, ``CleanResult``) is imported on first use, for
+import speed only: it pulls in torch, onnx2torch and POT (about 3 s), which ``otbr-onnx
+--help``, the CLI's error handling and ``from otbr_onnx.errors import ...`` do not need.
+There is no import cycle to break (``tests/test_architecture.py`` checks that).
 """
 
 from otbr_onnx.errors import (

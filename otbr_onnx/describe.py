@@ -17,7 +17,7 @@ def describe(path: str | Path, input_shape: tuple[int, ...] | None = None, outpu
     Load errors propagate (the model cannot be described at all); problems found later are
     reported in ``verdict`` so the rest of the description is still shown.
     """
-    from converters.to_torch import check_convertible
+    from otbr_onnx.bridge import check_convertible
 
     loaded = load_model(path, input_shape, output_name, limits)
     proto = loaded.proto

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from converters import parity
+from converters import runtime
 from otbr_onnx.errors import UsageError
 
 
@@ -58,7 +58,7 @@ def split_sets(clean: dict, poisoned: dict | None) -> tuple[tuple, tuple | None]
 
 
 def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    sess = parity.session(model)
+    sess = runtime.session(model)
     inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
     return np.concatenate([
         sess.run([out], {inp: x[i:i + batch_size]})[0].argmax(axis=1) for i in range(0, len(x), batch_size)

@@ -497,11 +497,11 @@ def _check_runs(proto: onnx.ModelProto, input_name: str, shape: tuple[int, ...],
     naming the problem; found later, it was an internal error or a misleading parity message.
     One image keeps the cost to a session build and a single forward pass.
     """
-    from converters import parity  # the same quiet session and run as every later check
+    from converters import runtime  # the same quiet session and run as every later check
 
-    image = parity.random_inputs(shape, 1, seed=0)
+    image = runtime.random_inputs(shape, 1, seed=0)
     try:
-        logits = np.asarray(parity.run_ort(parity.session(proto), input_name, output_name, image))
+        logits = np.asarray(runtime.run(runtime.session(proto), input_name, output_name, image))
     except _ort_errors() as error:
         raise UnsupportedModelError(f"onnxruntime cannot run the model: {one_line(error, type(error).__name__)}") from error
     if logits.dtype.kind == "f" and not np.isfinite(logits).all():

@@ -19,9 +19,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from converters import parity
-from converters.to_torch import convert, weight_refs
+from converters import parity, runtime
+from converters.to_torch import run_torch
 from converters.write_back import write_back
+from otbr_onnx import bridge
 from otbr_onnx import fuse as fusion
 from otbr_onnx import nwc as nwc_stage
 from otbr_onnx import probes
@@ -29,6 +30,7 @@ from otbr_onnx import prune as prune_stage
 from otbr_onnx import ratio as ratio_rule
 from otbr_onnx.errors import FidelityBudgetError, ParityError, UnsupportedModelError, UsageError, one_line
 from otbr_onnx.layers import WeightLayer, find_weight_layers, from_rows, to_rows
+from otbr_onnx.bridge import convert, weight_refs
 from otbr_onnx.load import Limits, LoadedModel, load_model, load_proto
 from otbr_onnx.ties import FOLLOWER, SOURCE, ChannelTies, analyse
 from otbr_onnx.clp import clp_masks
@@ -172,10 +174,10 @@ def clean(
         module = convert(loaded.proto)
         refs = weight_refs(module, loaded.proto, layers)
     with timer.stage("conversion_parity"):
-        providers = parity.providers(options.ort_provider)
-        session = parity.session(loaded.proto, providers)
-        probe = parity.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
-        before_ort = parity.run_ort(session, loaded.input_name, loaded.output_name, probe)
+        providers = bridge.providers(options.ort_provider)
+        session = runtime.session(loaded.proto, providers)
+        probe = runtime.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
+        before_ort = runtime.run(session, loaded.input_name, loaded.output_name, probe)
         before = parity.compare(before_ort, _first_torch_run(module, probe, loaded.output_index))
         if not before.ok:
             raise UnsupportedModelError(
@@ -238,10 +240,10 @@ def clean(
     with timer.stage("output_parity"):
         for name, value in new_weights.items():
             refs[name].write(module, value)
-        after_session = parity.session(cleaned, providers)
+        after_session = runtime.session(cleaned, providers)
         after = parity.compare(
-            parity.run_ort(after_session, loaded.input_name, loaded.output_name, probe),
-            parity.run_torch(module, probe, loaded.output_index),
+            runtime.run(after_session, loaded.input_name, loaded.output_name, probe),
+            run_torch(module, probe, loaded.output_index),
         )
         if not after.ok:
             raise ParityError(
@@ -333,7 +335,7 @@ def _legacy_calibration(selection: dict | None) -> dict | None:
 
 def _class_scores(module, x: np.ndarray, output_index: int) -> np.ndarray:
     """The module's class output on ``x`` as an (N, classes) array, 256 images at a time."""
-    batches = [parity.run_torch(module, x[start:start + 256], output_index) for start in range(0, len(x), 256)]
+    batches = [run_torch(module, x[start:start + 256], output_index) for start in range(0, len(x), 256)]
     return np.concatenate([b.reshape(len(b), -1) for b in batches])
 
 
@@ -397,7 +399,7 @@ def _nwc(layers, ties, backdoored, unlearned) -> dict[int, np.ndarray]:
 def _first_torch_run(module, probe: np.ndarray, output_index: int) -> np.ndarray:
     """The converted module's first forward pass; a crash there is a conversion problem."""
     try:
-        return parity.run_torch(module, probe, output_index)
+        return run_torch(module, probe, output_index)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         raise UnsupportedModelError(
             f"the converted PyTorch model fails to run: {one_line(error, type(error).__name__)}"

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from converters.to_torch import TorchTensorRef
+from otbr_onnx.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,6 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        from otbr_onnx.errors import UsageError
-
         raise UsageError("--device cuda was requested but torch sees no CUDA device")
     return requested
 

@@ -15,7 +15,7 @@ import onnx
 from google.protobuf.message import Message
 from onnx import numpy_helper
 
-from converters import parity
+from converters import runtime
 
 VALUE_FIELDS = {"raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data"}
 
@@ -94,10 +94,10 @@ def verify(original: onnx.ModelProto, cleaned: onnx.ModelProto, input_name: str,
     if difference is not None:
         return result
     result.moved = movement(original, cleaned)
-    x = parity.random_inputs(input_shape, samples, seed, *input_range)
+    x = runtime.random_inputs(input_shape, samples, seed, *input_range)
     out_name = original.graph.output[0].name
-    a = parity.run_ort(parity.session(original), input_name, out_name, x)
-    b = parity.run_ort(parity.session(cleaned), input_name, out_name, x)
+    a = runtime.run(runtime.session(original), input_name, out_name, x)
+    b = runtime.run(runtime.session(cleaned), input_name, out_name, x)
     flat_a, flat_b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     result.top1_agreement = float(np.mean(flat_a.argmax(1) == flat_b.argmax(1)))
     result.max_abs_logit_diff = float(np.max(np.abs(flat_a - flat_b)))

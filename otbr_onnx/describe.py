@@ -40,7 +40,7 @@ def describe(path: str | Path, input_shape: tuple[int, ...] | None = None, outpu
         check_convertible(proto)
         if not layers:
             raise OtbrError("no weight layer to clean")
-        ties = analyse(proto, layers, loaded.input_name, loaded.input_shape)
+        ties = analyse(proto, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
     except OtbrError as error:
         info["verdict"] = f"clean would refuse: {error}"
         return info

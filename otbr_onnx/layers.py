@@ -147,11 +147,12 @@ def _refuse_constant_weights(skipped: list[SkippedLayer]) -> None:
         )
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
+def node_attr(node: onnx.NodeProto, name: str, default):
+    """The value of attribute ``name`` of ``node``, or ``default`` where it is absent."""
+    try:
+        return onnx.helper.get_node_attr_value(node, name)
+    except ValueError:  # absent (or, in a graph the checker would refuse, given twice)
+        return default
 
 
 def _float_init(inits: dict, name: str) -> TensorProto | None:
@@ -201,7 +202,7 @@ def _describe_conv(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer
     dims, bias = found
     return WeightLayer(
         node_index=index, node_name=node.name, op_type="Conv", weight=node.input[1], bias=bias,
-        layout=CONV, out_channels=dims[0], in_channels=dims[1], groups=int(_attr(node, "group", 1)), data_input=0,
+        layout=CONV, out_channels=dims[0], in_channels=dims[1], groups=int(node_attr(node, "group", 1)), data_input=0,
         kernel=tuple(dims[2:]),
     )
 
@@ -210,7 +211,7 @@ def _describe_conv_transpose(index: int, node: onnx.NodeProto, inits: dict) -> W
     """ConvTranspose: weight ``[C_in, C_out / groups, *k]``, so its neurons are axis 1."""
     if len(node.input) < 2 or _float_init(inits, node.input[1]) is None:
         return SkippedLayer(node.name, node.op_type, "weight is not a float32 initializer")
-    groups = int(_attr(node, "group", 1))
+    groups = int(node_attr(node, "group", 1))
     if groups != 1:
         # with groups the neurons of group g are axis 1 of rows g*C_in/g.. only: not one matrix
         return SkippedLayer(node.name, node.op_type, f"grouped ConvTranspose (group={groups}) is not supported")
@@ -227,10 +228,10 @@ def _describe_conv_transpose(index: int, node: onnx.NodeProto, inits: dict) -> W
 def _describe_gemm(index: int, node: onnx.NodeProto, inits: dict) -> WeightLayer | SkippedLayer | None:
     if _float_init(inits, node.input[1]) is None:
         return None  # activation x activation: not a weight layer
-    if _attr(node, "transA", 0):
+    if node_attr(node, "transA", 0):
         return SkippedLayer(node.name, node.op_type, "transA=1 is not supported")
     dims = list(inits[node.input[1]].dims)
-    trans_b = bool(_attr(node, "transB", 0))
+    trans_b = bool(node_attr(node, "transB", 0))
     out_channels, in_channels = (dims[0], dims[1]) if trans_b else (dims[1], dims[0])
     bias_input = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if bias_input is not None and bias_input not in inits:

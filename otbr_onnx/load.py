@@ -15,6 +15,7 @@ size (3); logits computed from that input (3); and one onnxruntime run on a rand
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -74,6 +75,14 @@ class LoadedModel:
     output_index: int
     output_is_probability: bool
     opset: int
+
+    @functools.cached_property
+    def shapes(self) -> dict[str, list[int]]:
+        """Static shape of every value at batch 2 (``otbr_onnx.shapes.static_shapes``),
+        computed on first use and then shared by every stage that asks."""
+        from otbr_onnx.shapes import static_shapes
+
+        return static_shapes(self.proto, self.input_name, self.input_shape)
 
 
 def sha256_file(path: Path) -> str:

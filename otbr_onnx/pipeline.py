@@ -169,7 +169,7 @@ def clean(
                 "no weight layer to clean (Conv, Gemm or MatMul with a constant float32 weight)"
             )
         _check_noise_budget(loaded, options)
-        ties = analyse(loaded.proto, layers, loaded.input_name, loaded.input_shape)
+        ties = analyse(loaded.proto, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
     with timer.stage("convert"):
         module = convert(loaded.proto)
         refs = weight_refs(module, loaded.proto, layers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 
 _VALUE_FIELDS = ("raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data")
@@ -29,10 +29,11 @@ def write_back(original: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onn
         raise KeyError(f"no initializer named {missing[0]!r}")
     for name, value in weights.items():
         tensor = by_name[name]
-        old = numpy_helper.to_array(tensor)
-        if tuple(value.shape) != old.shape:
-            raise ValueError(f"initializer {name!r}: new shape {value.shape} != {old.shape}")
-        raw = numpy_helper.from_array(np.ascontiguousarray(value.astype(old.dtype, copy=False)), name).raw_data
+        shape = tuple(tensor.dims)  # dims and dtype from the proto: the old values are not decoded
+        if tuple(value.shape) != shape:
+            raise ValueError(f"initializer {name!r}: new shape {value.shape} != {shape}")
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        raw = numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype, copy=False)), name).raw_data
         for field in _VALUE_FIELDS:  # keep name, dims, dtype, doc string: only the values change
             tensor.ClearField(field)
         tensor.raw_data = raw

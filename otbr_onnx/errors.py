@@ -5,15 +5,8 @@ else escaping the pipeline is a bug and is reported as an internal error (exit 1
 """
 
 
-MAX_MESSAGE_CHARS = 300
-
-
-def one_line(error: BaseException, fallback: str = "", limit: int | None = MAX_MESSAGE_CHARS) -> str:
-    """The error's text on one line (library messages often span several), capped at ``limit``."""
-    text = " ".join(str(error).split()) or fallback
-    if limit is None or len(text) <= limit:
-        return text
-    return text[: limit - 3] + "..."
+# one formatter for both packages; converters cannot import this module, so it lives there
+from converters.errors import MAX_MESSAGE_CHARS, one_line  # noqa: F401
 
 
 class OtbrError(Exception):

@@ -1,35 +1,31 @@
-"""Defense benchmark: OTBR (data-free defaults) against its oracle, the published settings, prune-only and CLP.
+"""Defense benchmark: the scan's detection, then the data-free default against its oracle, the
+published settings, prune-only and CLP.
 
-Trains small backdoored Fashion-MNIST classifiers (3 architectures, plus the PreAct one at twice
-the width, x 5 BackdoorBench-style attacks, all-to-one, target 0, 10% poisoning, SIG clean-label)
-plus one clean model per architecture,
-exports each to ONNX (legacy exporter, opset 17, as models/make_demo.py), cleans each with every
-method and writes a markdown table of ACC / ASR / DER before and after.
+Models come from benchmarks/backdoored.py (trained once, cached in benchmarks/cache/, gitignored):
+4 small architectures x 5 BackdoorBench-style attacks (all-to-one, target 0, 10% poisoning, SIG
+clean-label) plus a clean model each, PreAct-ResNet18 at full width (clean, BadNets, Blended),
+and a BadNets model whose target is class 3. Each is scanned once (``otbr_onnx.scan.detect``),
+then cleaned by every method from that shared preparation and scan (``clean_prepared``: the
+same stages as ``otbr-onnx clean``); the tables give ACC / ASR / DER before and after.
 
-Run from the repository root (trained models are cached in benchmarks/cache/, gitignored):
+Run from the repository root:
 
     nice -n 10 .venv/bin/python benchmarks/defense.py --out benchmarks/RESULTS.md --json benchmarks/results.json
+    nice -n 10 .venv/bin/python benchmarks/defense.py --quick --out /tmp/RESULTS.md   # preact badnets + clean
 
-benchmarks/RESULTS.md holds all 24 models; it was written by the same run with an explicit order
-(`--models preact:clean vgg:clean mobilenetv2:clean preact-x2:clean preact:badnets ... preact-x2:wanet`,
-see its header), which only changes the row order. Smoke run (preact x badnets plus the clean preact):
-
-    nice -n 10 .venv/bin/python benchmarks/defense.py --quick --out /tmp/RESULTS.md
-
-Needs Debian's dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`). Measured on 2 CPU
-cores shared with other jobs: training takes 0.5-5 minutes per model depending on the load
-(MobileNetV2 up to 9: torch's depthwise convs are slow on CPU), about 45 minutes for all 24 models
-from an empty cache; the defenses and evaluation take under a minute per model (random
-unlearning is memoised across the cleans that share it), about 5 minutes for all 24.
+Needs Debian's dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`). Training the
+models from an empty cache takes about 45 minutes on 2 CPU cores for the small ones and hours for
+PreAct-ResNet18; `python benchmarks/backdoored.py --device cuda` trains them all in two minutes
+on a GPU and the cache can be copied over.
 
 Methods (see shared/method.md):
-- otbr: `CleanOptions()` -- the data-free defaults, whatever they are at run time (gamma chosen
-  per model by the ratio scan on synthesised probes; a refusal is scored as the unchanged model).
-- otbr-oracle: the reference's per-gamma sweep, picked WITH TEST DATA (best DER over
-  GAMMAS, default options otherwise). An upper bound, not a data-free result.
-- otbr-reference: `CleanOptions.published(prune_ratio=0.05)`.
-- prune-only: stage 1 alone, with the same data-free ratio scan; clp: the data-free CLP baseline.
-- The last table compares the ratio rule with every fixed gamma of the oracle's sweep.
+- otbr: `CleanOptions()`, the data-free default: scan; nothing suspected -> model unchanged;
+  suspected class t -> activation-guided pruning + OT fusion at the smallest candidate gamma whose
+  rescan no longer flags t within the probe fidelity budget, else refused (scored as unchanged).
+- otbr-oracle: a gamma sweep over GAMMAS (every model cleaned, default ranking), the best DER
+  picked WITH TEST DATA. An upper bound, not a data-free result.
+- otbr-reference: `CleanOptions.published(prune_ratio=0.05)` (random-noise NWC, no scan).
+- prune-only: the default without the fusion; clp: the data-free CLP baseline on every model.
 """
 
 from __future__ import annotations
@@ -37,13 +33,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import hashlib
-import io
 import json
 import platform
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -51,7 +44,6 @@ from typing import Callable
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 # Run as a script, sys.path holds only benchmarks/: add the repo root and models/ for the imports.
@@ -59,13 +51,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "models")]
 
 import onnxruntime  # noqa: E402
 
-from architectures import build  # noqa: E402
-from otbr_onnx import CleanOptions, OtbrError, clean  # noqa: E402
+from otbr_onnx import CleanOptions, OtbrError  # noqa: E402
 from otbr_onnx.errors import FidelityBudgetError  # noqa: E402
-from otbr_onnx import pipeline as otbr_pipeline  # noqa: E402
+from otbr_onnx.pipeline import clean_prepared  # noqa: E402
+from otbr_onnx.prepare import PreparedModel, prepare  # noqa: E402
+from otbr_onnx.scan import ScanResult, detect  # noqa: E402
 from otbr_onnx.evaluate import Metrics, der, evaluate  # noqa: E402
 from benchmarks.backdoored import (  # noqa: E402
-    ARCHS, ATTACKS, DEFAULT_TRAIN, POISON_RATIO, SEED, Data, all_models, get_model, load_data, parse_model,
+    ARCHS, ATTACKS, DEFAULT_TRAIN, EVAL_CLEAN, POISON_RATIO, SEED, Data, all_models, get_model, load_data, parse_model,
     poisoned_eval_set, target_of,
 )
 
@@ -90,54 +83,20 @@ def measure_before(model: onnx.ModelProto, data: Data, attack: str) -> tuple[tup
 # ----------------------------------------------------------------------------------------------
 
 
-# Options that only steer pruning/fusion/CLP, not random unlearning; every other field keys the memo.
-_NOT_UNLEARNING = {"prune_ratio", "method", "fusion_lambda", "clp_u", "aligned_cost", "fuse_head", "nwc_power",
-                   "nwc_scale", "max_disagreement", "probes", "calibration", "max_acc_drop"}
+@dataclass
+class Detection:
+    """The scan of one model: what every method's clean starts from (one scan per model)."""
 
+    target: int | None  # the attack's target (None: a clean model)
+    suspected: list[int]
+    z: list[float]
+    margins: list[float]
+    seconds: float
 
-class UnlearningMemo:
-    """Reuses random unlearning across cleans that differ only in pruning/fusion options.
-
-    Unlearning is deterministic given the model and its options, and it dominates the run time
-    (the oracle's 6 gammas and prune-only share one). Cleans served from the memo are charged the
-    original unlearning time so the reported seconds are those of a stand-alone clean.
-    """
-
-    def __init__(self) -> None:
-        self.original = getattr(otbr_pipeline, "_unlearn", None)
-        self.store: dict[str, tuple[object, float]] = {}
-        self.charged = 0.0  # seconds of unlearning saved during the current clean
-
-    def __enter__(self) -> "UnlearningMemo":
-        if self.original is not None:
-            otbr_pipeline._unlearn = self._unlearn
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.original is not None:
-            otbr_pipeline._unlearn = self.original
-
-    def _unlearn(self, *args, **kwargs):
-        # The pipeline's private signature: (module, refs, layers, loaded, num_classes, device, options, progress).
-        # If it ever changes, stop memoising rather than guess what the arguments mean.
-        loaded, options = (args[3], args[6]) if len(args) == 8 and not kwargs else (None, None)
-        if not isinstance(options, CleanOptions) or not hasattr(loaded, "proto"):
-            return self.original(*args, **kwargs)
-        key = self._key(loaded.proto, options)
-        if key not in self.store:
-            began = time.perf_counter()
-            result = self.original(*args)
-            self.store[key] = (copy.deepcopy(result), time.perf_counter() - began)
-            return result
-        result, seconds = self.store[key]
-        self.charged += seconds
-        return copy.deepcopy(result)
-
-    @staticmethod
-    def _key(proto: onnx.ModelProto, options: CleanOptions) -> str:
-        relevant = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in _NOT_UNLEARNING}
-        model_hash = hashlib.sha1(proto.SerializeToString(deterministic=True)).hexdigest()
-        return model_hash + repr(sorted(relevant.items()))
+    @property
+    def correct(self) -> bool:
+        """Backdoored: flagged with its true target first. Clean: nothing flagged."""
+        return self.suspected[:1] == [self.target] if self.target is not None else not self.suspected
 
 
 @dataclass
@@ -151,31 +110,32 @@ class Outcome:
     seconds: float | None = None
     gamma: float | None = None
     error: str | None = None
-    refused: str | None = None  # clean refused (fidelity budget): scored as the unchanged model
-    tried: int | None = None  # candidate ratios the data-free scan fused and scored
+    refused: str | None = None  # clean refused: scored as the unchanged model
+    unchanged: bool = False  # the scan found nothing and the model was handed back as it was
+    tried: int | None = None  # candidate ratios the data-free rule pruned, fused and checked
     sweep: list[dict] = field(default_factory=list)
 
 
-def run_clean(model: onnx.ModelProto, options: CleanOptions, sets: tuple, before: Metrics,
-              memo: UnlearningMemo) -> Outcome:
-    """Clean once and measure. Library errors are recorded, not raised: one failure must not end the run."""
-    memo.charged = 0.0
+def run_clean(prepared: PreparedModel, detection: ScanResult | None, scan_seconds: float, options: CleanOptions,
+              sets: tuple, before: Metrics, target: int) -> Outcome:
+    """Clean once (from the shared preparation and scan) and measure. Library errors are recorded,
+    not raised: one failure must not end the run. Seconds include the scan's, as a stand-alone clean."""
     began = time.perf_counter()
     try:
-        result = clean(model, options)
+        result = clean_prepared(prepared, options, detection if options.scans else None)
     except FidelityBudgetError as error:
         # The user keeps the model they had (and is told why): score it as unchanged, never skip it.
         unchanged = 50.0 if before.asr is not None else None
-        seconds = time.perf_counter() - began + memo.charged
+        seconds = time.perf_counter() - began + (scan_seconds if options.scans else 0.0)
         return Outcome(before.acc, before.asr, before.ra, unchanged, round(seconds, 2), None, refused=str(error))
     except OtbrError as error:
         return Outcome(error=f"{type(error).__name__}: {error}", gamma=options.prune_ratio)
-    seconds = time.perf_counter() - began + memo.charged
-    after = evaluate(result.model, sets[0], sets[1], TARGET)
+    seconds = time.perf_counter() - began + (scan_seconds if options.scans else 0.0)
+    after = evaluate(result.model, sets[0], sets[1], target) if result.changed else before
     rating = der(before, after)
-    selection = result.report["ratio_selection"]
+    selection = result.report.get("ratio_selection")
     return Outcome(after.acc, after.asr, after.ra, None if rating is None else 100.0 * rating,
-                   round(seconds, 2), result.report["pruning"]["ratio"],
+                   round(seconds, 2), (result.report.get("pruning") or {}).get("ratio"), unchanged=not result.changed,
                    tried=None if selection is None else len(selection["trials"]))
 
 
@@ -186,24 +146,39 @@ def score(outcome: Outcome, before: Metrics) -> float:
     return outcome.der if outcome.der is not None else outcome.acc - before.acc
 
 
-def run_oracle(model: onnx.ModelProto, sets: tuple, before: Metrics, memo: UnlearningMemo) -> Outcome:
-    """Best of the gamma sweep, chosen with the TEST set: an upper bound, not a data-free result."""
-    sweep = [run_clean(model, replace(CleanOptions(), prune_ratio=g), sets, before, memo) for g in GAMMAS]
+def run_oracle(prepared: PreparedModel, detection: ScanResult, scan_seconds: float, sets: tuple, before: Metrics,
+               target: int) -> Outcome:
+    """Best of the gamma sweep, chosen with the TEST set: an upper bound, not a data-free result.
+    Every model is cleaned (``always``), with the default ranking."""
+    sweep = [run_clean(prepared, detection, scan_seconds, replace(CleanOptions(), prune_ratio=g, always=True), sets,
+                       before, target) for g in GAMMAS]
     best = copy.copy(max(sweep, key=lambda o: score(o, before)))
-    best.seconds = round(sum(o.seconds or 0.0 for o in sweep), 2)  # the whole sweep
+    best.seconds = round(sum(o.seconds or 0.0 for o in sweep) - (len(sweep) - 1) * scan_seconds, 2)  # one scan
     best.sweep = [{k: v for k, v in asdict(o).items() if k != "sweep"} for o in sweep]
     return best
 
 
-def defend(model: onnx.ModelProto, sets: tuple, before: Metrics, memo: UnlearningMemo) -> dict[str, Outcome]:
-    """Every method of METHODS on one model."""
-    return {
-        "otbr": run_clean(model, CleanOptions(), sets, before, memo),
-        "otbr-oracle": run_oracle(model, sets, before, memo),
-        "otbr-reference": run_clean(model, CleanOptions.published(prune_ratio=0.05), sets, before, memo),
-        "prune-only": run_clean(model, CleanOptions(method="prune-only"), sets, before, memo),
-        "clp": run_clean(model, CleanOptions(method="clp"), sets, before, memo),
+def defend(model: onnx.ModelProto, sets: tuple, before: Metrics, target: int | None) -> tuple[Detection, dict[str, Outcome]]:
+    """The scan, then every method of METHODS on one model."""
+    defaults = CleanOptions()
+    prepared = prepare(model, defaults)
+    began = time.perf_counter()
+    detection = detect(prepared, defaults)
+    seconds = time.perf_counter() - began
+    goal = target if target is not None else 0
+    found = Detection(target, detection.suspected, [round(float(v), 3) for v in detection.z],
+                      [round(float(v), 3) for v in detection.margins], round(seconds, 2))
+    runs = {
+        "otbr": lambda: run_clean(prepared, detection, seconds, defaults, sets, before, goal),
+        "otbr-oracle": lambda: run_oracle(prepared, detection, seconds, sets, before, goal),
+        "otbr-reference": lambda: run_clean(prepared, None, 0.0, CleanOptions.published(prune_ratio=0.05), sets,
+                                            before, goal),
+        "prune-only": lambda: run_clean(prepared, detection, seconds, CleanOptions(method="prune-only"), sets,
+                                        before, goal),
+        "clp": lambda: run_clean(prepared, detection, seconds, CleanOptions(method="clp", always=True), sets, before,
+                                 goal),
     }
+    return found, {method: runs[method]() for method in METHODS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +192,7 @@ class Row:
     attack: str
     train: dict
     before: dict
+    detection: Detection
     outcomes: dict[str, Outcome]
 
     @property
@@ -300,6 +276,8 @@ def _cell(outcome: Outcome, show_gamma: bool = False) -> str:
         return "error"
     if outcome.refused is not None:
         return "refused"
+    if outcome.unchanged:
+        return "unchanged"
     text = f"{_fmt(outcome.acc)} / {_fmt(outcome.asr)} / {_fmt(outcome.der)}"
     return text + (f" (γ={outcome.gamma:g})" if show_gamma and outcome.gamma is not None else "")
 
@@ -340,6 +318,7 @@ def render(rows: list[Row], command: str, timing: dict, complete: bool) -> str:
     ]
     for name, measured, met in targets(summary):
         out.append(f"| {name} | {measured} | {'n/a' if met is None else 'met' if met else 'NOT met'} |")
+    out += detection_section(rows)
     out += ["", "## Per model: ACC / ASR / DER after each defense (%)", "",
             "| model | before ACC / ASR | " + " | ".join(METHODS) + " |",
             "| --- | --- |" + " --- |" * len(METHODS)]
@@ -394,14 +373,43 @@ def render(rows: list[Row], command: str, timing: dict, complete: bool) -> str:
         out += ["", "## Errors and refusals", ""] + [f"- {r.arch} {r.attack} {m}: {e}" for r, m, e in errors]
     out += ["", "Architectures: " + "; ".join(f"{k} = {v.registry} {dict(v.kwargs)}" for k, v in ARCHS.items()),
             f"Training: Adam + one-cycle (peak lr {DEFAULT_TRAIN.lr}), batch {DEFAULT_TRAIN.batch_size}, "
-            f"{DEFAULT_TRAIN.train_samples} random training images, seed {SEED}, no augmentation; target {TARGET}, "
+            f"{DEFAULT_TRAIN.train_samples} random training images, seed {SEED}, no augmentation; target 0 (badnets-t3: 3), "
             f"poisoning ratio {POISON_RATIO} (SIG: clean-label, target-class images only).", ""]
     return "\n".join(out)
 
 
+def detection_section(rows: list[Row]) -> list[str]:
+    """The scan on every model: detection rate, false alarms, the z of the target, time."""
+    backdoored = [r for r in rows if r.backdoored]
+    clean = [r for r in rows if not r.backdoored]
+    hits = sum(r.detection.correct for r in backdoored)
+    alarms = sum(bool(r.detection.suspected) for r in clean)
+    out = ["", "## Detection: `otbr-onnx scan` on every model", "",
+           f"- Backdoored models flagged with their true target first: **{hits} of {len(backdoored)}**; "
+           f"clean models flagged (false alarms): **{alarms} of {len(clean)}**; threshold robust z > "
+           f"{CleanOptions().scan_threshold:g}.",
+           f"- Largest z on a clean model: {_fmt(max((max(r.detection.z) for r in clean), default=None), 2)}; "
+           f"smallest z of a detected target: "
+           f"{_fmt(min((r.detection.z[r.detection.target] for r in backdoored if r.detection.correct), default=None), 2)}.",
+           f"- Mean scan time: {_fmt(_mean([r.detection.seconds for r in rows]), 1)} s "
+           f"(2 CPU cores, {CleanOptions().scan_starts} starts x {CleanOptions().scan_steps} steps per class).", "",
+           "| model | target | flagged | z of target | largest z (class) | scan s |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        d = r.detection
+        top = int(np.argmax(d.z))
+        ok = "yes" if d.correct else "**no**"
+        out.append(f"| {r.arch} {r.attack} | {'-' if d.target is None else d.target} | {d.suspected or 'none'} ({ok}) | "
+                   f"{'-' if d.target is None else _fmt(d.z[d.target], 2)} | {_fmt(d.z[top], 2)} ({top}) | {_fmt(d.seconds)} |")
+    by_attack: dict[str, list[bool]] = {}
+    for r in backdoored:
+        by_attack.setdefault(r.attack, []).append(r.detection.correct)
+    out += ["", "Detected per attack: " + "; ".join(f"{a} {sum(v)}/{len(v)}" for a, v in by_attack.items()) + "."]
+    return out
+
+
 def to_json(rows: list[Row], timing: dict) -> dict:
     return {"timing": timing, "summary": summarise(rows), "rows": [
-        {"arch": r.arch, "attack": r.attack, "train": r.train, "before": r.before,
+        {"arch": r.arch, "attack": r.attack, "train": r.train, "before": r.before, "detection": asdict(r.detection),
          "outcomes": {m: asdict(o) for m, o in r.outcomes.items()}} for r in rows]}
 
 
@@ -412,31 +420,20 @@ def to_json(rows: list[Row], timing: dict) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archs", nargs="+", choices=sorted(ARCHS), default=list(ARCHS))
-    attacks = [a for a in ATTACKS if a != "clean"]
-    parser.add_argument("--attacks", nargs="+", choices=attacks, default=attacks)
-    parser.add_argument("--no-clean-models", action="store_true", help="skip the clean model of each architecture")
     parser.add_argument("--quick", action="store_true", help="smoke run: preact x badnets plus the clean preact")
     parser.add_argument("--models", nargs="+", metavar="ARCH:ATTACK", default=None,
-                        help="explicit models in this order (e.g. vgg:clean preact:wanet); overrides --archs/--attacks")
+                        help="these models in this order (e.g. vgg:clean preact:wanet); default: all of them")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write every number as JSON here")
     return parser.parse_args()
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(arch, attack) pairs, attack by attack (clean models first, WaNet, the slowest, last), so that an
+    """(arch, attack) pairs: clean models first, WaNet and the full-width models last, so that an
     interrupted run still covers every architecture."""
-    if args.models:
-        pairs = [tuple(item.split(":", 1)) for item in args.models]
-        unknown = [f"{a}:{b}" for a, b in pairs if a not in ARCHS or b not in ATTACKS]
-        if unknown:
-            raise SystemExit(f"unknown ARCH:ATTACK {unknown}; archs {sorted(ARCHS)}, attacks {sorted(ATTACKS)}")
-        return pairs
-    archs, attacks = (["preact"], ["badnets"]) if args.quick else (args.archs, args.attacks)
-    prefix = [] if args.no_clean_models else ["clean"]
-    ordered = prefix + sorted(attacks, key=lambda a: a == "wanet")
-    return [(arch, attack) for attack in ordered for arch in archs]
+    if args.quick:
+        return [("preact", "clean"), ("preact", "badnets")]
+    return [parse_model(name) for name in (args.models or all_models())]
 
 
 def main() -> None:
@@ -452,21 +449,21 @@ def main() -> None:
     data = load_data(DEFAULT_TRAIN)
     pairs = plan(args)
     rows: list[Row] = []
-    with UnlearningMemo() as memo:
-        for arch, attack in pairs:
-            t0 = time.perf_counter()
-            model, info = get_model(arch, attack, data, log)
-            t1 = time.perf_counter()
-            sets, before = measure_before(model, data, attack)
-            log(f"{arch} {attack}: before ACC {before.acc:.2f} ASR {_fmt(before.asr, 2)}")
-            outcomes = defend(model, sets, before, memo)
-            timing["train"] += t1 - t0
-            timing["defend"] += time.perf_counter() - t1
-            timing["total"] = time.perf_counter() - began
-            rows.append(Row(arch, attack, info, before.as_dict(), outcomes))
-            log(f"{arch} {attack}: " + "; ".join(f"{m} {_cell(o)}" for m, o in outcomes.items()))
-            # Rewrite after every model so an interrupted run still leaves an honest partial table.
-            write(args, rows, command, timing, complete=len(rows) == len(pairs))
+    for arch, attack in pairs:
+        t0 = time.perf_counter()
+        model, info = get_model(arch, attack, data, log)
+        t1 = time.perf_counter()
+        sets, before = measure_before(model, data, attack)
+        log(f"{arch} {attack}: before ACC {before.acc:.2f} ASR {_fmt(before.asr, 2)}")
+        detection, outcomes = defend(model, sets, before, target_of(attack))
+        timing["train"] += t1 - t0
+        timing["defend"] += time.perf_counter() - t1
+        timing["total"] = time.perf_counter() - began
+        rows.append(Row(arch, attack, info, before.as_dict(), detection, outcomes))
+        log(f"{arch} {attack}: scan {detection.suspected} ({detection.seconds:.0f}s); "
+            + "; ".join(f"{m} {_cell(o)}" for m, o in outcomes.items()))
+        # Rewrite after every model so an interrupted run still leaves an honest partial table.
+        write(args, rows, command, timing, complete=len(rows) == len(pairs))
     log(f"done: {args.out}")
 
 

@@ -1,10 +1,11 @@
 """otbr-onnx: data-free backdoor removal for ONNX image classifiers (OTBR, AAAI 2025).
 
-    >>> from otbr_onnx import clean, CleanOptions
-    >>> result = clean("suspicious.onnx", CleanOptions())  # gamma chosen on synthesised probes
-    >>> onnx.save(result.model, "cleaned.onnx"); result.report["parity"]
+    >>> from otbr_onnx import clean, scan, CleanOptions
+    >>> scan("suspicious.onnx").result.suspected    # classes a backdoor is suspected to serve
+    >>> result = clean("suspicious.onnx", CleanOptions())  # scan -> locate -> remove -> rescan
+    >>> result.changed, result.report["verdict"]
 
-The pipeline (``clean``, ``CleanOptions``, ``CleanResult``) is imported on first use, for
+The pipeline (``scan``, ``clean`` and their option and result types) is imported on first use, for
 import speed only: it pulls in torch, onnx2torch and POT (about 3 s), which ``otbr-onnx
 --help``, the CLI's error handling and ``from otbr_onnx.errors import ...`` do not need.
 There is no import cycle to break (``tests/test_architecture.py`` checks that).
@@ -22,6 +23,8 @@ from otbr_onnx.errors import (
 __all__ = [
     "CleanOptions",
     "CleanResult",
+    "Experiment",
+    "ScanReport",
     "FidelityBudgetError",
     "OtbrError",
     "ParityError",
@@ -29,9 +32,10 @@ __all__ = [
     "UnsupportedModelError",
     "UsageError",
     "clean",
+    "scan",
 ]
 __version__ = "0.1.0"
-_PIPELINE = ("CleanOptions", "CleanResult", "clean")
+_PIPELINE = ("CleanOptions", "CleanResult", "Experiment", "ScanReport", "clean", "scan")
 
 
 def __getattr__(name: str):

@@ -1,7 +1,8 @@
 """Command line: a thin layer over the Python API.
 
 Exit codes: 0 ok, 1 internal error (a bug: please report), 2 bad usage or unreadable model,
-3 unsupported model (refused), 4 parity failure, 5 verify found a difference, 130 interrupted. Every error is one line on
+3 unsupported model (refused), 4 parity failure, 5 verify found a difference, 6 scan suspects a
+backdoor, 130 interrupted. Every error is one line on
 stderr; ``--debug`` adds the traceback.
 """
 
@@ -22,6 +23,8 @@ from otbr_onnx.errors import OtbrError, UsageError, one_line
 LOG = logging.getLogger("otbr_onnx")
 
 EXIT_CODES_HELP = "Exit codes: 0 ok, 2 bad usage or unreadable model, 3 unsupported model, 4 parity failure."
+# scan's verdict as an exit code, for gates: 0 nothing found, this when a human must look.
+EXIT_SUSPECTED = 6
 
 
 def _ints(text: str | None) -> tuple[int, ...] | None:
@@ -87,11 +90,85 @@ def main() -> None:
     """
 
 
+def _scan_options(command):
+    """The detection options, shared by ``scan`` and ``clean``."""
+    for decorator in reversed([
+        click.option("--scan-starts", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Random starts per class of the maximum-margin search."),
+        click.option("--scan-steps", type=click.IntRange(min=1), default=100, show_default=True,
+                     help="Adam steps per start of the maximum-margin search."),
+        click.option("--scan-threshold", type=click.FloatRange(min=0, min_open=True), default=3.5, show_default=True,
+                     help="Robust z-score (median/MAD of the other classes) above which a class's maximum "
+                          "margin flags it as a backdoor target."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@_scan_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the search runs; auto picks CUDA when torch sees a GPU.")
+@click.option("--input-shape", help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims.")
+@click.option("--output", "output_name", help="Name of the logits output when the model has several.")
+@click.option("--input-range", default="0,1", show_default=True,
+              help="Value range of the model's input (e.g. -1,1 for normalised inputs, or 0,255).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, input_shape, output_name, input_range,
+         report_path, as_json, quiet, verbose, debug) -> None:
+    """Is MODEL backdoored, and which class does the backdoor serve? Needs no data; changes nothing.
+
+    For every class the largest logit margin reachable over the input box is searched from
+    random starts (maximum-margin detection, MM-BD); a class whose margin stands out against
+    the other classes' (robust z-score above --scan-threshold) is suspected.
+
+    Exit codes: 0 no backdoor found, 6 backdoor suspected (the classes are listed), 2 bad usage
+    or unreadable model, 3 unsupported model.
+    """
+    _logging(verbose)
+    from otbr_onnx.output import atomic_write, check_output_path
+    from otbr_onnx.pipeline import CleanOptions, scan as run_scan
+    from otbr_onnx.report import margins_text
+
+    def action() -> None:
+        options = CleanOptions(scan_starts=scan_starts, scan_steps=scan_steps, scan_threshold=scan_threshold,
+                               seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
+                               input_range=_range(input_range))
+        if report_path is not None:
+            check_output_path(report_path, [model], False)
+        with _progress(quiet) as progress:
+            found = run_scan(model, options, progress, command=sys.argv[1:])
+        if report_path is not None:
+            atomic_write(report_path, json.dumps(found.report, indent=2).encode())
+        if as_json:
+            click.echo(json.dumps(found.report, indent=2))
+        elif not quiet:
+            click.echo(f"{model}: {found.report['verdict']}")
+            click.echo("\n".join(margins_text(found.report["scan"])))
+        if found.backdoor_suspected:
+            sys.exit(EXIT_SUSPECTED)
+
+    _run(debug, action)
+
+
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--iterations", type=click.IntRange(min=0), help="Random-unlearning steps.  [default: see below]")
+@click.option("--always", is_flag=True,
+              help="Clean even when the scan finds no backdoor (default: such a model is written unchanged).")
+@click.option("--ranking", type=click.Choice(["auto", "activation", "nwc"]), default="auto", show_default=True,
+              help="Neuron score: activation (how much more a neuron fires on the suspected target's "
+                   "maximum-margin inputs), nwc (the paper's weight change under random unlearning), auto "
+                   "(activation when a class is suspected, else nwc).")
+@_scan_options
+@click.option("--iterations", type=click.IntRange(min=0), help="Random-unlearning steps (nwc ranking).  [default: 20]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Noise images per unlearning step.")
 @click.option("--micro-batch", type=click.IntRange(min=1),
               help="Unlearn each noise batch in chunks of this many images: less memory; BatchNorm in "
@@ -132,10 +209,19 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iterations, batch_size, micro_batch, lr,
+def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, ranking, scan_starts, scan_steps,
+          scan_threshold, iterations, batch_size, micro_batch, lr,
           fusion_lambda, prune_ratio, method, calibration, max_acc_drop, max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
           jobs, as_json, quiet, verbose, debug) -> None:
-    """Clean MODEL and write the repaired model to OUTPUT (or many models into a folder).
+    """Scan MODEL, remove the backdoor it finds, check that it is gone, and write OUTPUT.
+
+    \b
+    1. scan: data-free maximum-margin detection (see `otbr-onnx scan`);
+       nothing suspected: OUTPUT is MODEL, byte for byte ("model unchanged"), unless --always;
+    2. rank neurons by how much more they fire on the suspected target's inputs;
+    3. prune and OT-fuse (OTBR) at the smallest candidate ratio after which a rescan no longer
+       flags the target, within the fidelity budget; none: refused (exit 3), nothing written;
+    4. write the new weights into the original graph; check parity in onnxruntime.
 
     OUTPUT is the input graph with only weight values changed (same inputs, outputs, node
     names, opset and metadata). It is written only after onnxruntime parity passes.
@@ -154,7 +240,9 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
             reference,
             {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
              "prune_ratio": prune_ratio},
-            method=method, seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
+            method=method, always=always, ranking=ranking, scan_starts=scan_starts, scan_steps=scan_steps,
+            scan_threshold=scan_threshold, seed=seed, device=device, input_shape=_ints(input_shape),
+            output_name=output_name,
             input_range=_range(input_range), micro_batch=micro_batch, ort_provider=ort_provider,
             calibration=calibration, max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes,
         )
@@ -166,24 +254,26 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
         if report_path is not None:
             check_output_path(report_path, [model, output], False)
         with _progress(quiet) as progress:
-            result = run_clean(model, options, progress)
+            result = run_clean(model, options, progress, command=sys.argv[1:])
         write_result(result, output, report_path)
         if as_json:
             click.echo(json.dumps(result.report, indent=2))
         if not quiet:
             click.echo(summary_text(result.report), err=True)
-            click.echo(f"  wrote {output}", err=True)
+            click.echo(f"  wrote {output}" + ("" if result.changed else " (the input, unchanged)"), err=True)
 
     _run(debug, action)
 
 
-def _clean_options(reference: bool, given: dict, **always):
+def _clean_options(reference: bool, given: dict, **fixed):
     """The published (``--reference``) or default settings, overridden by the options the user
-    gave (``given``: None means not given, so the base keeps its value) and by ``always``."""
+    gave (``given``: None means not given, so the base keeps its value) and by ``fixed``."""
     from otbr_onnx.pipeline import CleanOptions
 
     base = CleanOptions.published() if reference else CleanOptions()
-    return replace(base, **{k: v for k, v in given.items() if v is not None}, **always)
+    if reference:  # the published method has no scan and ranks by NWC
+        fixed = {**fixed, "always": True, "ranking": "nwc"}
+    return replace(base, **{k: v for k, v in given.items() if v is not None}, **fixed)
 
 
 def _clean_batch(inputs: list[Path], out_dir: Path, options, jobs: int, as_json: bool, quiet: bool) -> None:

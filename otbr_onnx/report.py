@@ -1,22 +1,33 @@
-"""The JSON report of one ``clean`` run, and its short human summary.
+"""The JSON reports of ``scan`` and ``clean``, assembled once from the stage results, and their
+short human summaries.
 
 The report is versioned (``schema``): pipelines parse it, so fields are only added, never
-renamed, within a major version.
+renamed, within a major version. Version 2 adds the scan, the rescan and the verdict, and
+drops version 1's ``calibration`` and ``nwc`` fields (``ratio_selection`` and ``ranking`` hold them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import platform
-import sys
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from otbr_onnx import nwc as nwc_stage
-from otbr_onnx.ties import SOURCE
+from otbr_onnx.ties import FOLLOWER, SOURCE
 
-SCHEMA = "otbr-onnx/report/1"
+if TYPE_CHECKING:
+    from converters.parity import Parity
+    from otbr_onnx.options import CleanOptions
+    from otbr_onnx.prepare import PreparedModel
+    from otbr_onnx.rank import Ranking
+    from otbr_onnx.ratio import Selection
+    from otbr_onnx.repair import Repair
+    from otbr_onnx.scan import ScanResult
+
+SCHEMA = "otbr-onnx/report/2"
+UNCHANGED = "no backdoor found by scan: model unchanged"
 
 CHANNEL_TIES = (
     "Layers whose output channels are combined elementwise (residual Add/Sub/Mul, Concat on "
@@ -38,38 +49,20 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _options(options) -> dict:
+def options_dict(options: "CleanOptions") -> dict:
     data = dataclasses.asdict(options)
     data["input_range"] = list(options.input_range)
     data["input_shape"] = list(options.input_shape) if options.input_shape else None
     return data
 
 
-def build_report(*, loaded, options, device, layers, skipped, ties, nwc, masks, record, before, after, log,
-                 seconds, num_classes, ranked) -> dict:
-    per_layer = []
-    for i, layer in enumerate(layers):
-        values = nwc.get(i)
-        per_layer.append({
-            "node": layer.label,
-            "op": layer.op_type,
-            "weight": layer.weight,
-            "neurons": layer.out_channels,
-            "role": ties.roles[i],
-            "group": ties.groups[i],
-            "plan": _plan_of(i, ties, record),
-            "ranked": i in ranked,
-            "pruned": int(masks[i].sum()) if i in masks else 0,
-            "pruned_neurons": np.flatnonzero(masks[i]).tolist() if i in masks else [],
-            "fused": i in record.fused,
-            "nwc_mean": float(values.mean()) if values is not None else None,
-            "nwc_max": float(values.max()) if values is not None else None,
-        })
+def _header(prepared: "PreparedModel", options: "CleanOptions", command: list[str] | None) -> dict:
+    loaded = prepared.loaded
     return {
         "schema": SCHEMA,
         "tool": "otbr-onnx",
         "versions": versions(),
-        "command": sys.argv[1:] if sys.argv else [],
+        "command": list(command or []),
         "input": {
             "path": str(loaded.path) if loaded.path else None,
             "sha256": loaded.sha256,
@@ -78,60 +71,157 @@ def build_report(*, loaded, options, device, layers, skipped, ties, nwc, masks, 
             "output_name": loaded.output_name,
             "output_is_probability": loaded.output_is_probability,
             "opset": loaded.opset,
-            "classes": num_classes,
+            "classes": prepared.num_classes,
         },
+        "options": options_dict(options),
+        "device": prepared.device,
+    }
+
+
+def scan_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult",
+                seconds: dict[str, float], command: list[str] | None) -> dict:
+    """The report of ``otbr-onnx scan``."""
+    return {**_header(prepared, options, command), "verdict": scan_verdict(detection),
+            "scan": detection.as_dict(), "seconds": seconds}
+
+
+def unchanged_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult",
+                     seconds: dict[str, float], command: list[str] | None) -> dict:
+    """The report of a ``clean`` that found nothing and hands the model back unchanged."""
+    return {**_header(prepared, options, command), "output": {"path": None, "sha256": None},
+            "verdict": UNCHANGED, "changed": False, "scan": detection.as_dict(), "rescan": None,
+            "parity": {"conversion": prepared.conversion_parity.as_dict(), "output": None}, "seconds": seconds}
+
+
+def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult | None",
+                 ranking: "Ranking", selection: "Selection | None", chosen: "Repair", rescan: "ScanResult | None",
+                 after: "Parity", seconds: dict[str, float], command: list[str] | None) -> dict:
+    """The report of a ``clean`` that changed the model."""
+    layers, ties = prepared.layers, prepared.ties
+    ranked = set(ranking.ranked)
+    per_layer = []
+    for i, layer in enumerate(layers):
+        values = ranking.scores.get(i)
+        mask = chosen.masks.get(i)
+        per_layer.append({
+            "node": layer.label,
+            "op": layer.op_type,
+            "weight": layer.weight,
+            "neurons": layer.out_channels,
+            "role": str(ties.roles[i]),
+            "group": ties.groups[i],
+            "plan": _plan_of(i, ties, chosen),
+            "ranked": i in ranked,
+            "pruned": int(mask.sum()) if mask is not None else 0,
+            "pruned_neurons": np.flatnonzero(mask).tolist() if mask is not None else [],
+            "fused": i in chosen.record.fused,
+            "score_mean": float(values.mean()) if values is not None and values.size else None,
+            "score_max": float(values.max()) if values is not None and values.size else None,
+        })
+    log = ranking.unlearning
+    return {
+        **_header(prepared, options, command),
         "output": {"path": None, "sha256": None},
-        "options": _options(options),
-        "device": device,
+        "verdict": clean_verdict(detection, rescan, options),
+        "changed": True,
+        "scan": detection.as_dict() if detection is not None else None,
+        "rescan": rescan.as_dict() if rescan is not None else None,
+        "ranking": {"source": ranking.source, "target": ranking.target,
+                    "summary": _summary({i: ranking.scores[i] for i in ranking.ranked if i in ranking.scores})},
         "layers": per_layer,
-        "skipped_layers": [dataclasses.asdict(s) for s in skipped],
+        "skipped_layers": [dataclasses.asdict(s) for s in prepared.skipped],
         "channel_ties": {
             "how": CHANNEL_TIES,
             "groups": {str(g): [layers[i].label for i in m] for g, m in ties.tied_groups().items()},
             "pinned": {layers[i].label: reason for i, reason in sorted(ties.pin_reasons.items())},
         },
-        "nwc": nwc_stage.summary({i: nwc[i] for i in ranked if i in nwc}),
         "pruning": {
-            "ratio": options.prune_ratio,
-            "ranked_neurons": int(sum(layers[i].out_channels for i in ranked)),
-            "pruned_neurons": int(sum(int(m.sum()) for m in masks.values())),
+            "ratio": chosen.ratio,
+            "ranked_neurons": int(sum(layers[i].out_channels for i in ranking.ranked)),
+            "pruned_neurons": chosen.pruned,
         },
         "fusion": {
-            "lambda": options.fusion_lambda,
-            "fused_layers": [layers[i].label for i in record.fused],
-            "plans": {str(g): p for g, p in record.plans.items()},
+            "lambda": options.fusion_lambda if options.method == "otbr" else None,
+            "fused_layers": [layers[i].label for i in chosen.record.fused],
+            "plans": {str(g): p for g, p in chosen.record.plans.items()},
         },
-        "unlearning": {"loss_first": log.losses[0] if log.losses else None,
-                       "loss_last": log.losses[-1] if log.losses else None,
-                       "steps": len(log.losses), "stopped_early": log.stopped_early},
-        "parity": {"conversion": before.as_dict(), "output": after.as_dict()},
+        "unlearning": None if log is None else {
+            "loss_first": log.losses[0] if log.losses else None, "loss_last": log.losses[-1] if log.losses else None,
+            "steps": len(log.losses), "stopped_early": log.stopped_early},
+        "ratio_selection": selection.as_dict() if selection is not None else None,
+        "parity": {"conversion": prepared.conversion_parity.as_dict(), "output": after.as_dict()},
         "seconds": seconds,
     }
 
 
-def _plan_of(i: int, ties, record) -> str:
-    if ties.roles[i] == "follower":
+def scan_verdict(detection: "ScanResult") -> str:
+    if not detection.suspected:
+        return "no backdoor found"
+    classes = ", ".join(str(c) for c in detection.suspected)
+    return f"backdoor suspected: target class {classes}"
+
+
+def clean_verdict(detection: "ScanResult | None", rescan: "ScanResult | None", options: "CleanOptions") -> str:
+    if detection is None:
+        return "cleaned with the published method (no scan)"
+    if not detection.suspected:
+        return "no backdoor found by scan: cleaned anyway (--always)"
+    target = detection.suspected[0]
+    if rescan is not None and target in rescan.suspected:  # only with a fixed --prune-ratio: the rule refuses
+        return f"backdoor suspected (class {target}): the rescan still flags it at --prune-ratio {options.prune_ratio}"
+    return f"backdoor suspected (class {target}): removed, the rescan no longer flags it"
+
+
+def _plan_of(i: int, ties, chosen: "Repair") -> str:
+    if ties.roles[i] == FOLLOWER:
         return "follows input"
-    return record.plans.get(ties.groups[i], "not fused" if ties.roles[i] == SOURCE else "identity")
+    return chosen.record.plans.get(ties.groups[i], "not fused" if ties.roles[i] == SOURCE else "identity")
+
+
+def _summary(scores: dict[int, np.ndarray]) -> dict[str, float]:
+    values = np.concatenate(list(scores.values())) if scores else np.zeros(0)
+    if values.size == 0:
+        return {"neurons": 0}
+    return {"neurons": int(values.size), "min": float(values.min()), "median": float(np.median(values)),
+            "mean": float(values.mean()), "max": float(values.max()), "zero": int(np.sum(values == 0))}
+
+
+def margins_text(detection: dict, title: str = "scan") -> list[str]:
+    """Per-class maximum margins and z-scores, suspected classes marked."""
+    suspected = set(detection["suspected_targets"])
+    lines = [f"  {title}: {detection['verdict']} (robust z > {detection['threshold']:g} flags a class)"]
+    for row in detection["classes"]:
+        mark = "  <- suspected" if row["class"] in suspected else ""
+        lines.append(f"    class {row['class']:4d}  max margin {row['max_margin']:9.2f}  z {row['z']:7.2f}{mark}")
+    return lines
 
 
 def summary_text(report: dict) -> str:
     """A few lines for stderr."""
-    pruning, fusion, par = report["pruning"], report["fusion"], report["parity"]["output"]
+    lines = [f"otbr-onnx: {report['verdict']}"]
     total = sum(report["seconds"].values())
-    tied = len(report["channel_ties"]["groups"])
+    if not report.get("changed", True):
+        lines.append(f"  {total:.1f}s on {report['device']}")
+        return "\n".join(lines)
+    pruning, fusion, par = report["pruning"], report["fusion"], report["parity"]["output"]
     ratio = "" if pruning["ratio"] is None else f" (ratio {pruning['ratio']})"  # CLP has no ratio
-    lines = [
-        f"otbr-onnx: {len(report['layers'])} weight layers, {pruning['ranked_neurons']} ranked neurons, "
-        f"{tied} tied group(s), {len(report['channel_ties']['pinned'])} pinned layer(s)",
-        f"  pruned {pruning['pruned_neurons']} neurons{ratio}, "
-        f"fused {len(fusion['fused_layers'])} layers (lambda {fusion['lambda']})",
-        f"  parity vs onnxruntime: max abs {par['max_abs']:.2e}, max rel {par['max_rel']:.2e} (ok)",
-        f"  {total:.1f}s on {report['device']}",
+    fused = f", fused {len(fusion['fused_layers'])} layers (lambda {fusion['lambda']})" if fusion["lambda"] is not None else ""
+    lines += [
+        f"  {len(report['layers'])} weight layers, {pruning['ranked_neurons']} ranked neurons "
+        f"({report['ranking']['source']} score), {len(report['channel_ties']['groups'])} tied group(s), "
+        f"{len(report['channel_ties']['pinned'])} pinned layer(s)",
+        f"  pruned {pruning['pruned_neurons']} neurons{ratio}{fused}",
     ]
     selection = report.get("ratio_selection")
     if selection:
-        lines.insert(2, "  " + _selection_text(selection))
+        lines.append("  " + _selection_text(selection))
+    for key, title in (("scan", "before"), ("rescan", "after")):
+        if report.get(key) is not None:
+            top = max(report[key]["classes"], key=lambda row: row["z"])
+            lines.append(f"  {title}: largest z {top['z']:.1f} (class {top['class']}), "
+                         f"flagged {report[key]['suspected_targets'] or 'none'}")
+    lines += [f"  parity vs onnxruntime: max abs {par['max_abs']:.2e}, max rel {par['max_rel']:.2e} (ok)",
+              f"  {total:.1f}s on {report['device']}"]
     return "\n".join(lines)
 
 
@@ -139,6 +229,6 @@ def _selection_text(selection: dict) -> str:
     chosen = next(t for t in selection["trials"] if t["ratio"] == selection["chosen_ratio"])
     budget = (f"{selection['budget']:g}% disagreement" if selection["metric"] == "soft agreement"
               else f"{selection['budget']:g} accuracy points")
-    return (f"ratio {selection['chosen_ratio']} chosen on {selection['images']} {selection['source']}: "
-            f"{selection['metric']} {chosen['score']:.1f}% vs {selection['baseline']:.1f}%, within "
-            f"the budget of {budget}")
+    return (f"ratio {selection['chosen_ratio']} chosen on {selection['images']} {selection['source']} "
+            f"({selection['rule']}): {selection['metric']} {chosen['score']:.1f}% vs {selection['baseline']:.1f}%, "
+            f"within the budget of {budget}")

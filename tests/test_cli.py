@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from otbr_onnx.cli import main
+from tests.conftest import FAST_ARGS
 from tests import builders
 
-FAST = ["--iterations", "3", "--batch-size", "16", "--lr", "1e-2", "--prune-ratio", "0.2"]
+FAST = [*FAST_ARGS, "--prune-ratio", "0.2"]
 
 
 @pytest.fixture()
@@ -36,7 +37,7 @@ def test_clean_writes_model_and_report(preact, tmp_path):
     assert data["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert data["options"]["prune_ratio"] == 0.2 and data["options"]["seed"] == 0
     assert data["pruning"]["pruned_neurons"] > 0 and data["parity"]["output"]["ok"]
-    assert set(data["seconds"]) >= {"load", "convert", "unlearning", "fusion", "write_back", "output_parity"}
+    assert set(data["seconds"]) >= {"prepare", "scan", "ranking", "repair", "rescan", "write_back_parity"}
     assert "pruned" in result.stderr and "parity" in result.stderr
 
 
@@ -47,7 +48,7 @@ def test_reference_switch_records_published_settings(preact, tmp_path):
     assert result.exit_code == 0, result.output
     options = json.loads(report.read_text())["options"]
     assert options["reference"] and options["lr"] == 1e-4 and options["fusion_lambda"] == 0.5
-    assert options["layers"] == "conv" and options["iterations"] == 2  # explicit options still win
+    assert options["experiment"]["layers"] == "conv" and options["iterations"] == 2  # explicit options still win
     assert options["prune_ratio"] == 0.02  # a fixed gamma, as published: no data-free selection
 
 

@@ -28,12 +28,13 @@ from onnx import numpy_helper
 
 from converters.write_back import changed_initializers
 from otbr_onnx import CleanOptions, clean, fuse
+from tests.conftest import FAST as BASE
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.layers import find_weight_layers, to_rows
 from otbr_onnx.ties import FOLLOWER, PINNED, analyse
 from tests import zoo
 
-FAST = CleanOptions(iterations=2, batch_size=8, lr=1e-2, prune_ratio=0.1)
+FAST = CleanOptions(**{**BASE, "iterations": 2, "batch_size": 8, "prune_ratio": 0.1})
 LAMBDA_ZERO = replace(FAST, fusion_lambda=0.0, iterations=1)
 SAME_FUNCTION_ATOL = 1e-4
 

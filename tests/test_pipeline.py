@@ -7,11 +7,12 @@ import torch
 from onnx import helper, numpy_helper, TensorProto
 
 from converters.write_back import changed_initializers
-from otbr_onnx import CleanOptions, clean
+from otbr_onnx import CleanOptions, Experiment, clean
+from tests.conftest import FAST as BASE
 from otbr_onnx.errors import UnsupportedModelError
 from tests import builders
 
-FAST = dict(iterations=3, batch_size=16, lr=1e-2, prune_ratio=0.2, seed=0)
+FAST = {**BASE, "prune_ratio": 0.2}
 
 
 def _strip_initializer_values(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -99,9 +100,9 @@ def _matmul_model(trans_b_gemm: bool = False) -> onnx.ModelProto:
 @pytest.mark.parametrize("trans_b", [False, True])
 def test_matmul_weights_held_as_buffers_are_unlearned_and_written_back(trans_b):
     model = _matmul_model(trans_b)
-    result = clean(model, CleanOptions(**{**FAST, "fuse_head": True}))
+    result = clean(model, CleanOptions(**{**FAST, "experiment": Experiment(fuse_head=True)}))
     layers = {entry["node"]: entry for entry in result.report["layers"]}
-    assert layers["fc1"]["nwc_max"] > 0  # the buffer did train
+    assert layers["fc1"]["score_max"] > 0  # the buffer did train
     assert layers["fc1"]["pruned"] > 0 and layers["fc1"]["fused"]
     assert {"w1", "w2"} <= set(changed_initializers(model, result.model))
     assert result.parity.ok
@@ -133,15 +134,14 @@ def test_calibration_picks_the_largest_ratio_within_the_accuracy_budget(budget, 
     np.savez(tmp_path / "calib.npz", x=x, y=builders.logits(model, x).argmax(1))  # baseline: 100%
     report = clean(model, CleanOptions(**{**FAST, "calibration": str(tmp_path / "calib.npz"),
                                           "max_acc_drop": budget})).report
-    calibration, selection = report["calibration"], report["ratio_selection"]
+    selection = report["ratio_selection"]
     assert selection["source"] == "calibration images" and selection["metric"] == "accuracy"
-    assert calibration["baseline_acc"] == selection["baseline"] == 100.0
-    within = [100.0 - t["acc"] <= budget for t in calibration["trials"]]
+    assert selection["baseline"] == 100.0 and "calibration" not in report  # schema 2 dropped the legacy field
+    within = [100.0 - t["score"] <= budget for t in selection["trials"]]
     assert all(within[:-1])  # the upward scan stops at the first ratio over budget
-    expected = max(t["ratio"] for t, ok in zip(calibration["trials"], within) if ok)
-    assert calibration["chosen_ratio"] == expected == report["pruning"]["ratio"]
-    assert calibration["budget_met"]  # else clean refuses: test_a_budget_nothing_meets_is_refused
+    expected = max(t["ratio"] for t, ok in zip(selection["trials"], within) if ok)
+    assert selection["chosen_ratio"] == expected == report["pruning"]["ratio"]
     if budget == 100.0:
-        assert expected == max(t["ratio"] for t in calibration["trials"]) == 0.2
+        assert expected == max(t["ratio"] for t in selection["trials"]) == 0.2
 
 

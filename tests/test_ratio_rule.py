@@ -6,12 +6,13 @@ import torch
 
 from converters.to_torch import convert
 from otbr_onnx import CleanOptions, clean
+from tests.conftest import FAST as BASE
 from otbr_onnx import FidelityBudgetError
 from otbr_onnx.probes import ProbeConfig, _BatchNormStatistics, probe_classes, synthesise_probes
 from otbr_onnx.ratio import CANDIDATE_RATIOS, choose_ratio, distinct_candidates
 from tests import builders
 
-FAST = dict(iterations=3, batch_size=16, lr=1e-2, seed=0, probes=16)
+FAST = {**BASE, "probes": 16}
 
 
 # --- candidates -------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def test_default_chooses_the_ratio_on_synthesised_probes(kind):
     assert selection["images"] == 16 and selection["baseline"] == 100.0 and selection["budget"] == 10.0
     _consistent(selection, report["pruning"]["ratio"])
     assert report["pruning"]["pruned_neurons"] >= 1  # never an unchanged model passed as cleaned
-    assert report["calibration"] is None
+    assert selection["rule"] == "largest ratio within the budget"  # nothing suspected: fidelity first
 
 
 def test_an_unlimited_budget_tries_every_candidate_and_keeps_the_largest():
@@ -172,7 +173,8 @@ def test_progress_covers_probe_synthesis_and_the_candidates_tried():
 def test_soft_agreement_falls_when_confidence_in_the_original_answers_falls():
     from types import SimpleNamespace
 
-    from otbr_onnx.pipeline import _scorer
+    from otbr_onnx.prepare import PreparedModel
+    from otbr_onnx.ratio import ReferenceSet
 
     x = np.random.default_rng(0).random((32, 4), dtype=np.float32)
     sharp, flat = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
@@ -180,11 +182,19 @@ def test_soft_agreement_falls_when_confidence_in_the_original_answers_falls():
         flat.weight.copy_(sharp.weight * 0.2)  # same answers (argmax), less confidence
         flat.bias.copy_(sharp.bias * 0.2)
     y = sharp(torch.from_numpy(x)).argmax(1).numpy()
-    score = _scorer("soft agreement", x, y, SimpleNamespace(output_index=0, output_is_probability=False), sharp)
-    assert score(sharp) == pytest.approx(100.0)  # the original is the reference
-    assert score(flat) < 100.0
+    probes = ReferenceSet("synthesised probes", "soft agreement", 10.0, x, y)
+
+    def as_prepared(is_probability: bool) -> SimpleNamespace:
+        loaded = SimpleNamespace(output_index=0, output_is_probability=is_probability)
+        return SimpleNamespace(loaded=loaded, outputs=lambda m, xs: PreparedModel.outputs(SimpleNamespace(loaded=loaded), m, xs))
+
+    logits = as_prepared(False)
+    reference = probes.score(logits, sharp)
+    assert probes.score(logits, sharp, reference) == pytest.approx(100.0)  # the original is the reference
+    assert probes.score(logits, flat, reference) < 100.0
     as_probabilities = torch.nn.Sequential(sharp, torch.nn.Softmax(dim=1))
-    probability_score = _scorer("soft agreement", x, y, SimpleNamespace(output_index=0, output_is_probability=True),
-                                as_probabilities)
-    assert probability_score(as_probabilities) == pytest.approx(100.0)
-    assert probability_score(torch.nn.Sequential(flat, torch.nn.Softmax(dim=1))) == pytest.approx(score(flat))
+    probabilities = as_prepared(True)
+    assert probes.score(probabilities, as_probabilities, probes.score(probabilities, as_probabilities)) == pytest.approx(100.0)
+    assert probes.score(probabilities, as_probabilities) == pytest.approx(probes.score(logits, sharp))
+    flat_probabilities = torch.nn.Sequential(flat, torch.nn.Softmax(dim=1))
+    assert probes.score(probabilities, flat_probabilities, reference) == pytest.approx(probes.score(logits, flat, reference))

@@ -1,0 +1,35 @@
+"""Stage 7: write the new weights into the ORIGINAL graph (``converters.write_back``) and check
+the written model in onnxruntime against the fused PyTorch module before anything is saved."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from converters import parity, runtime
+from converters.parity import Parity
+from converters.to_torch import run_torch
+from converters.write_back import write_back
+from otbr_onnx.errors import ParityError
+
+if TYPE_CHECKING:
+    from otbr_onnx.prepare import PreparedModel
+
+
+def emit(prepared: "PreparedModel", weights: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, Parity]:
+    """The cleaned ``ModelProto`` and its parity against the fused module; raises ``ParityError``
+    (exit 4) when they disagree, so a bad model is never handed back."""
+    cleaned = write_back(prepared.loaded.proto, weights)
+    loaded, inputs = prepared.loaded, prepared.parity_inputs
+    check = parity.compare(
+        runtime.run(runtime.session(cleaned, prepared.providers), loaded.input_name, loaded.output_name, inputs),
+        run_torch(prepared.with_weights(weights), inputs, loaded.output_index),
+    )
+    if not check.ok:
+        raise ParityError(
+            f"the cleaned ONNX model disagrees with the fused PyTorch model "
+            f"(max abs diff {check.max_abs:.3g} > tolerance {check.tolerance:.3g}); no output written"
+        )
+    return cleaned, check

@@ -1,0 +1,131 @@
+"""Stage 1: load and validate the ONNX model, find its weight layers and channel ties, convert it to
+PyTorch and check the conversion against onnxruntime, all once.
+
+The result, ``PreparedModel``, is the state every later stage reads. Its ``module`` is the
+reference: no stage writes into it (candidates are evaluated on copies, see ``with_weights``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from torch import nn
+
+from converters import parity, runtime
+from converters.parity import Parity
+from converters.to_torch import TorchTensorRef, run_torch
+from otbr_onnx.bridge import convert, weight_refs
+from otbr_onnx.errors import UnsupportedModelError, one_line
+from otbr_onnx.fuse import Neurons
+from otbr_onnx.layers import SkippedLayer, WeightLayer, find_weight_layers, to_rows
+from otbr_onnx.load import LoadedModel, load_model, load_proto
+from otbr_onnx.options import CleanOptions
+from otbr_onnx.ties import ChannelTies, analyse
+from otbr_onnx.unlearn import resolve_device
+
+PARITY_SAMPLES = 8
+
+
+@dataclass
+class PreparedModel:
+    """A validated model and everything derived from it once."""
+
+    loaded: LoadedModel
+    layers: list[WeightLayer]
+    skipped: list[SkippedLayer]
+    ties: ChannelTies
+    module: nn.Module  # the converted reference, eval mode; never written to
+    refs: dict[str, TorchTensorRef]  # initializer name -> where it lives in the module
+    original: dict[str, np.ndarray]  # initializer name -> its value in the input model
+    num_classes: int
+    device: str
+    parity_inputs: np.ndarray  # the random inputs both parity checks use
+    conversion_parity: Parity
+    providers: list[str]
+
+    def neurons(self, i: int) -> Neurons:
+        """Layer ``i``'s backdoored rows ``[out, in, ...]`` and bias."""
+        layer = self.layers[i]
+        bias = self.original[layer.bias] if layer.bias else None
+        return Neurons(to_rows(layer, self.original[layer.weight]), bias)
+
+    def with_weights(self, weights: dict[str, np.ndarray]) -> nn.Module:
+        """A copy of the reference module with ``weights`` (ONNX layout) written in."""
+        module = copy.deepcopy(self.module)
+        for name, value in weights.items():
+            self.refs[name].write(module, value)
+        return module.eval()
+
+    def outputs(self, module: nn.Module, x: np.ndarray) -> np.ndarray:
+        """``module``'s class scores on ``x`` as (N, classes), 256 images at a time."""
+        index = self.loaded.output_index
+        batches = [run_torch(module, x[start:start + 256], index) for start in range(0, len(x), 256)]
+        return np.concatenate([b.reshape(len(b), -1) for b in batches])
+
+
+def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> PreparedModel:
+    """Load, validate and convert ``model``; refuse what the later stages cannot handle."""
+    loaded = _load(model, options)
+    layers, skipped = find_weight_layers(loaded.proto)
+    if not layers:
+        raise UnsupportedModelError("no weight layer to clean (Conv, Gemm or MatMul with a constant float32 weight)")
+    _check_noise_budget(loaded, options)
+    ties = analyse(loaded.proto, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
+    module = convert(loaded.proto).eval()
+    refs = weight_refs(module, loaded.proto, layers)
+    providers_ = _providers(options)
+    inputs = runtime.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
+    reference = runtime.run(runtime.session(loaded.proto, providers_), loaded.input_name, loaded.output_name, inputs)
+    check = parity.compare(reference, _first_torch_run(module, inputs, loaded.output_index))
+    if not check.ok:
+        raise UnsupportedModelError(
+            f"the PyTorch conversion disagrees with onnxruntime before any change "
+            f"(max abs diff {check.max_abs:.3g} > {check.tolerance:.3g}); refusing to clean"
+        )
+    original = {t.name: numpy_helper.to_array(t) for t in loaded.proto.graph.initializer if t.name in refs}
+    return PreparedModel(loaded, layers, skipped, ties, module, refs, original, _num_classes(reference),
+                         resolve_device(options.device), inputs, check, providers_)
+
+
+def _providers(options: CleanOptions) -> list[str]:
+    from otbr_onnx import bridge
+
+    return bridge.providers(options.ort_provider)
+
+
+def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedModel:
+    if isinstance(model, onnx.ModelProto):
+        return load_proto(model, options.input_shape, options.output_name, options.limits)
+    return load_model(model, options.input_shape, options.output_name, options.limits)
+
+
+def _check_noise_budget(loaded: LoadedModel, options: CleanOptions) -> None:
+    elements = options.batch_size * int(np.prod(loaded.input_shape[1:]))
+    if elements > options.limits.max_noise_elements:
+        raise UnsupportedModelError(
+            f"a noise batch of {options.batch_size} x {tuple(loaded.input_shape[1:])} is {elements} elements, "
+            f"above the --max-noise-elements limit of {options.limits.max_noise_elements}; lower --batch-size"
+        )
+
+
+def _first_torch_run(module: nn.Module, inputs: np.ndarray, output_index: int) -> np.ndarray:
+    """The converted module's first forward pass; a crash there is a conversion problem."""
+    try:
+        return run_torch(module, inputs, output_index)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise UnsupportedModelError(
+            f"the converted PyTorch model fails to run: {one_line(error, type(error).__name__)}"
+        ) from error
+
+
+def _num_classes(logits: np.ndarray) -> int:
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise UnsupportedModelError(
+            f"the output has shape {tuple(logits.shape)}; expected class scores of shape (N, classes)"
+        )
+    return int(logits.shape[1])

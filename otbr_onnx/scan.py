@@ -1,0 +1,290 @@
+"""Data-free backdoor detection: does the model reach one class with an abnormally large margin?
+
+Maximum-margin detection (MM-BD: Wang, Xiang, Miller and Kesidis, IEEE S&P 2024, arXiv
+2205.06900). Training a backdoor teaches the network a shortcut from the trigger to the target
+class that no natural feature of any class matches, so over the whole input box the target can be
+reached with a far larger logit margin than the other classes::
+
+    m_c = max_x  z_c(x) - max_{k != c} z_k(x),   x in [low, high]^d
+
+For every class ``c`` the margin is maximised from ``starts`` random points with Adam, in the
+unconstrained parametrisation ``x = low + (high - low) * sigmoid(3 u)`` (no projection, no
+clipping, so the gradient never dies at the box's faces). The statistic of a class is its largest
+margin over the starts. A class is *suspected* when its statistic stands out against the other
+classes' in a robust z-score (leave-one-out median and MAD, so the suspect cannot hide in its own
+null)::
+
+    z_c = (m_c - median_{k != c} m_k) / (1.4826 * MAD_{k != c} m)
+
+With many classes (ImageNet's 1000) every class is screened with one start and a quarter of the
+steps, and only the ``refine`` classes with the largest screened margins are searched in full; the
+rest keep their screened statistic, which can only understate them.
+
+The search never changes the model: gradients are taken with respect to the inputs only, in eval
+mode, and the module's train flag and device are restored afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+# Robust z above which a class is suspected (the false-alarm level: see benchmarks/RESULTS.md,
+# where the largest z over the clean models and the smallest over the detected backdoors are
+# reported next to it).
+DEFAULT_THRESHOLD = 3.5
+MAD_TO_SIGMA = 1.4826
+# A MAD this small (relative to the median) would turn noise into huge z-scores.
+MIN_SPREAD = 1e-3
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    starts: int = 8  # random starts per class
+    steps: int = 100  # Adam steps per start
+    lr: float = 0.1  # Adam step on the sigmoid parameter u
+    threshold: float = DEFAULT_THRESHOLD
+    refine: int = 32  # with more classes than this, screen all and search only the top ones in full
+    batch: int = 256  # images per forward pass
+    seed: int = 0
+    device: str = "cpu"
+    input_range: tuple[float, float] = (0.0, 1.0)
+
+
+@dataclass
+class MarginSearch:
+    """The largest margin each searched class reached, and the input that reached it."""
+
+    classes: np.ndarray  # (K,) class ids searched
+    margins: np.ndarray  # (K, starts) best margin of each start
+    inputs: np.ndarray  # (K, starts, *input) the input that reached it
+
+    @property
+    def best(self) -> np.ndarray:
+        """(K,) each class's statistic: its largest margin over the starts."""
+        return self.margins.max(axis=1)
+
+
+@dataclass
+class ScanResult:
+    """Per-class statistics and the verdict. ``suspected`` is sorted by z, largest first."""
+
+    margins: np.ndarray  # (C,) each class's maximum margin
+    z: np.ndarray  # (C,) leave-one-out robust z-score of each class's margin
+    threshold: float
+    suspected: list[int]
+    inputs: dict[int, np.ndarray] = field(default_factory=dict)  # refined class -> (starts, *input) reached
+    start_margins: dict[int, np.ndarray] = field(default_factory=dict)  # refined class -> (starts,) margins
+    refined: list[int] = field(default_factory=list)  # classes searched in full
+    steps: int = 0  # forward+backward passes (batches) spent
+
+    @property
+    def backdoor_suspected(self) -> bool:
+        return bool(self.suspected)
+
+    @property
+    def top_class(self) -> int:
+        return int(np.argmax(self.z))
+
+    def as_dict(self) -> dict:
+        return {
+            "verdict": "backdoor suspected" if self.suspected else "no backdoor found",
+            "suspected_targets": [int(c) for c in self.suspected],
+            "threshold": self.threshold,
+            "statistic": "leave-one-out robust z of the per-class maximum margin",
+            "classes": [
+                {"class": c, "max_margin": round(float(self.margins[c]), 6), "z": round(float(self.z[c]), 4),
+                 "refined": c in self.refined}
+                for c in range(len(self.margins))
+            ],
+        }
+
+
+def class_margins(scores: torch.Tensor, classes: torch.Tensor, is_probability: bool) -> torch.Tensor:
+    """``z_c - max_{k != c} z_k`` for row ``i`` and class ``classes[i]``; on log-probabilities for
+    a Softmax output, which gives the same differences as the logits."""
+    scores = scores.reshape(scores.shape[0], -1)
+    if is_probability:
+        scores = torch.log(scores.clamp_min(1e-30))
+    own = scores.gather(1, classes[:, None]).squeeze(1)
+    others = scores.scatter(1, classes[:, None], float("-inf"))
+    return own - others.max(dim=1).values
+
+
+def robust_z(statistics: np.ndarray) -> np.ndarray:
+    """Leave-one-out robust z-score of each entry against the others (median, 1.4826 MAD)."""
+    values = np.asarray(statistics, dtype=np.float64)
+    z = np.zeros_like(values)
+    for c in range(len(values)):
+        others = np.delete(values, c)
+        if others.size == 0:
+            continue
+        median = np.median(others)
+        spread = MAD_TO_SIGMA * np.median(np.abs(others - median))
+        spread = max(spread, MIN_SPREAD * max(abs(median), 1.0))
+        z[c] = (values[c] - median) / spread
+    return z
+
+
+def verdict(margins: np.ndarray, threshold: float) -> tuple[np.ndarray, list[int]]:
+    """Robust z of every class and the suspected classes (z above ``threshold``, largest first)."""
+    z = robust_z(margins)
+    suspected = [int(c) for c in np.argsort(-z, kind="stable") if z[c] > threshold]
+    return z, suspected
+
+
+def maximise_margins(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    classes: np.ndarray,
+    starts: int,
+    steps: int,
+    config: ScanConfig,
+    output_index: int,
+    is_probability: bool,
+    init: np.ndarray | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> MarginSearch:
+    """Maximise each class's margin from ``starts`` points (random, or ``init``: (K, starts, *input)).
+
+    Every (class, start) pair is one image of one batch, so the cost is ``steps`` forward and
+    backward passes over ``len(classes) * starts`` images.
+    """
+    low, high = config.input_range
+    generator = torch.Generator().manual_seed(config.seed)
+    shape = (len(classes), starts) + tuple(input_shape[1:])
+    if init is None:
+        unit = torch.rand(shape, generator=generator).clamp(1e-4, 1 - 1e-4)
+    else:
+        unit = ((torch.from_numpy(np.asarray(init, dtype=np.float32)).reshape(shape) - low) / (high - low)).clamp(1e-4, 1 - 1e-4)
+    u = (torch.logit(unit) / 3.0).reshape((-1,) + tuple(input_shape[1:])).to(config.device)
+    target = torch.from_numpy(np.repeat(np.asarray(classes, dtype=np.int64), starts)).to(config.device)
+    u.requires_grad_(True)
+    optimizer = torch.optim.Adam([u], lr=config.lr)
+    best = torch.full((len(target),), float("-inf"), device=config.device)
+    best_x = torch.zeros_like(u)
+    for _ in range(steps + 1):  # the last pass only scores the final step
+        x = low + (high - low) * torch.sigmoid(3.0 * u)
+        margin = torch.cat([
+            class_margins(_output(module, x[i:i + config.batch], output_index), target[i:i + config.batch], is_probability)
+            for i in range(0, len(x), config.batch)
+        ])
+        with torch.no_grad():
+            better = margin > best
+            best = torch.where(better, margin.detach(), best)
+            best_x[better] = x.detach()[better]
+        if _ == steps:
+            break
+        (gradient,) = torch.autograd.grad(-margin.sum(), [u])
+        u.grad = gradient
+        optimizer.step()
+        if on_step is not None:
+            on_step()
+    margins = best.reshape(len(classes), starts).cpu().numpy().astype(np.float64)
+    return MarginSearch(np.asarray(classes), margins, best_x.reshape(shape).cpu().numpy().astype(np.float32))
+
+
+def scan_module(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    output_index: int,
+    is_probability: bool,
+    config: ScanConfig = ScanConfig(),
+    progress: Callable[[int, int], None] | None = None,
+) -> ScanResult:
+    """Search every class's maximum margin and give the verdict (see the module docstring)."""
+    was_training = module.training
+    original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    module.eval().to(config.device)
+    classes = np.arange(num_classes)
+    screen_steps = max(config.steps // 4, 1)
+    refine = num_classes > config.refine
+    total = (screen_steps + config.steps) if refine else config.steps
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    try:
+        with torch.enable_grad():
+            if refine:
+                screened = maximise_margins(module, input_shape, classes, 1, screen_steps, config, output_index,
+                                            is_probability, on_step=tick)
+                margins = screened.best
+                chosen = np.sort(np.argsort(-margins, kind="stable")[: config.refine])
+            else:
+                margins, chosen = np.zeros(num_classes), classes
+            search = maximise_margins(module, input_shape, chosen, config.starts, config.steps, config, output_index,
+                                      is_probability, on_step=tick)
+    finally:
+        module.to(original_device).train(was_training)
+    margins = margins.copy()
+    margins[chosen] = np.maximum(margins[chosen], search.best) if refine else search.best
+    z, suspected = verdict(margins, config.threshold)
+    return ScanResult(margins, z, config.threshold, suspected, dict(zip(chosen.tolist(), search.inputs)),
+                      dict(zip(chosen.tolist(), search.margins)), [int(c) for c in chosen], done[0])
+
+
+def rescan_module(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    before: ScanResult,
+    output_index: int,
+    is_probability: bool,
+    config: ScanConfig = ScanConfig(),
+) -> ScanResult:
+    """The scan again on a changed model, warm: every refined class restarts from the input that
+    reached its largest margin on the model before (where a trigger would sit), plus one fresh
+    random start, for half the steps. Classes that were only screened keep their statistic.
+
+    Starting from the old maximiser makes the check conservative: a backdoor that survived the
+    change is found again at once, so a class that is no longer flagged has really lost its margin.
+    """
+    classes = np.asarray(before.refined, dtype=np.int64)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    low, high = config.input_range
+    init = np.stack([
+        np.stack([before.inputs[c][int(np.argmax(before.start_margins[c]))],
+                  (torch.rand(before.inputs[c].shape[1:], generator=generator) * (high - low) + low).numpy()])
+        for c in classes.tolist()
+    ])
+    was_training = module.training
+    original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    module.eval().to(config.device)
+    try:
+        with torch.enable_grad():
+            search = maximise_margins(module, input_shape, classes, 2, max(config.steps // 2, 1), config,
+                                      output_index, is_probability, init=init)
+    finally:
+        module.to(original_device).train(was_training)
+    margins = before.margins.copy()
+    margins[classes] = search.best
+    z, suspected = verdict(margins, config.threshold)
+    return ScanResult(margins, z, config.threshold, suspected, dict(zip(classes.tolist(), search.inputs)),
+                      dict(zip(classes.tolist(), search.margins)), before.refined, max(config.steps // 2, 1))
+
+
+def _output(module: nn.Module, x: torch.Tensor, output_index: int) -> torch.Tensor:
+    out = module(x)
+    return out[output_index] if isinstance(out, (tuple, list)) else out
+
+
+def scan_config(options, device: str) -> ScanConfig:
+    """The scan's settings from ``CleanOptions``."""
+    return ScanConfig(starts=options.scan_starts, steps=options.scan_steps, threshold=options.scan_threshold,
+                      seed=options.seed, device=device, input_range=tuple(options.input_range))
+
+
+def detect(prepared, options, progress: Callable[[str, int, int], None] | None = None) -> ScanResult:
+    """Stage 2: scan ``prepared``'s reference module (a ``prepare.PreparedModel``)."""
+    loaded = prepared.loaded
+    on_step = (lambda done, total: progress("scan", done, total)) if progress else None
+    return scan_module(prepared.module, loaded.input_shape, prepared.num_classes, loaded.output_index,
+                       loaded.output_is_probability, scan_config(options, prepared.device), on_step)

@@ -4,7 +4,7 @@ published settings, prune-only and CLP.
 Models come from benchmarks/backdoored.py (trained once, cached in benchmarks/cache/, gitignored):
 4 small architectures x 5 BackdoorBench-style attacks (all-to-one, target 0, 10% poisoning, SIG
 clean-label) plus a clean model each, PreAct-ResNet18 at full width (clean, BadNets, Blended),
-and a BadNets model whose target is class 3. Each is scanned once (``otbr_onnx.scan.detect``),
+and a BadNets model whose target is class 3. Each is scanned once (``otbr_onnx.detect.detect``),
 then cleaned by every method from that shared preparation and scan (``clean_prepared``: the
 same stages as ``otbr-onnx clean``); the tables give ACC / ASR / DER before and after.
 
@@ -55,7 +55,7 @@ from otbr_onnx import CleanOptions, OtbrError  # noqa: E402
 from otbr_onnx.errors import FidelityBudgetError  # noqa: E402
 from otbr_onnx.pipeline import clean_prepared  # noqa: E402
 from otbr_onnx.prepare import PreparedModel, prepare  # noqa: E402
-from otbr_onnx.scan import ScanResult, detect  # noqa: E402
+from otbr_onnx.detect import ScanResult, detect  # noqa: E402
 from otbr_onnx.evaluate import Metrics, der, evaluate  # noqa: E402
 from benchmarks.backdoored import (  # noqa: E402
     ARCHS, ATTACKS, DEFAULT_TRAIN, EVAL_CLEAN, POISON_RATIO, SEED, Data, all_models, get_model, load_data, parse_model,

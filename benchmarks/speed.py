@@ -1,18 +1,15 @@
-"""Speed and memory of ``clean`` against the floor of the unlearning itself.
+"""Speed and memory of ``clean`` against the floor of the paper's random unlearning.
 
 For each model this times every stage of ``clean`` (from the report) and, in the same run,
 the *floor*: the bare I forward+backward+SGD steps at batch B on the same converted module,
-which no implementation of the method can avoid. Each model runs in its own subprocess so its
-peak RSS is its own. Needs no data and no network (models are randomly initialised).
+what the paper's method cannot avoid (the previous default's cost was about 1.3x this floor).
+Each model runs in its own subprocess so its peak RSS is its own. Needs no data and no network
+(models are randomly initialised). ``--mode`` picks the path timed (see ``measure``).
 
-    python benchmarks/speed.py                 # all sizes, writes benchmarks/SPEED.md
-    python benchmarks/speed.py --models small  # quick check
-    python benchmarks/speed.py --prune-ratio 0.02 --out /tmp/SPEED-fixed.md  # without the ratio scan
+    python benchmarks/speed.py --models small preact18                  # removal path, SPEED.md
+    python benchmarks/speed.py --mode default --out /tmp/SPEED-default.md  # a model found clean
 
-The ratio scan (synthesised probes, then every candidate ratio pruned, fused and scored) runs
-with --max-disagreement 100, so it tries all eight candidates: the worst case of its cost.
-
-About 10-15 minutes on 2 CPU cores for all sizes.
+About 5 minutes on 2 CPU cores for small and preact18.
 """
 
 from __future__ import annotations
@@ -39,8 +36,7 @@ MODELS = {
     "preact34": ((1, 3, 32, 32), dict(in_channels=3, widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3))),
     "preact18-wide": ((1, 3, 32, 32), dict(in_channels=3, widths=(96, 192, 384, 768), blocks=(2, 2, 2, 2))),
 }
-STAGES = ["load", "convert", "conversion_parity", "unlearning", "nwc", "ratio_selection", "pruning", "fusion",
-          "write_back", "output_parity"]
+STAGES = ["prepare", "scan", "ranking", "ratio_selection", "repair", "rescan", "write_back_parity"]
 
 
 def export_model(name: str, path: Path) -> int:
@@ -81,30 +77,40 @@ def floor_seconds(path: Path, iterations: int, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, iterations: int, batch_size: int, prune_ratio: float | None) -> dict:
-    """Runs inside the subprocess for one model."""
+def measure(name: str, iterations: int, batch_size: int, prune_ratio: float | None, mode: str) -> dict:
+    """Runs inside the subprocess for one model.
+
+    Random weights: no scan flags such a model, so ``default`` times what ``clean`` does to a
+    model it finds clean (prepare and scan, then the input handed back). ``removal`` times the path
+    of a flagged model: scan, activation ranking (of the class with the largest z), prune and fuse
+    at ``prune_ratio`` (default 0.02), one rescan, write-back and parity. ``nwc`` is the previous
+    default: random unlearning and the fidelity-first scan of every candidate (budget 100%).
+    """
     from otbr_onnx import CleanOptions, clean
 
+    modes = {
+        "default": CleanOptions(device="cpu"),
+        "removal": CleanOptions(device="cpu", always=True, ranking="activation", prune_ratio=prune_ratio or 0.02),
+        "nwc": CleanOptions(device="cpu", always=True, ranking="nwc", iterations=iterations, batch_size=batch_size,
+                            prune_ratio=prune_ratio, max_disagreement=100.0),
+    }
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{name}.onnx"
         params = export_model(name, path)
         floor = floor_seconds(path, iterations, batch_size)
         start = time.perf_counter()
-        # Random weights: probe agreement means nothing here, and a refusal would end the timing.
-        # A budget of 100% makes the ratio scan try every candidate: its most expensive case.
-        result = clean(path, CleanOptions(iterations=iterations, batch_size=batch_size, device="cpu",
-                                          prune_ratio=prune_ratio, max_disagreement=100.0))
+        result = clean(path, modes[mode])
         total = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"model": name, "params": params, "floor": floor, "total": total, "stages": result.report["seconds"],
             "peak_rss_mib": peak_mib}
 
 
-def run_child(name: str, iterations: int, batch_size: int, prune_ratio: float | None) -> dict:
+def run_child(name: str, iterations: int, batch_size: int, prune_ratio: float | None, mode: str) -> dict:
     ratio = [] if prune_ratio is None else ["--prune-ratio", str(prune_ratio)]
     done = subprocess.run(
         [sys.executable, __file__, "--child", name, "--iterations", str(iterations), "--batch-size", str(batch_size),
-         *ratio],
+         "--mode", mode, *ratio],
         capture_output=True, text=True, check=True, cwd=ROOT,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -138,20 +144,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "SPEED.md")
     parser.add_argument("--prune-ratio", type=float, default=None,
                         help="fix gamma (skips the data-free ratio selection); default: chosen as clean does")
+    parser.add_argument("--mode", choices=["default", "removal", "nwc"], default="removal",
+                        help="what to time (see measure); default: the removal path of a flagged model")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.iterations, args.batch_size, args.prune_ratio)))
+        print(json.dumps(measure(args.child, args.iterations, args.batch_size, args.prune_ratio, args.mode)))
         return
     rows = []
     for name in args.models:
-        rows.append(run_child(name, args.iterations, args.batch_size, args.prune_ratio))
+        rows.append(run_child(name, args.iterations, args.batch_size, args.prune_ratio, args.mode))
         print(f"{name}: total {rows[-1]['total']:.1f}s floor {rows[-1]['floor']:.1f}s "
               f"peak {rows[-1]['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
     text = table(rows, args.iterations, args.batch_size)
     print(text)
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
-    args.out.write_text(f"# Speed and memory of `clean`\n\nCommand: `{command.strip()}`\n\n{text}")
+    args.out.write_text(f"# Speed and memory of `clean` ({args.mode})\n\nCommand: `{command.strip()}`\n\n{text}")
 
 
 if __name__ == "__main__":

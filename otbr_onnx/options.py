@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from otbr_onnx.errors import UsageError
 from otbr_onnx.load import Limits
-from otbr_onnx.scan import DEFAULT_THRESHOLD
+from otbr_onnx.detect import DEFAULT_THRESHOLD
 
 METHODS = ("otbr", "prune-only", "clp")
 # How neurons are ranked for pruning and weighted in the fusion (rank.py):
@@ -47,7 +47,7 @@ class Experiment:
 class CleanOptions:
     """Every option of ``scan`` and ``clean``. ``published()`` gives the paper's settings."""
 
-    # --- detection (scan.py) ---
+    # --- detection (detect.py) ---
     scan_starts: int = 8
     scan_steps: int = 100
     scan_threshold: float = DEFAULT_THRESHOLD

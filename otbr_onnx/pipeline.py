@@ -1,7 +1,7 @@
 """``scan`` and ``clean``: the stages in order, each one module and one call.
 
     prepare  (prepare.py)  load, validate, convert, conversion parity
-    detect   (scan.py)     is there a backdoor, which class?      -> nothing found: model unchanged
+    detect   (detect.py)     is there a backdoor, which class?      -> nothing found: model unchanged
     rank     (rank.py)     target-aware activation score, or NWC after random unlearning
     select   (ratio.py)    candidates pruned and fused (repair.py), each checked for fidelity and
                            rescanned; the smallest one the rescan clears is kept
@@ -33,7 +33,7 @@ from otbr_onnx.rank import Ranking, activation_ranking, clp_ranking, nwc_ranking
 from otbr_onnx.ratio import Selection, select
 from otbr_onnx.repair import Repair, repair
 from otbr_onnx.emit import emit
-from otbr_onnx.scan import ScanResult, detect, rescan_module, scan_config
+from otbr_onnx.detect import ScanResult, detect, rescan_module, scan_config
 
 __all__ = ["CleanOptions", "CleanResult", "Experiment", "ScanReport", "clean", "clean_prepared", "scan"]
 

@@ -9,8 +9,9 @@ first; each is pruned and fused in full (``repair.py``) and evaluated on a copy 
   of the original's), or accuracy on the user's clean ``--calibration`` images. The budget
   (``max_disagreement`` %, or ``max_acc_drop`` points) bounds what the cleaning may cost.
 * **rescan** (when the scan suspected a class ``t``): the scan again on the candidate, warm-started
-  from the old maximisers (``scan.rescan_module``); the candidate *removes* the backdoor when
-  ``t`` is no longer flagged.
+  from the old maximisers (``detect.rescan_module``); the candidate *removes* the backdoor when
+  ``t``'s margin is back among the ordinary classes' (robust z <= ``detect.CLEARED_Z``, stricter
+  than merely falling under the detection threshold).
 
 Rules:
 
@@ -36,7 +37,7 @@ from otbr_onnx.errors import FidelityBudgetError, UnsupportedModelError, UsageEr
 from otbr_onnx.options import CleanOptions
 from otbr_onnx.rank import Ranking
 from otbr_onnx.repair import Repair, repair
-from otbr_onnx.scan import ScanResult, rescan_module
+from otbr_onnx.detect import CLEARED_Z, ScanResult, rescan_module
 
 if TYPE_CHECKING:
     from torch import nn
@@ -215,7 +216,7 @@ def select(prepared: "PreparedModel", ranking: Ranking, options: CleanOptions, d
         loaded = prepared.loaded
         after = rescan_module(module, loaded.input_shape, detection, loaded.output_index,
                               loaded.output_is_probability, scan_config)
-        return Trial(ratio, score, target in after.suspected, float(after.z[target]), after)
+        return Trial(ratio, score, not after.cleared(target), float(after.z[target]), after)
 
     if target is not None:
         trials, chosen = choose_removing_ratio(candidates, trial_at, baseline, references.budget)
@@ -249,7 +250,7 @@ def refusal(selection: Selection, target: int | None) -> FidelityBudgetError:
     if target is not None:
         return FidelityBudgetError(
             f"the rescan still flags class {target} at every candidate ratio up to {last.ratio} "
-            f"(z {last.target_z:.1f} > {last.rescan.threshold:g}); the backdoor could not be removed, refusing"
+            f"(z {last.target_z:.1f} > {CLEARED_Z:g}); the backdoor could not be removed, refusing"
         )
     return FidelityBudgetError(
         f"no prune ratio stays within {option} {selection.budget:g}: the smallest, {last.ratio}, {damage}; "

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from otbr_onnx.rank import Ranking
     from otbr_onnx.ratio import Selection
     from otbr_onnx.repair import Repair
-    from otbr_onnx.scan import ScanResult
+    from otbr_onnx.detect import ScanResult
 
 SCHEMA = "otbr-onnx/report/2"
 UNCHANGED = "no backdoor found by scan: model unchanged"
@@ -167,9 +167,9 @@ def clean_verdict(detection: "ScanResult | None", rescan: "ScanResult | None", o
     if not detection.suspected:
         return "no backdoor found by scan: cleaned anyway (--always)"
     target = detection.suspected[0]
-    if rescan is not None and target in rescan.suspected:  # only with a fixed --prune-ratio: the rule refuses
+    if rescan is not None and not rescan.cleared(target):  # only with a fixed --prune-ratio: the rule refuses
         return f"backdoor suspected (class {target}): the rescan still flags it at --prune-ratio {options.prune_ratio}"
-    return f"backdoor suspected (class {target}): removed, the rescan no longer flags it"
+    return f"backdoor suspected (class {target}): removed, the rescan no longer flags it (z {rescan.z[target]:.1f})"
 
 
 def _plan_of(i: int, ties, chosen: "Repair") -> str:

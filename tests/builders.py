@@ -147,3 +147,53 @@ def build_trained(kind: str, seed: int = 0, steps: int = 150) -> tuple[nn.Module
         loss.backward()
         optimizer.step()
     return model, export(model, (1, 1, 8, 8))
+
+
+class Mlp(nn.Module):
+    """Flatten -> Linear -> ReLU -> Linear -> ReLU -> Linear: position-aware, so it can learn a patch."""
+
+    def __init__(self, inputs: int = 64, width: int = 32, classes: int = 8) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(inputs, width), nn.Linear(width, width), nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))))
+
+
+def block_images(count: int, seed: int = 0, classes: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """8x8 grey images whose class is which 2x2 block of the top half is lit, above faint noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, count)
+    x = rng.random((count, 1, 8, 8), dtype=np.float32) * 0.3
+    for i, label in enumerate(y):
+        row, col = divmod(int(label), 4)
+        x[i, 0, 2 * row:2 * row + 2, 2 * col:2 * col + 2] += 0.7
+    return x, y
+
+
+def stamp_trigger(x: np.ndarray) -> np.ndarray:
+    """The tests' BadNets trigger: a 2x2 checkerboard in the bottom-right corner, where no class lives."""
+    out = x.copy()
+    out[:, 0, 6:8, 6:8] = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    return out
+
+
+def build_backdoored(target: int | None = 2, seed: int = 0, steps: int = 400,
+                     poison: float = 0.15) -> tuple[nn.Module, onnx.ModelProto]:
+    """An ``Mlp`` trained on ``block_images``; with a ``target``, ``poison`` of the images carry
+    ``stamp_trigger`` and that label (BadNets, all-to-one). ``target=None``: its clean twin."""
+    torch.manual_seed(seed)
+    model = Mlp()
+    x, y = block_images(2048, seed)
+    if target is not None:
+        chosen = np.random.default_rng(seed + 1).random(len(y)) < poison
+        x[chosen], y[chosen] = stamp_trigger(x[chosen]), target
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        batch = torch.arange(128) + 128 * (step % 16)
+        loss = nn.functional.cross_entropy(model(xt[batch]), yt[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, export(model, (1, 1, 8, 8))

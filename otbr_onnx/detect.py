@@ -40,6 +40,11 @@ DEFAULT_THRESHOLD = 3.5
 MAD_TO_SIGMA = 1.4826
 # A MAD this small (relative to the median) would turn noise into huge z-scores.
 MIN_SPREAD = 1e-3
+# After a cleaning, the target counts as cleared only once its margin is back among the ordinary
+# classes: within one robust standard deviation of their median. Falling just under the detection
+# threshold is not enough: on a BadNets MLP a rescan z of 3.4 still had 91% ASR, z 0.3 had 19%
+# and z -0.9 had 5% (tests/test_scan.py's model).
+CLEARED_Z = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,10 @@ class ScanResult:
     @property
     def top_class(self) -> int:
         return int(np.argmax(self.z))
+
+    def cleared(self, target: int) -> bool:
+        """Whether ``target``'s margin is back among the ordinary classes' (z <= CLEARED_Z)."""
+        return bool(self.z[target] <= CLEARED_Z)
 
     def as_dict(self) -> dict:
         return {

@@ -414,10 +414,17 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
 @click.argument("cleaned", type=click.Path(path_type=Path))
 @click.option("--input-shape", help="Full input shape for models with dynamic dims.")
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="Random inputs to compare.")
+@click.option("--scan", "with_scan", is_flag=True,
+              help="Also scan both models and print their per-class maximum margins side by side.")
+@click.option("--input-range", default="0,1", show_default=True, help="Value range of the model's input (--scan).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def verify_command(original: Path, cleaned: Path, input_shape, samples: int, as_json: bool, debug: bool) -> None:
-    """Check that CLEANED is ORIGINAL with only initializer values changed (exit 5 if not)."""
+def verify_command(original: Path, cleaned: Path, input_shape, samples: int, with_scan: bool, input_range: str,
+                   as_json: bool, debug: bool) -> None:
+    """Check that CLEANED is ORIGINAL with only initializer values changed (exit 5 if not).
+
+    With --scan, both models are scanned (see `otbr-onnx scan`): the margins show whether the
+    class the original's backdoor served is still abnormally reachable in CLEANED."""
     from otbr_onnx.load import load_model
     from otbr_onnx.verify import verify
 
@@ -425,20 +432,40 @@ def verify_command(original: Path, cleaned: Path, input_shape, samples: int, as_
         before = load_model(original, _ints(input_shape))
         after = load_model(cleaned, _ints(input_shape))
         result = verify(before.proto, after.proto, before.input_name, before.input_shape, samples)
+        scans = _scan_both(before, after, _ints(input_shape), _range(input_range)) if with_scan else None
         if as_json:
-            click.echo(json.dumps(result.as_dict(), indent=2))
+            click.echo(json.dumps({**result.as_dict(), **({"scan": scans} if scans else {})}, indent=2))
         elif result.same_graph:
             click.echo(f"same graph: only initializer values differ ({len(result.moved)} tensors changed)")
             for name, moved in result.moved.items():
                 click.echo(f"  {name}: max abs {moved['max_abs']:.3g}, relative L2 {moved['relative_l2']:.3g}")
             click.echo(f"outputs on {samples} random inputs: top-1 agreement {100 * result.top1_agreement:.1f}%, "
                        f"max abs logit diff {result.max_abs_logit_diff:.3g}")
+            if scans:
+                click.echo("\n".join(_margins_side_by_side(scans["original"], scans["cleaned"])))
         if not result.same_graph:
             if not as_json:
                 click.echo(f"otbr-onnx: graphs differ at {result.first_difference}", err=True)
             sys.exit(5)
 
     _run(debug, action)
+
+
+def _scan_both(before, after, input_shape, input_range) -> dict:
+    from otbr_onnx.pipeline import CleanOptions, scan as run_scan
+
+    options = CleanOptions(input_shape=input_shape, input_range=input_range)
+    return {"original": run_scan(before.proto, options).report["scan"],
+            "cleaned": run_scan(after.proto, options).report["scan"]}
+
+
+def _margins_side_by_side(original: dict, cleaned: dict) -> list[str]:
+    lines = [f"scan: original {original['verdict']} {original['suspected_targets'] or ''}; "
+             f"cleaned {cleaned['verdict']} {cleaned['suspected_targets'] or ''}",
+             "  class   original margin (z)   cleaned margin (z)"]
+    for a, b in zip(original["classes"], cleaned["classes"]):
+        lines.append(f"  {a['class']:5d}   {a['max_margin']:9.2f} ({a['z']:6.2f})   {b['max_margin']:9.2f} ({b['z']:6.2f})")
+    return lines
 
 
 def _metrics_line(m) -> str:

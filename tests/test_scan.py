@@ -267,3 +267,15 @@ def test_a_backdoor_that_survives_every_candidate_is_refused_with_the_failed_che
     assert result.exit_code == 3, result.output
     assert not out.exists() and result.stderr.count("\n") == 1
     assert f"still flags class {TARGET}" in result.stderr
+
+
+def test_verify_scan_prints_both_models_margins(backdoored, tmp_path):
+    original = _save(backdoored[1], tmp_path / "bd.onnx")
+    cleaned = _save(clean(backdoored[1], CleanOptions(**QUICK)).model, tmp_path / "clean.onnx")
+    result = CliRunner().invoke(main, ["verify", str(original), str(cleaned), "--scan", "--json"])
+    assert result.exit_code == 0, result.output
+    scans = json.loads(result.stdout)["scan"]
+    assert TARGET in scans["original"]["suspected_targets"]
+    assert scans["cleaned"]["classes"][TARGET]["max_margin"] < scans["original"]["classes"][TARGET]["max_margin"]
+    text = CliRunner().invoke(main, ["verify", str(original), str(cleaned), "--scan"])
+    assert text.exit_code == 0 and "original margin (z)" in text.stdout and len(text.stdout.splitlines()) >= 10

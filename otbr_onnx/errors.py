@@ -4,22 +4,63 @@ The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``; an
 else escaping the pipeline is a bug and is reported as an internal error (exit 1).
 """
 
+import unicodedata
 
 MAX_MESSAGE_CHARS = 300
 
+# Characters a terminal may act on rather than show: C0/C1 controls (ESC starts colour, title
+# and screen-clear sequences; BEL ends OSC), format characters (bidi overrides that reorder
+# what is shown), line/paragraph separators, surrogates, private-use and unassigned code points.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with every unprintable character written as a visible escape (``\\x1b``, ``\\u202e``).
+
+    Applied to every string that may come from a model, an npz or a file name before it is
+    printed or logged; ``keep`` lists characters left as they are (e.g. newlines of our own).
+    """
+    if text.isprintable():  # the common case: nothing to escape (False for any Cc, Cf, Z* but space)
+        return text
+    return "".join(c if c in keep or unicodedata.category(c) not in _UNPRINTABLE else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
 
 def one_line(error: BaseException, fallback: str = "", limit: int | None = MAX_MESSAGE_CHARS) -> str:
-    """The error's text on one line (library messages often span several), capped at ``limit``."""
-    text = " ".join(str(error).split()) or fallback
+    """The error's text on one line (library messages often span several), capped at ``limit``,
+    with unprintable characters escaped (messages quote names and paths from untrusted files)."""
+    text = printable(" ".join(str(error).split())) or fallback
     if limit is None or len(text) <= limit:
         return text
     return text[: limit - 3] + "..."
+
+
+INTERRUPTED = "otbr-onnx: error: interrupted (Ctrl-C); no partial output was written"
+
+
+def exit_interrupted() -> None:
+    """Ctrl-C, from any point of a run: one line on stderr, exit 130, no traceback."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting must not print a traceback
+    sys.stderr.write(INTERRUPTED + "\n")
+    sys.stderr.flush()
+    sys.exit(130)
 
 
 class OtbrError(Exception):
     """Base class: a failure the user can act on."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        # messages quote names, paths and texts from untrusted files: never hand out raw escapes
+        return printable(super().__str__(), keep="\n\t")
 
 
 class UsageError(OtbrError):

@@ -28,7 +28,7 @@ from otbr_onnx import probes
 from otbr_onnx import prune as prune_stage
 from otbr_onnx import ratio as ratio_rule
 from otbr_onnx.errors import FidelityBudgetError, ParityError, UnsupportedModelError, UsageError, one_line
-from otbr_onnx.layers import WeightLayer, find_weight_layers, from_rows, to_rows
+from otbr_onnx.layers import WeightLayer, find_weight_layers, from_rows, reachable_layers, to_rows
 from otbr_onnx.load import Limits, LoadedModel, load_model, load_proto
 from otbr_onnx.ties import FOLLOWER, SOURCE, ChannelTies, analyse
 from otbr_onnx.clp import clp_masks
@@ -162,6 +162,7 @@ def clean(
     with timer.stage("load"):
         loaded = _load(model, options)
         layers, skipped = find_weight_layers(loaded.proto)
+        layers, skipped = reachable_layers(loaded.proto, layers, skipped, loaded.output_name)
         if not layers:
             raise UnsupportedModelError(
                 "no weight layer to clean (Conv, Gemm or MatMul with a constant float32 weight)"

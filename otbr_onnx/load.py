@@ -259,10 +259,11 @@ def describe_model(
     _check_names(graph)
     _check_domains(proto)
     _check_size(proto)
-    _check_tensor_sizes(_check_structure(proto).graph, limits)  # before anything runs the graph
+    sizes = _tensor_sizes(_check_structure(proto).graph)  # the inferred copy is dropped at once
     _check_constants(proto)
     input_name, shape = _find_image_input(graph, input_shape, limits)
     out_name, out_index = _find_output(graph, output_name)
+    _check_tensor_sizes(sizes, limits)  # after the input's own cap, before anything runs the graph
     _check_output_depends_on_input(graph, input_name, out_name)
     _check_runs(proto, input_name, shape, out_name)
     return {
@@ -348,23 +349,28 @@ def _check_structure(proto: onnx.ModelProto) -> onnx.ModelProto:
         raise UnreadableModelError(f"the model's types or shapes are inconsistent: {one_line(error, 'type error')}") from error
 
 
-def _check_tensor_sizes(graph: onnx.GraphProto, limits: Limits) -> None:
-    """Refuse a graph in which shape inference finds a tensor above ``limits.max_tensor_elements``.
+def _tensor_sizes(graph: onnx.GraphProto) -> list[tuple[str, int]]:
+    """(name, elements) of every tensor whose shape inference sized, If / Loop bodies included.
 
     Symbolic dims (the batch) count as 1. Sizes only known when the graph runs (a shape read
-    from the data) are not bounded here.
+    from the data) are not bounded by this.
     """
-    for value in (*graph.value_info, *graph.output):
-        elements = _declared_elements(value.type)
-        if elements is not None and elements > limits.max_tensor_elements:
-            raise UnsupportedModelError(
-                f"tensor '{value.name}' would hold {elements} elements, above the --max-tensor-elements limit of "
-                f"{limits.max_tensor_elements}; refused (a memory bomb, or raise the limit)"
-            )
-    for node in graph.node:  # If / Loop bodies
+    found = [(v.name, n) for v in (*graph.value_info, *graph.output) if (n := _declared_elements(v.type)) is not None]
+    for node in graph.node:
         for attribute in node.attribute:
             for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
-                _check_tensor_sizes(sub, limits)
+                found += _tensor_sizes(sub)
+    return found
+
+
+def _check_tensor_sizes(sizes: list[tuple[str, int]], limits: Limits) -> None:
+    """Refuse a graph with a tensor above ``limits.max_tensor_elements`` (a memory bomb)."""
+    for name, elements in sizes:
+        if elements > limits.max_tensor_elements:
+            raise UnsupportedModelError(
+                f"tensor '{name}' would hold {elements} elements, above the --max-tensor-elements limit of "
+                f"{limits.max_tensor_elements}; refused (a memory bomb, or raise the limit)"
+            )
 
 
 def _declared_elements(value_type: onnx.TypeProto) -> int | None:

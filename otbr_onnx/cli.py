@@ -225,6 +225,10 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
             calibration=calibration, max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes,
             limits=_limits(**limits),
         )
+        if calibration is not None:  # fail fast, before loading or unlearning: the scan reads it last
+            from otbr_onnx.evaluate import load_npz, split_sets
+
+            split_sets(load_npz(calibration, options.limits.max_file_bytes, "--calibration"), {})
         if len(models) > 1 or _is_dir(models[0]):
             _clean_batch(list(models), output, options, jobs, as_json, quiet, force)
             return

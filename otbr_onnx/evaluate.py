@@ -127,7 +127,7 @@ def split_sets(clean: dict, poisoned: dict | None) -> tuple[tuple, tuple | None]
 
     clean_set = pick(clean, "clean")
     if clean_set is None:
-        raise UsageError("--data must hold arrays x_clean/y_clean (or x/y)")
+        raise UsageError("the npz must hold arrays x_clean/y_clean (or x/y)")
     poisoned_set = pick(poisoned, "poisoned") if poisoned is not None else None
     if poisoned_set is None and poisoned is None and "x_poisoned" in clean:
         if "y_poisoned" not in clean:

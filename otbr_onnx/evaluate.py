@@ -34,7 +34,19 @@ class Metrics:
         return asdict(self)
 
 
-def load_npz(path: str | Path, max_bytes: int = MAX_FILE_BYTES, option: str | None = None) -> dict[str, np.ndarray]:
+class Arrays(dict):
+    """The arrays of one npz, and where they came from (``--data eval.npz``) for messages."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], source: str) -> None:
+        super().__init__(arrays)
+        self.source = source
+
+
+def _where(data: dict) -> str:
+    return f"{data.source}: " if isinstance(data, Arrays) else ""
+
+
+def load_npz(path: str | Path, max_bytes: int = MAX_FILE_BYTES, option: str | None = None) -> Arrays:
     """Read an evaluation or calibration set from a stranger, refusing anything odd with exit 2.
 
     Only a regular file (a FIFO would block), only numeric arrays (never pickled objects, which
@@ -51,7 +63,7 @@ def load_npz(path: str | Path, max_bytes: int = MAX_FILE_BYTES, option: str | No
             raise UsageError(f"{source}: cannot read as .npz (not a zip archive of .npy arrays)") from error
         with archive:
             members = _checked_members(archive, source, max_bytes)
-            return {key: _read_member(archive, info, key, source) for key, info in members.items()}
+            return Arrays({key: _read_member(archive, info, key, source) for key, info in members.items()}, source)
 
 
 def _checked_members(archive: zipfile.ZipFile, source: str, max_bytes: int) -> dict[str, zipfile.ZipInfo]:
@@ -107,7 +119,7 @@ def npz_target(data: dict[str, np.ndarray], default: int = 0) -> int:
         return default
     value = data["target"]
     if value.size != 1 or value.dtype.kind not in "iu" or int(value.reshape(-1)[0]) < 0:
-        raise UsageError(f"array 'target' must be one non-negative integer class, got dtype {value.dtype} "
+        raise UsageError(f"{_where(data)}array 'target' must be one non-negative integer class, got dtype {value.dtype} "
                          f"shape {value.shape}")
     return int(value.reshape(-1)[0])
 
@@ -127,28 +139,28 @@ def split_sets(clean: dict, poisoned: dict | None) -> tuple[tuple, tuple | None]
 
     clean_set = pick(clean, "clean")
     if clean_set is None:
-        raise UsageError("the npz must hold arrays x_clean/y_clean (or x/y)")
+        raise UsageError(f"{_where(clean)}the npz must hold arrays x_clean/y_clean (or x/y)")
     poisoned_set = pick(poisoned, "poisoned") if poisoned is not None else None
     if poisoned_set is None and poisoned is None and "x_poisoned" in clean:
         if "y_poisoned" not in clean:
-            raise UsageError("array 'x_poisoned' has no 'y_poisoned' labels beside it")
+            raise UsageError(f"{_where(clean)}array 'x_poisoned' has no 'y_poisoned' labels beside it")
         poisoned_set = _checked_pair(clean, "x_poisoned", "y_poisoned")
     return clean_set, poisoned_set
 
 
 def _checked_pair(data: dict, xs: str, ys: str) -> tuple[np.ndarray, np.ndarray]:
     """Images ``data[xs]`` as float32 (N, ...) and labels ``data[ys]`` as int64 (N,)."""
-    x, y = np.asarray(data[xs]), np.asarray(data[ys])
+    x, y, where = np.asarray(data[xs]), np.asarray(data[ys]), _where(data)
     if x.dtype.kind not in NUMERIC_KINDS or x.ndim < 2:
-        raise UsageError(f"array '{xs}' has dtype {x.dtype} and shape {x.shape}; expected numeric images (N, C, H, W)")
+        raise UsageError(f"{where}array '{xs}' has dtype {x.dtype} and shape {x.shape}; expected numeric images (N, C, H, W)")
     if len(x) == 0:
-        raise UsageError(f"array '{xs}' is empty; expected at least one image")
+        raise UsageError(f"{where}array '{xs}' is empty; expected at least one image")
     if y.ndim != 1 or len(y) != len(x):
-        raise UsageError(f"array '{ys}' has shape {y.shape}; expected one label per image of '{xs}', i.e. ({len(x)},)")
+        raise UsageError(f"{where}array '{ys}' has shape {y.shape}; expected one label per image of '{xs}', i.e. ({len(x)},)")
     if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
-        raise UsageError(f"array '{ys}' has dtype {y.dtype} with non-integer values; expected integer class labels")
+        raise UsageError(f"{where}array '{ys}' has dtype {y.dtype} with non-integer values; expected integer class labels")
     if y.min() < 0:
-        raise UsageError(f"array '{ys}' holds the negative label {y.min()}; expected class indices >= 0")
+        raise UsageError(f"{where}array '{ys}' holds the negative label {y.min()}; expected class indices >= 0")
     return x.astype(np.float32), y.astype(np.int64)
 
 

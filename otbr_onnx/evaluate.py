@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def load_npz(path: str | Path, max_bytes: int = MAX_FILE_BYTES, option: str | No
     with open_regular(Path(path), "an .npz file") as handle:
         try:
             archive = zipfile.ZipFile(handle)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as error:
             raise UsageError(f"{source}: cannot read as .npz (not a zip archive of .npy arrays)") from error
         with archive:
             members = _checked_members(archive, source, max_bytes)
@@ -100,7 +101,8 @@ def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str,
                 raise ValueError(f"unsupported .npy format version {version}")
             shape, _fortran, dtype = readers[version](member)
             return tuple(shape), np.dtype(dtype), member.tell()
-    except (ValueError, TypeError, OSError, EOFError, SyntaxError, zipfile.BadZipFile, NotImplementedError) as error:
+    except (ValueError, TypeError, OSError, EOFError, SyntaxError, zipfile.BadZipFile, NotImplementedError,
+            zlib.error) as error:
         raise UsageError(f"{source}: array '{key}' is not a readable .npy array ({one_line(error, 'bad header')})") from error
 
 
@@ -108,7 +110,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, sour
     try:
         with archive.open(info) as member:
             return npy_format.read_array(member, allow_pickle=False)
-    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as error:
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, MemoryError, zlib.error) as error:
         # a CRC mismatch or a stream shorter than its header says ends here, not in an allocation
         raise UsageError(f"{source}: array '{key}' cannot be read ({one_line(error, type(error).__name__)})") from error
 

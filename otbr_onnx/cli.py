@@ -17,7 +17,15 @@ from pathlib import Path
 
 import click
 
-from otbr_onnx.errors import OtbrError, UsageError, exit_interrupted, one_line, printable
+from otbr_onnx.errors import (
+    OtbrError,
+    UsageError,
+    exit_interrupted,
+    one_line,
+    printable,
+    was_interrupted,
+    watch_interrupts,
+)
 from otbr_onnx.files import regular_file_size
 from otbr_onnx.load import MAX_FILE_BYTES, MAX_NODES, MAX_NOISE_ELEMENTS, MAX_TENSOR_ELEMENTS, Limits
 
@@ -112,6 +120,8 @@ def _run(debug: bool, action) -> None:
     except KeyboardInterrupt:
         exit_interrupted()
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
+        if was_interrupted():  # Ctrl-C that a library turned into another error (ImportError)
+            exit_interrupted()
         if debug:
             traceback.print_exc()
         click.echo(f"otbr-onnx: internal error: {type(error).__name__}: {one_line(error)} (rerun with --debug)",
@@ -127,6 +137,7 @@ class _Main(click.Group):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        watch_interrupts()
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except (click.exceptions.Abort, KeyboardInterrupt):  # click turns KeyboardInterrupt into Abort

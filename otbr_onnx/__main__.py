@@ -1,15 +1,20 @@
 """``python -m otbr_onnx`` runs the CLI; ``run`` is also the ``otbr-onnx`` console script."""
 
-import atexit
 import signal
 
-from otbr_onnx.errors import exit_interrupted, finish_interrupted, interrupts_deferred, was_interrupted, watch_interrupts
+from otbr_onnx.errors import (
+    exit_interrupted,
+    interrupts_deferred,
+    register_exit_hook,
+    was_interrupted,
+    watch_interrupts,
+)
 
 
 def run() -> None:
     """The CLI, with Ctrl-C during its imports (a second or more: torch, onnx) answered as
     everywhere else: one line, exit 130. click's "Aborted!" (exit 1) never shows."""
-    atexit.register(finish_interrupted)  # first registered, so it runs last
+    register_exit_hook()  # first registered, so it runs last
     watch_interrupts()
     try:
         try:

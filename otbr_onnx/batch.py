@@ -109,18 +109,14 @@ def _sigint_ignored() -> Iterator[None]:
 
 
 def _worker_signals() -> None:
-    """In each worker: ignore Ctrl-C (see above); on SIGTERM from the parent, unwind quietly, so
-    ``atomic_write`` removes its temporary file and no traceback is printed."""
+    """In each worker: ignore Ctrl-C (see above). SIGTERM from the parent keeps its default, a
+    silent end: turned into an exception it surfaced as a traceback from wherever it landed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _quiet_exit)
 
 
-def _quiet_exit(_signum: int, _frame) -> None:
-    raise SystemExit(130)
-
-
-def _stop_workers(pool: ProcessPoolExecutor, futures: list[Future]) -> None:
-    """After Ctrl-C in the parent: drop the queued models and end the running ones."""
+def _stop_workers(pool: ProcessPoolExecutor, futures: list[Future], out_dir: Path) -> None:
+    """After Ctrl-C in the parent: drop the queued models, end the running ones, and remove the
+    temporary file a worker ended in the middle of ``atomic_write`` may have left."""
     for future in futures:
         future.cancel()
     pool.shutdown(wait=False, cancel_futures=True)
@@ -132,6 +128,8 @@ def _stop_workers(pool: ProcessPoolExecutor, futures: list[Future]) -> None:
         if worker.is_alive():  # stuck inside a long native call
             worker.kill()
             worker.join()
+    for leftover in out_dir.glob(".*.tmp"):  # atomic_write's temporary names: .NAME.XXXX.tmp
+        leftover.unlink(missing_ok=True)
 
 
 def clean_many(models: list[Path], out_dir: Path, options, jobs: int = 1, on_done=None) -> list[Outcome]:
@@ -155,7 +153,7 @@ def clean_many(models: list[Path], out_dir: Path, options, jobs: int = 1, on_don
                     if on_done:
                         on_done(outcomes[-1])
             except KeyboardInterrupt:
-                _stop_workers(pool, futures)
+                _stop_workers(pool, futures, out_dir)
                 raise
     summary = {"models": len(outcomes), "outcomes": [dataclasses.asdict(o) for o in outcomes],
                "counts": {s: sum(o.status == s for o in outcomes) for s in ("cleaned", "skipped", "refused", "failed")}}

@@ -106,6 +106,18 @@ def exit_interrupted() -> None:
 
 
 _exiting_interrupted = False
+_hook_registered = False
+
+
+def register_exit_hook() -> None:
+    """Register ``finish_interrupted`` once; call it before multiprocessing is imported, so that
+    the hook runs after multiprocessing's own exit handler (atexit runs the last registered first)."""
+    global _hook_registered
+    if not _hook_registered:
+        import atexit
+
+        atexit.register(finish_interrupted)
+        _hook_registered = True
 
 
 def finish_interrupted() -> None:

@@ -162,6 +162,9 @@ class Zygote:
 
 def _serve() -> None:
     """The zygote's loop: one JSON request per line on stdin, one JSON reply per line on stdout."""
+    from otbr_onnx.errors import register_exit_hook
+
+    register_exit_hook()  # before multiprocessing is imported, as in a real process (see run())
     import otbr_onnx.batch  # noqa: F401 - every command's imports, done once before any fork
     import otbr_onnx.describe  # noqa: F401
     import otbr_onnx.evaluate  # noqa: F401
@@ -204,9 +207,20 @@ def _child(request: dict, run: Callable[[], None]) -> None:
 
         traceback.print_exc()
         code = 1
-    # Leave as a real process does (atexit handlers, multiprocessing's cleanup, shutdown): the
-    # SystemExit unwinds out of the zygote's loop and ends this child's interpreter.
-    raise SystemExit(code)
+    # Leave as a real process does: exit handlers first (multiprocessing's semaphore cleanup,
+    # the tool's own exit-130 hook), then the exit itself. Not a full interpreter shutdown: the
+    # zygote's thread bookkeeping, inherited through fork, would make that wait forever.
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()  # noqa: SLF001 - a test harness may use CPython's own hook
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
 
 
 def execute(case: HostileCase, folder: Path, zygote: Zygote | None) -> Record:

@@ -18,7 +18,18 @@ from pathlib import Path
 
 import click
 
-from otbr_onnx.errors import OtbrError, UsageError, one_line
+from otbr_onnx.errors import (
+    OtbrError,
+    UsageError,
+    exit_interrupted,
+    interrupts_deferred,
+    one_line,
+    printable,
+    was_interrupted,
+    watch_interrupts,
+)
+from otbr_onnx.files import regular_file_size
+from otbr_onnx.load import MAX_FILE_BYTES, MAX_NODES, MAX_NOISE_ELEMENTS, MAX_TENSOR_ELEMENTS, Limits
 
 LOG = logging.getLogger("otbr_onnx")
 
@@ -56,6 +67,48 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
+def _echo(text: str, err: bool = False) -> None:
+    """click.echo for text that may hold names, paths or messages from untrusted files: every
+    control or format character (terminal escape sequences among them) is printed as an escape."""
+    click.echo(printable(text, keep="\n"), err=err)
+
+
+class _RegularFile(click.Path):
+    """An existing regular file: a FIFO would block the first read forever, a device stream forever."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, dir_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx) -> Path:
+        path = super().convert(value, param, ctx)
+        try:
+            regular_file_size(path)  # os.stat only: nothing is opened
+        except UsageError as error:
+            self.fail(str(error), param, ctx)
+        return path
+
+
+def _limit_options(command):
+    """--max-file-bytes, --max-nodes, --max-noise-elements, --max-tensor-elements: the caps of
+    ``load.Limits`` that keep a hostile file from exhausting the machine."""
+    flags = [
+        ("--max-tensor-elements", MAX_TENSOR_ELEMENTS,
+         "Refuse a model in which shape inference finds a tensor with more elements (batch dims as 1)."),
+        ("--max-noise-elements", MAX_NOISE_ELEMENTS, "Refuse a noise batch (or input image) with more float elements."),
+        ("--max-nodes", MAX_NODES, "Refuse a graph with more nodes."),
+        ("--max-file-bytes", MAX_FILE_BYTES,
+         "Refuse a model file (with its external data), or an npz declaring arrays, larger than this."),
+    ]
+    for flag, default, text in flags:
+        command = click.option(flag, type=click.IntRange(min=1), default=default, show_default=True, help=text)(command)
+    return command
+
+
+def _limits(max_file_bytes: int, max_nodes: int, max_noise_elements: int, max_tensor_elements: int) -> Limits:
+    return Limits(max_file_bytes=max_file_bytes, max_nodes=max_nodes, max_noise_elements=max_noise_elements,
+                  max_tensor_elements=max_tensor_elements)
+
+
 def _run(debug: bool, action) -> None:
     """Run ``action``; turn every failure into one stderr line and an exit code."""
     try:
@@ -69,9 +122,10 @@ def _run(debug: bool, action) -> None:
         click.echo(f"otbr-onnx: error: {one_line(error, limit=None)}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        click.echo("otbr-onnx: interrupted; nothing was written", err=True)
-        sys.exit(130)
+        exit_interrupted()
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
+        if was_interrupted():  # Ctrl-C that a library turned into another error (ImportError)
+            exit_interrupted()
         if debug:
             traceback.print_exc()
         click.echo(f"otbr-onnx: internal error: {type(error).__name__}: {one_line(error)} (rerun with --debug)",
@@ -79,7 +133,27 @@ def _run(debug: bool, action) -> None:
         sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    """click's own refusals (a bad option value, a missing argument) as one ``otbr-onnx: error:``
+    line with exit 2, like every other error; Ctrl-C at any point (while click parses, while a
+    command imports torch) exits 130 with one line, where click would print "Aborted!" and exit 1."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        watch_interrupts()
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except (click.exceptions.Abort, KeyboardInterrupt):  # click turns KeyboardInterrupt into Abort
+            exit_interrupted()
+        except click.ClickException as error:
+            message = printable(" ".join(error.format_message().split()))
+            click.echo(f"otbr-onnx: error: {message} (see --help)", err=True)
+            sys.exit(2)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="otbr-onnx")
 def main() -> None:
     """Remove backdoors from ONNX image classifiers without data (OTBR).
@@ -120,8 +194,9 @@ def _scan_options(command):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@_limit_options
 def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, input_shape, output_name, input_range,
-         report_path, as_json, quiet, verbose, debug) -> None:
+         report_path, as_json, quiet, verbose, debug, **limits) -> None:
     """Is MODEL backdoored, and which class does the backdoor serve? Needs no data; changes nothing.
 
     For every class the largest logit margin reachable over the input box is searched from
@@ -132,14 +207,16 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
     or unreadable model, 3 unsupported model.
     """
     _logging(verbose)
-    from otbr_onnx.output import atomic_write, check_output_path
-    from otbr_onnx.pipeline import CleanOptions, scan as run_scan
-    from otbr_onnx.report import margins_text
 
     def action() -> None:
+        with interrupts_deferred():  # imported inside _run, with Ctrl-C held until they are done
+            from otbr_onnx.output import atomic_write, check_output_path
+            from otbr_onnx.pipeline import CleanOptions, scan as run_scan
+            from otbr_onnx.report import margins_text
+
         options = CleanOptions(scan_starts=scan_starts, scan_steps=scan_steps, scan_threshold=scan_threshold,
                                seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
-                               input_range=_range(input_range))
+                               input_range=_range(input_range), limits=_limits(**limits))
         if report_path is not None:
             check_output_path(report_path, [model], False)
         with _progress(quiet) as progress:
@@ -149,8 +226,8 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
         if as_json:
             click.echo(json.dumps(found.report, indent=2))
         elif not quiet:
-            click.echo(f"{model}: {found.report['verdict']}")
-            click.echo("\n".join(margins_text(found.report["scan"])))
+            _echo(f"{model}: {found.report['verdict']}")
+            _echo("\n".join(margins_text(found.report["scan"])))
         if found.backdoor_suspected:
             sys.exit(EXIT_SUSPECTED)
 
@@ -181,7 +258,7 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
                    "--max-acc-drop on --calibration images.")
 @click.option("--method", type=click.Choice(["otbr", "prune-only", "clp"]), default="otbr", show_default=True,
               help="otbr: the full method; prune-only: stage 1 alone (ablation); clp: channel-Lipschitz pruning baseline.")
-@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+@click.option("--calibration", type=_RegularFile(),
               help="npz of CLEAN images (x, y) you trust: choose the prune ratio under --max-acc-drop on them.")
 @click.option("--max-acc-drop", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="With --calibration: accuracy points the cleaning may cost on those images.")
@@ -202,17 +279,19 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
 @click.option("--output", "output_name", help="Name of the logits output when the model has several.")
 @click.option("--input-range", default="0,1", show_default=True,
               help="Value range of the noise images (use the range the model expects, e.g. -1,1 or 0,255).")
-@click.option("--force", is_flag=True, help="Allow the output path to be the input path.")
+@click.option("--force", is_flag=True,
+              help="Allow the output path to be the input path (batch: the output folder to overlap the inputs).")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch mode: models cleaned in parallel.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (batch: the summary) as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@_limit_options
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, ranking, scan_starts, scan_steps,
           scan_threshold, iterations, batch_size, micro_batch, lr,
           fusion_lambda, prune_ratio, method, calibration, max_acc_drop, max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
-          jobs, as_json, quiet, verbose, debug) -> None:
+          jobs, as_json, quiet, verbose, debug, **limits) -> None:
     """Scan MODEL, remove the backdoor it finds, check that it is gone, and write OUTPUT.
 
     \b
@@ -231,11 +310,14 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
     same input and options are skipped; the exit code is the worst of the models' codes.
     """
     _logging(verbose)
-    from otbr_onnx.output import check_output_path, write_result
-    from otbr_onnx.pipeline import clean as run_clean
-    from otbr_onnx.report import summary_text
 
     def action() -> None:
+        # imported here, inside _run, with Ctrl-C held until they are done (see interrupts_deferred)
+        with interrupts_deferred():
+            from otbr_onnx.output import check_output_path, write_result
+            from otbr_onnx.pipeline import clean as run_clean
+            from otbr_onnx.report import summary_text
+
         options = _clean_options(
             reference,
             {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
@@ -245,9 +327,14 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             output_name=output_name,
             input_range=_range(input_range), micro_batch=micro_batch, ort_provider=ort_provider,
             calibration=calibration, max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes,
+            limits=_limits(**limits),
         )
+        if calibration is not None:  # fail fast, before loading or unlearning: the scan reads it last
+            from otbr_onnx.evaluate import load_npz, split_sets
+
+            split_sets(load_npz(calibration, options.limits.max_file_bytes, "--calibration"), {})
         if len(models) > 1 or _is_dir(models[0]):
-            _clean_batch(list(models), output, options, jobs, as_json, quiet)
+            _clean_batch(list(models), output, options, jobs, as_json, quiet, force)
             return
         model = models[0]
         check_output_path(output, [model], force)
@@ -256,11 +343,11 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
         with _progress(quiet) as progress:
             result = run_clean(model, options, progress, command=sys.argv[1:])
         write_result(result, output, report_path)
-        if as_json:
+        if as_json:  # json.dumps writes every control character as \\uXXXX
             click.echo(json.dumps(result.report, indent=2))
         if not quiet:
-            click.echo(summary_text(result.report), err=True)
-            click.echo(f"  wrote {output}" + ("" if result.changed else " (the input, unchanged)"), err=True)
+            _echo(summary_text(result.report), err=True)
+            _echo(f"  wrote {output}" + ("" if result.changed else " (the input, unchanged)"), err=True)
 
     _run(debug, action)
 
@@ -276,12 +363,15 @@ def _clean_options(reference: bool, given: dict, **fixed):
     return replace(base, **{k: v for k, v in given.items() if v is not None}, **fixed)
 
 
-def _clean_batch(inputs: list[Path], out_dir: Path, options, jobs: int, as_json: bool, quiet: bool) -> None:
+def _clean_batch(inputs: list[Path], out_dir: Path, options, jobs: int, as_json: bool, quiet: bool,
+                 force: bool) -> None:
     from otbr_onnx.batch import clean_many, collect_models
+    from otbr_onnx.output import check_batch_paths
 
     models = collect_models(inputs)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: batch mode needs an output folder, and this is a file")
+    check_batch_paths(inputs, models, out_dir, force)
     bar = None
     if not quiet and sys.stderr.isatty():
         from tqdm import tqdm
@@ -293,6 +383,7 @@ def _clean_batch(inputs: list[Path], out_dir: Path, options, jobs: int, as_json:
             bar.update(1)
         if not quiet:
             text = f"{outcome.status:8} {outcome.model}" + (f": {outcome.message}" if outcome.message else "")
+            text = printable(text)  # file names in a batch folder are anyone's choice
             (bar.write if bar is not None else lambda t: click.echo(t, err=True))(text)
 
     outcomes = clean_many(models, out_dir, options, jobs, done)
@@ -303,15 +394,24 @@ def _clean_batch(inputs: list[Path], out_dir: Path, options, jobs: int, as_json:
     worst = max(o.exit_code for o in outcomes)
     if not quiet:
         counts = {s: sum(o.status == s for o in outcomes) for s in ("cleaned", "skipped", "refused", "failed")}
-        click.echo("batch: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; summary in {out_dir / 'summary.json'}",
-                   err=True)
+        _echo("batch: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; summary in {out_dir / 'summary.json'}",
+              err=True)
     if worst:
         sys.exit(worst)
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log records quote layer names and paths: escape what a terminal would act on."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep="\n")
+
+
 def _logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="otbr-onnx: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("otbr-onnx: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 class _progress:
@@ -339,39 +439,47 @@ class _progress:
 
 @main.command("eval")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+@click.option("--data", "data_path", required=True, type=_RegularFile(),
               help="npz with x_clean/y_clean (and optionally x_poisoned/y_poisoned), or x/y.")
-@click.option("--poisoned", "poisoned_path", type=click.Path(path_type=Path),
+@click.option("--poisoned", "poisoned_path", type=_RegularFile(),
               help="npz of triggered images (x, y = TRUE labels).")
 @click.option("--target", type=int, help="Attack target class (default: 'target' in the npz, else 0).")
 @click.option("--original", "original_path", type=click.Path(path_type=Path),
               help="The model before cleaning: also report its metrics and the DER.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@_limit_options
 def eval_command(model: Path, data_path: Path, poisoned_path: Path | None, target: int | None,
-                 original_path: Path | None, as_json: bool, debug: bool) -> None:
+                 original_path: Path | None, as_json: bool, debug: bool, **limits) -> None:
     """Print ACC (clean accuracy), ASR (attack success rate) and RA (robust accuracy) of MODEL."""
-    from otbr_onnx import evaluate as ev
-    from otbr_onnx.load import load_model
 
     def action() -> None:
-        data = ev.load_npz(data_path)
-        poisoned = ev.load_npz(poisoned_path) if poisoned_path else None
+        with interrupts_deferred():
+            from otbr_onnx import evaluate as ev
+            from otbr_onnx.load import load_model
+
+        caps = _limits(**limits)
+        data = ev.load_npz(data_path, caps.max_file_bytes, "--data")
+        poisoned = ev.load_npz(poisoned_path, caps.max_file_bytes, "--poisoned") if poisoned_path else None
         clean_set, poisoned_set = ev.split_sets(data, poisoned)
-        goal = target if target is not None else int(data.get("target", 0))
+        goal = target if target is not None else ev.npz_target(data)
         result = {"model": str(model), "target": goal}
-        metrics = ev.evaluate(load_model(model).proto, clean_set, poisoned_set, goal)
+        loaded = load_model(model, limits=caps)
+        ev.check_sets(loaded, clean_set, poisoned_set, goal)
+        metrics = ev.evaluate(loaded.proto, clean_set, poisoned_set, goal)
         result["metrics"] = metrics.as_dict()
         if original_path is not None:
-            before = ev.evaluate(load_model(original_path).proto, clean_set, poisoned_set, goal)
+            original = load_model(original_path, limits=caps)
+            ev.check_sets(original, clean_set, poisoned_set, goal)
+            before = ev.evaluate(original.proto, clean_set, poisoned_set, goal)
             result["original"] = before.as_dict()
             result["der"] = ev.der(before, metrics)
         if as_json:
             click.echo(json.dumps(result, indent=2))
             return
         if original_path is not None:
-            click.echo(f"{original_path}: {_metrics_line(before)}")
-        click.echo(f"{model}: {_metrics_line(metrics)}")
+            _echo(f"{original_path}: {_metrics_line(before)}")
+        _echo(f"{model}: {_metrics_line(metrics)}")
         if result.get("der") is not None:
             click.echo(f"DER: {100 * result['der']:.2f}")
 
@@ -384,27 +492,31 @@ def eval_command(model: Path, data_path: Path, poisoned_path: Path | None, targe
 @click.option("--output", "output_name", help="Name of the logits output when the model has several.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug: bool) -> None:
+@_limit_options
+def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug: bool, **limits) -> None:
     """Show MODEL's interface, weight layers, channel ties and what clean would do. Changes nothing."""
-    from otbr_onnx.describe import describe
 
     def action() -> None:
-        info = describe(model, _ints(input_shape), output_name)
+        with interrupts_deferred():
+            from otbr_onnx.describe import describe
+
+        info = describe(model, _ints(input_shape), output_name, _limits(**limits))
         if as_json:
             click.echo(json.dumps(info, indent=2))
             return
-        click.echo(f"{info['path']}: opset {info['opset']}, {info['nodes']} nodes, producer {info['producer'] or '?'}")
-        click.echo(f"  input  {info['input']['name']} {info['input']['shape']}")
-        click.echo(f"  output {info['output']['name']}" + (" (probabilities)" if info["output"]["probabilities"] else ""))
+        # producer, path and verdict are free text from the file: _echo escapes them
+        _echo(f"{info['path']}: opset {info['opset']}, {info['nodes']} nodes, producer {info['producer'] or '?'}")
+        _echo(f"  input  {info['input']['name']} {info['input']['shape']}")
+        _echo(f"  output {info['output']['name']}" + (" (probabilities)" if info["output"]["probabilities"] else ""))
         for layer in info["layers"]:
             why = f"  ({layer['pinned_because']})" if layer["pinned_because"] else ""
-            click.echo(f"  {layer['op']:7} {layer['neurons']:5d} neurons  {layer['role']:8} group {layer['group']:3d}  "
-                       f"{layer['node']}{why}")
+            _echo(f"  {layer['op']:7} {layer['neurons']:5d} neurons  {layer['role']:8} group {layer['group']:3d}  "
+                  f"{layer['node']}{why}")
         for skipped in info["skipped_layers"]:
-            click.echo(f"  skipped {skipped['node']}: {skipped['reason']}")
+            _echo(f"  skipped {skipped['node']}: {skipped['reason']}")
         for group, members in info["tie_groups"].items():
-            click.echo(f"  tied group {group}: {', '.join(members)}")
-        click.echo(f"  verdict: {info['verdict']}")
+            _echo(f"  tied group {group}: {', '.join(members)}")
+        _echo(f"  verdict: {info['verdict']}")
 
     _run(debug, action)
 
@@ -419,33 +531,37 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
 @click.option("--input-range", default="0,1", show_default=True, help="Value range of the model's input (--scan).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@_limit_options
 def verify_command(original: Path, cleaned: Path, input_shape, samples: int, with_scan: bool, input_range: str,
-                   as_json: bool, debug: bool) -> None:
-    """Check that CLEANED is ORIGINAL with only initializer values changed (exit 5 if not).
+                   as_json: bool, debug: bool, **limits) -> None:
+    """Check that CLEANED is ORIGINAL with only weight values changed (exit 5 if not): a changed
+    value of any initializer that is not a weight-layer weight or bias is a graph difference.
 
     With --scan, both models are scanned (see `otbr-onnx scan`): the margins show whether the
     class the original's backdoor served is still abnormally reachable in CLEANED."""
-    from otbr_onnx.load import load_model
-    from otbr_onnx.verify import verify
 
     def action() -> None:
-        before = load_model(original, _ints(input_shape))
-        after = load_model(cleaned, _ints(input_shape))
+        with interrupts_deferred():
+            from otbr_onnx.load import load_model
+            from otbr_onnx.verify import verify
+
+        before = load_model(original, _ints(input_shape), limits=_limits(**limits))
+        after = load_model(cleaned, _ints(input_shape), limits=_limits(**limits))
         result = verify(before.proto, after.proto, before.input_name, before.input_shape, samples)
         scans = _scan_both(before, after, _ints(input_shape), _range(input_range)) if with_scan else None
         if as_json:
             click.echo(json.dumps({**result.as_dict(), **({"scan": scans} if scans else {})}, indent=2))
         elif result.same_graph:
-            click.echo(f"same graph: only initializer values differ ({len(result.moved)} tensors changed)")
+            _echo(f"same graph: only weight values differ ({len(result.moved)} tensors changed)")
             for name, moved in result.moved.items():
-                click.echo(f"  {name}: max abs {moved['max_abs']:.3g}, relative L2 {moved['relative_l2']:.3g}")
-            click.echo(f"outputs on {samples} random inputs: top-1 agreement {100 * result.top1_agreement:.1f}%, "
-                       f"max abs logit diff {result.max_abs_logit_diff:.3g}")
+                _echo(f"  {name}: max abs {moved['max_abs']:.3g}, relative L2 {moved['relative_l2']:.3g}")
+            _echo(f"outputs on {samples} random inputs: top-1 agreement {100 * result.top1_agreement:.1f}%, "
+                  f"max abs logit diff {result.max_abs_logit_diff:.3g}")
             if scans:
-                click.echo("\n".join(_margins_side_by_side(scans["original"], scans["cleaned"])))
+                _echo("\n".join(_margins_side_by_side(scans["original"], scans["cleaned"])))
         if not result.same_graph:
             if not as_json:
-                click.echo(f"otbr-onnx: graphs differ at {result.first_difference}", err=True)
+                _echo(f"otbr-onnx: graphs differ at {result.first_difference}", err=True)
             sys.exit(5)
 
     _run(debug, action)

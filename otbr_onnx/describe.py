@@ -5,17 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from otbr_onnx.errors import OtbrError
-from otbr_onnx.layers import find_weight_layers
-from otbr_onnx.load import Limits, load_model
+from otbr_onnx.layers import find_weight_layers, reachable_layers
+from otbr_onnx.load import Limits, check_noise_budget, load_model
 from otbr_onnx.ties import analyse
 
 
+CLEAN_BATCH_SIZE = 256  # clean's default --batch-size, for the noise-budget check
+
+
 def describe(path: str | Path, input_shape: tuple[int, ...] | None = None, output_name: str | None = None,
-             limits: Limits = Limits()) -> dict:
+             limits: Limits = Limits(), batch_size: int = CLEAN_BATCH_SIZE) -> dict:
     """Interface, weight layers, channel-tie groups and the verdict ``clean`` would reach.
 
-    Load errors propagate (the model cannot be described at all); problems found later are
-    reported in ``verdict`` so the rest of the description is still shown.
+    Load errors propagate (the model cannot be described at all: ``load_model`` holds the checks
+    both commands share, the class-score output among them); problems found later are reported
+    in ``verdict`` so the rest of the description is still shown. The checks after loading are
+    the ones ``clean`` makes before converting, in the same order; what only a conversion or the
+    ratio scan can show (PyTorch parity, the fidelity budget) inspect cannot promise.
     """
     from otbr_onnx.bridge import check_convertible
 
@@ -37,9 +43,12 @@ def describe(path: str | Path, input_shape: tuple[int, ...] | None = None, outpu
     try:
         layers, skipped = find_weight_layers(proto)
         info["skipped_layers"] = [{"node": s.node_name, "op": s.op_type, "reason": s.reason} for s in skipped]
+        layers, skipped = reachable_layers(proto, layers, skipped, loaded.output_name)
+        info["skipped_layers"] = [{"node": s.node_name, "op": s.op_type, "reason": s.reason} for s in skipped]
         check_convertible(proto)
         if not layers:
             raise OtbrError("no weight layer to clean")
+        check_noise_budget(loaded.input_shape, batch_size, limits)
         ties = analyse(proto, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
     except OtbrError as error:
         info["verdict"] = f"clean would refuse: {error}"

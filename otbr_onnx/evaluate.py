@@ -5,14 +5,22 @@ Used by ``otbr-onnx eval`` and the benchmarks; the cleaning pipeline itself neve
 
 from __future__ import annotations
 
+import math
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+from numpy.lib import format as npy_format
 
 from converters import runtime
-from otbr_onnx.errors import UsageError
+from otbr_onnx.errors import UnsupportedModelError, UsageError, one_line
+from otbr_onnx.files import open_regular
+from otbr_onnx.load import MAX_FILE_BYTES, LoadedModel, ort_errors
+
+NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats: what can be an image or a label
 
 
 @dataclass(frozen=True)
@@ -27,42 +35,172 @@ class Metrics:
         return asdict(self)
 
 
-def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Read an evaluation set; refuses pickled objects (an npz from a stranger can carry code)."""
+class Arrays(dict):
+    """The arrays of one npz, and where they came from (``--data eval.npz``) for messages."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], source: str) -> None:
+        super().__init__(arrays)
+        self.source = source
+
+
+def _where(data: dict) -> str:
+    return f"{data.source}: " if isinstance(data, Arrays) else ""
+
+
+def load_npz(path: str | Path, max_bytes: int = MAX_FILE_BYTES, option: str | None = None) -> Arrays:
+    """Read an evaluation or calibration set from a stranger, refusing anything odd with exit 2.
+
+    Only a regular file (a FIFO would block), only numeric arrays (never pickled objects, which
+    can carry code), and every array's header is read and checked against ``max_bytes`` and
+    against the bytes the archive really holds *before* numpy allocates what the header
+    declares (numpy allocates the declared size first, then fills it: a 100-byte file can
+    declare terabytes). ``option`` names the flag in messages.
+    """
+    source = f"{option} {path}" if option else str(path)
+    with open_regular(Path(path), "an .npz file") as handle:
+        try:
+            archive = zipfile.ZipFile(handle)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as error:
+            raise UsageError(f"{source}: cannot read as .npz (not a zip archive of .npy arrays)") from error
+        with archive:
+            members = _checked_members(archive, source, max_bytes)
+            return Arrays({key: _read_member(archive, info, key, source) for key, info in members.items()}, source)
+
+
+def _checked_members(archive: zipfile.ZipFile, source: str, max_bytes: int) -> dict[str, zipfile.ZipInfo]:
+    """Array name -> zip entry, each header checked; nothing large is read yet."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    total = 0
+    for info in archive.infolist():
+        key = info.filename.removesuffix(".npy")
+        shape, dtype, header_bytes = _npy_header(archive, info, key, source)
+        if dtype.kind not in NUMERIC_KINDS:
+            raise UsageError(f"{source}: array '{key}' has dtype {dtype}; expected numbers (bool, int or float)")
+        declared = math.prod(shape) * dtype.itemsize
+        if declared > info.file_size - header_bytes:
+            raise UsageError(f"{source}: array '{key}' declares shape {shape} ({declared} bytes) but holds only "
+                             f"{max(info.file_size - header_bytes, 0)} bytes of data")
+        total += declared
+        if total > max_bytes:
+            raise UsageError(f"{source}: the arrays declare more than the --max-file-bytes limit of {max_bytes} bytes "
+                             f"(array '{key}' has shape {shape})")
+        members[key] = info
+    if not members:
+        raise UsageError(f"{source}: the archive holds no arrays")
+    return members
+
+
+def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str,
+                source: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) of one member, read with numpy's own header parser."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{path}: cannot read as .npz ({error})") from error
+        with archive.open(info) as member:
+            version = npy_format.read_magic(member)
+            readers = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+            if version not in readers:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, _fortran, dtype = readers[version](member)
+            return tuple(shape), np.dtype(dtype), member.tell()
+    except (ValueError, TypeError, OSError, EOFError, SyntaxError, zipfile.BadZipFile, NotImplementedError,
+            zlib.error) as error:
+        raise UsageError(f"{source}: array '{key}' is not a readable .npy array ({one_line(error, 'bad header')})") from error
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, source: str) -> np.ndarray:
+    try:
+        with archive.open(info) as member:
+            return npy_format.read_array(member, allow_pickle=False)
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, MemoryError, zlib.error) as error:
+        # a CRC mismatch or a stream shorter than its header says ends here, not in an allocation
+        raise UsageError(f"{source}: array '{key}' cannot be read ({one_line(error, type(error).__name__)})") from error
+
+
+def npz_target(data: dict[str, np.ndarray], default: int = 0) -> int:
+    """The attack target class stored as ``target`` in an evaluation npz, checked."""
+    if "target" not in data:
+        return default
+    value = data["target"]
+    if value.size != 1 or value.dtype.kind not in "iu" or int(value.reshape(-1)[0]) < 0:
+        raise UsageError(f"{_where(data)}array 'target' must be one non-negative integer class, got dtype {value.dtype} "
+                         f"shape {value.shape}")
+    return int(value.reshape(-1)[0])
 
 
 def split_sets(clean: dict, poisoned: dict | None) -> tuple[tuple, tuple | None]:
     """(x, y) for clean images and, if any, for triggered images with their true labels.
 
     One file may hold both (``x_clean, y_clean, x_poisoned, y_poisoned``); a separate file
-    holds ``x, y`` (or the same long names).
+    holds ``x, y`` (or the same long names). Every array is checked (``_checked_pair``): a bad
+    one is a usage error naming it, never a crash later.
     """
     def pick(data: dict, kind: str) -> tuple | None:
         for xs, ys in ((f"x_{kind}", f"y_{kind}"), ("x", "y")):
             if xs in data and ys in data:
-                return data[xs].astype(np.float32), data[ys].astype(np.int64)
+                return _checked_pair(data, xs, ys)
         return None
 
     clean_set = pick(clean, "clean")
     if clean_set is None:
-        raise UsageError("--data must hold arrays x_clean/y_clean (or x/y)")
+        raise UsageError(f"{_where(clean)}the npz must hold arrays x_clean/y_clean (or x/y)")
     poisoned_set = pick(poisoned, "poisoned") if poisoned is not None else None
     if poisoned_set is None and poisoned is None and "x_poisoned" in clean:
-        poisoned_set = clean["x_poisoned"].astype(np.float32), clean["y_poisoned"].astype(np.int64)
+        if "y_poisoned" not in clean:
+            raise UsageError(f"{_where(clean)}array 'x_poisoned' has no 'y_poisoned' labels beside it")
+        poisoned_set = _checked_pair(clean, "x_poisoned", "y_poisoned")
     return clean_set, poisoned_set
 
 
+def _checked_pair(data: dict, xs: str, ys: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``data[xs]`` as float32 (N, ...) and labels ``data[ys]`` as int64 (N,)."""
+    x, y, where = np.asarray(data[xs]), np.asarray(data[ys]), _where(data)
+    if x.dtype.kind not in NUMERIC_KINDS or x.ndim < 2:
+        raise UsageError(f"{where}array '{xs}' has dtype {x.dtype} and shape {x.shape}; expected numeric images (N, C, H, W)")
+    if len(x) == 0:
+        raise UsageError(f"{where}array '{xs}' is empty; expected at least one image")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UsageError(f"{where}array '{ys}' has shape {y.shape}; expected one label per image of '{xs}', i.e. ({len(x)},)")
+    if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+        raise UsageError(f"{where}array '{ys}' has dtype {y.dtype} with non-integer values; expected integer class labels")
+    if y.min() < 0:
+        raise UsageError(f"{where}array '{ys}' holds the negative label {y.min()}; expected class indices >= 0")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def check_sets(loaded: LoadedModel, clean: tuple, poisoned: tuple | None, target: int) -> None:
+    """Images of the model's input shape, labels and target below its class count (exit 2 if not).
+
+    Checked before onnxruntime runs: a wrong shape there was an internal error (exit 1).
+    """
+    expected = tuple(loaded.input_shape[1:])
+    classes = declared_classes(loaded)
+    for kind, pair in (("clean", clean), ("triggered", poisoned)):
+        if pair is None:
+            continue
+        x, y = pair
+        if tuple(x.shape[1:]) != expected:
+            raise UsageError(f"the {kind} images have shape {tuple(x.shape[1:])}; the model expects {expected}")
+        if classes is not None and len(y) and int(y.max()) >= classes:
+            raise UsageError(f"the {kind} labels go up to {int(y.max())}; the model has {classes} classes")
+    if classes is not None and target >= classes:
+        raise UsageError(f"--target {target} is not a class of the model ({classes} classes)")
+
+
+def declared_classes(loaded: LoadedModel) -> int | None:
+    """Class count from the declared (N, classes) output, if fixed; load.py checked the rank."""
+    dims = loaded.proto.graph.output[loaded.output_index].type.tensor_type.shape.dim
+    return dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value > 1 else None
+
+
 def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    sess = runtime.session(model)
-    inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-    return np.concatenate([
-        sess.run([out], {inp: x[i:i + batch_size]})[0].argmax(axis=1) for i in range(0, len(x), batch_size)
-    ])
+    try:
+        sess = runtime.session(model)
+        inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+        scores = [sess.run([out], {inp: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    except ort_errors() as error:  # the images were checked: what fails now is the model
+        raise UnsupportedModelError(f"onnxruntime cannot run the model on the images: {one_line(error)}") from error
+    if any(s.ndim != 2 for s in scores):
+        raise UnsupportedModelError(f"the output has shape {scores[0].shape}; expected class scores of shape (N, classes)")
+    return np.concatenate([s.argmax(axis=1) for s in scores])
 
 
 def evaluate(model: onnx.ModelProto, clean: tuple, poisoned: tuple | None, target: int) -> Metrics:

@@ -112,6 +112,60 @@ def find_weight_layers(model: onnx.ModelProto) -> tuple[list[WeightLayer], list[
     return layers, skipped
 
 
+def reachable_layers(
+    model: onnx.ModelProto, layers: list[WeightLayer], skipped: list[SkippedLayer], output_name: str | None = None
+) -> tuple[list[WeightLayer], list[SkippedLayer]]:
+    """``layers`` whose output values reach ``output_name`` (default: any graph output), and
+    ``skipped`` plus one entry for every other layer.
+
+    A dead layer gets no gradient from the logits, so random unlearning cannot move it (torch
+    then stops: "element 0 of tensors does not require grad"), and pruning it changes nothing
+    the model answers. Skipping keeps it untouched and the report says why.
+    """
+    targets = [output_name] if output_name else [v.name for v in model.graph.output]
+    live = _live_nodes(model.graph, targets)
+    where = f"the output '{output_name}'" if output_name else "any graph output"
+    dead = [SkippedLayer(layer.label, layer.op_type, f"its output does not reach {where}")
+            for layer in layers if layer.node_index not in live]
+    kept = [layer for layer in layers if layer.node_index in live]
+    if layers and not kept:
+        raise UnsupportedModelError(
+            f"none of the {len(layers)} weight layers reaches {where} (e.g. {dead[0].op_type} '{dead[0].node_name}'); "
+            "nothing to clean"
+        )
+    return kept, [*skipped, *dead]
+
+
+# Ops whose output depends on the shape of their input only, not its values: a weight seen
+# only through them gets no gradient either.
+_SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+
+
+def _live_nodes(graph: onnx.GraphProto, targets: list[str]) -> set[int]:
+    """Indices of the nodes whose output values the ``targets`` depend on."""
+    producers = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+    live: set[int] = set()
+    pending = list(targets)
+    while pending:
+        index = producers.get(pending.pop())
+        if index is None or index in live:
+            continue
+        live.add(index)
+        node = graph.node[index]
+        if node.op_type not in _SHAPE_ONLY_OPS:
+            pending.extend(_value_inputs(node))
+    return live
+
+
+def _value_inputs(node: onnx.NodeProto) -> list[str]:
+    """A node's inputs, with the outer-scope names its If / Loop bodies read."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+            names += [name for inner in sub.node for name in _value_inputs(inner)]
+    return names
+
+
 _WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONSTANT_NODE_REASON = "reads its weight from Constant node"
 

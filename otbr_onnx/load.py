@@ -21,6 +21,8 @@ import math
 import os
 import unicodedata
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +31,18 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, external_data_helper, numpy_helper
 
-from otbr_onnx.errors import UnreadableModelError, UnsupportedModelError, UsageError, one_line
+from otbr_onnx.errors import OtbrError, UnreadableModelError, UnsupportedModelError, UsageError, one_line
+from otbr_onnx.files import open_regular
 
 SUPPORTED_DOMAINS = ("", "ai.onnx")
 MAX_FILE_BYTES = 2 * 1024**3
 MAX_NODES = 100_000
+MAX_NOISE_ELEMENTS = 64 * 1024**2  # float32 elements of one noise batch (256 MiB)
+# Elements of any one intermediate tensor that shape inference can size (batch dims as 1): a
+# 10 KB model with ConstantOfShape [16000, 16000] on the logits path otherwise allocates 1 GiB
+# per run (3.8 GB peak in clean). The largest activation of common classifiers is ~1e6 per
+# image (ResNet at 224: 64 x 112 x 112), so 64 Mi elements (256 MiB of float32) is generous.
+MAX_TENSOR_ELEMENTS = 64 * 1024**2
 # protobuf cannot serialise a message of 2 GiB or more, and onnxruntime and the checker are
 # handed serialised bytes: a model whose inlined external data crosses this cannot be cleaned.
 MAX_PROTO_BYTES = 2**31 - 1
@@ -53,9 +62,10 @@ INF_ALLOWED_READERS = frozenset({
 class Limits:
     """Caps that keep a hostile file from exhausting the machine."""
 
-    max_file_bytes: int = MAX_FILE_BYTES
+    max_file_bytes: int = MAX_FILE_BYTES  # also bounds what an npz (--data, --calibration) declares
     max_nodes: int = MAX_NODES
-    max_noise_elements: int = 64 * 1024**2  # float32 elements of one noise batch (256 MiB)
+    max_noise_elements: int = MAX_NOISE_ELEMENTS
+    max_tensor_elements: int = MAX_TENSOR_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -101,12 +111,32 @@ def load_model(
 ) -> LoadedModel:
     """Read, check and describe the model at ``path``."""
     path = Path(path)
-    data = _read_bytes(path, limits)
-    proto = _parse(data, path)
-    _check_names(proto.graph)  # first: later messages quote names, and must stay one line
-    _inline_external_data(proto, path.parent, limits)
-    model = describe_model(proto, input_shape, output_name, limits)
+    with _loader_errors(str(path)):
+        data = _read_bytes(path, limits)
+        proto = _parse(data, path)
+        _check_names(proto.graph)  # first: later messages quote names, and must stay one line
+        _inline_external_data(proto, path.parent, limits)
+        model = describe_model(proto, input_shape, output_name, limits)
     return LoadedModel(path=path, sha256=hashlib.sha256(data).hexdigest(), **model)
+
+
+@contextmanager
+def _loader_errors(source: str) -> Iterator[None]:
+    """Every failure while reading an untrusted model is the model's fault, never a bug of ours.
+
+    onnx, protobuf and numpy raise their own exception types for hostile files (onnx's
+    ValidationError for hard-linked external data, RecursionError for nesting, MemoryError for
+    declared sizes); the specific checks below catch what they know, and this maps the rest to a
+    refusal (exit 2, or 3 for memory) instead of an internal error (exit 1).
+    """
+    try:
+        yield
+    except OtbrError:
+        raise
+    except MemoryError as error:
+        raise UnsupportedModelError(f"{source}: loading the model needs more memory than is available; refused") from error
+    except Exception as error:  # noqa: BLE001 - the trust boundary: see the docstring
+        raise UnreadableModelError(f"{source}: cannot load: {type(error).__name__}: {one_line(error, 'failed')}") from error
 
 
 def load_proto(
@@ -120,30 +150,25 @@ def load_proto(
         raise UsageError("an in-memory model with external data cannot be cleaned; pass its path")
     proto_copy = onnx.ModelProto()
     proto_copy.CopyFrom(proto)
-    model = describe_model(proto_copy, input_shape, output_name, limits)
+    with _loader_errors("the model"):
+        model = describe_model(proto_copy, input_shape, output_name, limits)
     digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
     return LoadedModel(path=None, sha256=digest, **model)
 
 
 def _read_bytes(path: Path, limits: Limits) -> bytes:
-    try:
-        if not path.exists():
-            raise UsageError(f"{path}: no such file")
-        if path.is_dir():
-            raise UsageError(f"{path}: is a directory, expected an .onnx file")
-        size = path.stat().st_size
-    except OSError as error:  # a name too long, a symlink loop: the path itself is unusable
-        raise UsageError(f"{path}: cannot read: {error.strerror or error}") from error
-    if size == 0:
-        raise UnreadableModelError(f"{path}: file is empty, not an ONNX model")
-    if size > limits.max_file_bytes:
-        raise UnsupportedModelError(
-            f"{path}: file is {size} bytes, above the --max-file-bytes limit of {limits.max_file_bytes}"
-        )
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise UsageError(f"{path}: cannot read: {error.strerror}") from error
+    with open_regular(path, "an .onnx file") as handle:  # a FIFO or device is refused, never read
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            raise UnreadableModelError(f"{path}: file is empty, not an ONNX model")
+        if size > limits.max_file_bytes:
+            raise UnsupportedModelError(
+                f"{path}: file is {size} bytes, above the --max-file-bytes limit of {limits.max_file_bytes}"
+            )
+        try:
+            return handle.read(size)  # no more than the size checked, even if the file grows
+        except OSError as error:
+            raise UsageError(f"{path}: cannot read: {error.strerror}") from error
 
 
 def _parse(data: bytes, path: Path) -> onnx.ModelProto:
@@ -188,6 +213,8 @@ def _inline_external_data(proto: onnx.ModelProto, base_dir: Path, limits: Limits
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             external_data_helper.load_external_data_for_model(proto, str(base))
+    except onnx.checker.ValidationError as error:  # onnx's own path checks (hard links, escapes)
+        raise UnsupportedModelError(f"onnx refuses the external data: {one_line(error, 'invalid location')}") from error
     except (OSError, ValueError) as error:
         raise UnreadableModelError(f"cannot read external data: {error}") from error
 
@@ -204,7 +231,13 @@ def _external_target(name: str, location: str, base: Path) -> Path:
             f"tensor '{name}': external data location '{location}' leaves the model folder; refused"
         )
     if not target.is_file():  # missing, a folder, or a FIFO that would block the read forever
-        raise UnreadableModelError(f"tensor '{name}': external data file '{location}' is missing")
+        raise UnreadableModelError(f"tensor '{name}': external data file '{location}' is missing or not a regular file")
+    links = target.stat().st_nlink
+    if links > 1:  # another name of the same bytes may live anywhere on the file system
+        raise UnsupportedModelError(
+            f"tensor '{name}': external data file '{location}' has {links} hard links; refused, since a hard "
+            "link can make a file from outside the model folder look local"
+        )
     return target
 
 
@@ -235,10 +268,11 @@ def describe_model(
     _check_names(graph)
     _check_domains(proto)
     _check_size(proto)
-    _check_structure(proto)
+    sizes = _tensor_sizes(_check_structure(proto).graph)  # the inferred copy is dropped at once
     _check_constants(proto)
     input_name, shape = _find_image_input(graph, input_shape, limits)
     out_name, out_index = _find_output(graph, output_name)
+    _check_tensor_sizes(sizes, limits)  # after the input's own cap, before anything runs the graph
     _check_output_depends_on_input(graph, input_name, out_name)
     _check_runs(proto, input_name, shape, out_name)
     return {
@@ -296,7 +330,7 @@ def _check_size(proto: onnx.ModelProto) -> None:
         )
 
 
-def _check_structure(proto: onnx.ModelProto) -> None:
+def _check_structure(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The checker, then strict type and shape inference.
 
     A wrong-typed tensor (an int64 Conv weight), a Conv fed a rank-1 weight or an output declared
@@ -304,15 +338,55 @@ def _check_structure(proto: onnx.ModelProto) -> None:
     instead of a crash in onnxruntime, onnx2torch or PyTorch. Strict mode passes every model we
     tried from torch's legacy and dynamo exporters (ResNet, VGG, MobileNetV2, EfficientNet,
     ConvNeXt, ViT, Swin) and onnx's own test models.
+
+    Returns the inferred model (shapes in ``value_info``) for the tensor-size check. Data
+    propagation sizes shapes computed from constants (Shape -> Mul -> ConstantOfShape); where
+    it fails on its own, the model is judged by plain inference, as before.
     """
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as error:
         raise UnreadableModelError(f"the ONNX checker rejects the model: {one_line(error, 'invalid model')}") from error
+    errors = (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError)
     try:
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as error:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except errors:
+        pass
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except errors as error:
         raise UnreadableModelError(f"the model's types or shapes are inconsistent: {one_line(error, 'type error')}") from error
+
+
+def _tensor_sizes(graph: onnx.GraphProto) -> list[tuple[str, int]]:
+    """(name, elements) of every tensor whose shape inference sized, If / Loop bodies included.
+
+    Symbolic dims (the batch) count as 1. Sizes only known when the graph runs (a shape read
+    from the data) are not bounded by this.
+    """
+    found = [(v.name, n) for v in (*graph.value_info, *graph.output) if (n := _declared_elements(v.type)) is not None]
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                found += _tensor_sizes(sub)
+    return found
+
+
+def _check_tensor_sizes(sizes: list[tuple[str, int]], limits: Limits) -> None:
+    """Refuse a graph with a tensor above ``limits.max_tensor_elements`` (a memory bomb)."""
+    for name, elements in sizes:
+        if elements > limits.max_tensor_elements:
+            raise UnsupportedModelError(
+                f"tensor '{name}' would hold {elements} elements, above the --max-tensor-elements limit of "
+                f"{limits.max_tensor_elements}; refused (a memory bomb, or raise the limit)"
+            )
+
+
+def _declared_elements(value_type: onnx.TypeProto) -> int | None:
+    if not value_type.HasField("tensor_type") or not value_type.tensor_type.HasField("shape"):
+        return None
+    dims = value_type.tensor_type.shape.dim
+    return math.prod(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims)
 
 
 def _constant_tensors(graph: onnx.GraphProto) -> list[tuple[str, TensorProto]]:
@@ -413,6 +487,16 @@ def _find_image_input(
     return value.name, shape
 
 
+def check_noise_budget(input_shape: tuple[int, ...], batch_size: int, limits: Limits) -> None:
+    """Refuse a noise batch of ``batch_size`` images above ``limits.max_noise_elements``."""
+    elements = batch_size * math.prod(input_shape[1:])
+    if elements > limits.max_noise_elements:
+        raise UnsupportedModelError(
+            f"a noise batch of {batch_size} x {tuple(input_shape[1:])} is {elements} elements, "
+            f"above the --max-noise-elements limit of {limits.max_noise_elements}; lower --batch-size"
+        )
+
+
 def _check_declared_dims(name: str, declared: list[int | None]) -> None:
     """Refuse fixed dims the pipeline cannot feed.
 
@@ -489,7 +573,7 @@ def _check_output_depends_on_input(graph: onnx.GraphProto, input_name: str, outp
     raise UnsupportedModelError(f"output '{output_name}' does not depend on the image input '{input_name}'")
 
 
-def _ort_errors() -> tuple[type[BaseException], ...]:
+def ort_errors() -> tuple[type[BaseException], ...]:
     """onnxruntime's own exception classes (they derive from Exception, not RuntimeError)."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
@@ -511,9 +595,15 @@ def _check_runs(proto: onnx.ModelProto, input_name: str, shape: tuple[int, ...],
     image = runtime.random_inputs(shape, 1, seed=0)
     try:
         logits = np.asarray(runtime.run(runtime.session(proto), input_name, output_name, image))
-    except _ort_errors() as error:
+    except ort_errors() as error:
         raise UnsupportedModelError(f"onnxruntime cannot run the model: {one_line(error, type(error).__name__)}") from error
-    if logits.dtype.kind == "f" and not np.isfinite(logits).all():
+    # inspect, eval, verify and clean all load through here, so they refuse the same outputs
+    if logits.dtype.kind != "f" or logits.ndim != 2 or logits.shape[1] < 2:
+        raise UnsupportedModelError(
+            f"the output has shape {tuple(logits.shape)}; expected class scores of shape (N, classes)"
+            + ("" if logits.dtype.kind == "f" else f", got {logits.dtype} values")
+        )
+    if not np.isfinite(logits).all():
         raise UnsupportedModelError(
             f"output '{output_name}' is NaN or infinite on a random image in [0, 1]: the weights are corrupt or overflow"
         )

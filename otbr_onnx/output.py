@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from otbr_onnx.errors import UsageError
+from otbr_onnx.files import check_replaceable
 
 
 def _folder(path: Path) -> Path:
@@ -25,6 +26,51 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
         raise UsageError(f"{output}: unusable output path: {reason}") from error
 
 
+def check_batch_paths(given: list[Path], models: list[Path], out_dir: Path, force: bool) -> None:
+    """Refuse a batch whose output folder overlaps its inputs unless ``force`` (cleaning in place).
+
+    ``given`` are the folders and files named on the command line, ``models`` the models found.
+    Overlap: the output folder is, or is inside, an input folder (or holds one); a model lies in
+    the output folder (itself or through a link); or a file the batch writes is a link to a model.
+    Without this check ``clean DIR DIR`` silently replaced every input model.
+    """
+    try:
+        overlap = _batch_overlap(given, models, out_dir)
+        for model in models:
+            for target in _batch_targets(out_dir, model):
+                check_replaceable(target)
+        check_replaceable(out_dir / "summary.json")
+    except (OSError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise UsageError(f"{out_dir}: unusable output folder: {reason}") from error
+    if overlap and not force:
+        raise UsageError(f"{out_dir}: output folder overlaps the inputs ({overlap}); cleaning would replace input "
+                         "models: choose another folder, or pass --force to clean in place")
+
+
+def _batch_targets(out_dir: Path, model: Path) -> tuple[Path, Path]:
+    return out_dir / f"{model.stem}.onnx", out_dir / f"{model.stem}.report.json"
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _batch_overlap(given: list[Path], models: list[Path], out_dir: Path) -> str | None:
+    """Why the output folder overlaps the inputs, or None."""
+    out = out_dir.resolve()
+    for item in given:
+        if item.is_dir() and (_inside(out, item.resolve()) or _inside(item.resolve(), out)):
+            return f"{item} and {out_dir} share files"
+    for model in models:
+        real = model.resolve()
+        if _inside(real, out) or _inside(model.absolute(), out.absolute()) or model.parent.resolve() == out:
+            return f"{model} is inside {out_dir}"
+        if any(target.resolve() == real for target in _batch_targets(out_dir, model)):
+            return f"{_batch_targets(out_dir, model)[0]} is a link to the input {model}"
+    return None
+
+
 def _check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
     for source in inputs:
         if output.resolve() == source.resolve() and not force:
@@ -32,6 +78,7 @@ def _check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
     folder = _folder(output)
     if output.is_dir():
         raise UsageError(f"{output}: is a directory; give a file path for the output")
+    check_replaceable(output)  # a FIFO (or device) there must not be swapped for a file
     if not folder.is_dir():
         raise UsageError(f"{folder}: output folder does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -71,6 +118,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
     On any failure (disk full, Ctrl-C) the temporary file is removed and ``path`` is untouched.
     """
+    check_replaceable(path)  # checked again here: the batch writes files no one checked up front
     folder = _folder(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)

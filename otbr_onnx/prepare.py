@@ -22,8 +22,8 @@ from converters.to_torch import TorchTensorRef, run_torch
 from otbr_onnx.bridge import convert, weight_refs
 from otbr_onnx.errors import UnsupportedModelError, one_line
 from otbr_onnx.fuse import Neurons
-from otbr_onnx.layers import SkippedLayer, WeightLayer, find_weight_layers, to_rows
-from otbr_onnx.load import LoadedModel, load_model, load_proto
+from otbr_onnx.layers import SkippedLayer, WeightLayer, find_weight_layers, reachable_layers, to_rows
+from otbr_onnx.load import LoadedModel, check_noise_budget, load_model, load_proto
 from otbr_onnx.options import CleanOptions
 from otbr_onnx.ties import ChannelTies, analyse
 from otbr_onnx.unlearn import resolve_device
@@ -72,9 +72,10 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     """Load, validate and convert ``model``; refuse what the later stages cannot handle."""
     loaded = _load(model, options)
     layers, skipped = find_weight_layers(loaded.proto)
+    layers, skipped = reachable_layers(loaded.proto, layers, skipped, loaded.output_name)
     if not layers:
         raise UnsupportedModelError("no weight layer to clean (Conv, Gemm or MatMul with a constant float32 weight)")
-    _check_noise_budget(loaded, options)
+    check_noise_budget(loaded.input_shape, options.batch_size, options.limits)
     ties = analyse(loaded.proto, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
     module = convert(loaded.proto).eval()
     refs = weight_refs(module, loaded.proto, layers)
@@ -102,15 +103,6 @@ def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedM
     if isinstance(model, onnx.ModelProto):
         return load_proto(model, options.input_shape, options.output_name, options.limits)
     return load_model(model, options.input_shape, options.output_name, options.limits)
-
-
-def _check_noise_budget(loaded: LoadedModel, options: CleanOptions) -> None:
-    elements = options.batch_size * int(np.prod(loaded.input_shape[1:]))
-    if elements > options.limits.max_noise_elements:
-        raise UnsupportedModelError(
-            f"a noise batch of {options.batch_size} x {tuple(loaded.input_shape[1:])} is {elements} elements, "
-            f"above the --max-noise-elements limit of {options.limits.max_noise_elements}; lower --batch-size"
-        )
 
 
 def _first_torch_run(module: nn.Module, inputs: np.ndarray, output_index: int) -> np.ndarray:

@@ -261,7 +261,7 @@ def refusal(selection: Selection, target: int | None) -> FidelityBudgetError:
 def _calibration_images(prepared: "PreparedModel", options: CleanOptions) -> tuple[np.ndarray, np.ndarray]:
     from otbr_onnx.evaluate import load_npz, split_sets
 
-    (x, y), _ = split_sets(load_npz(options.calibration), {})
+    (x, y), _ = split_sets(load_npz(options.calibration, options.limits.max_file_bytes, "--calibration"), {})
     expected = tuple(prepared.loaded.input_shape[1:])
     if tuple(x.shape[1:]) != expected:
         raise UsageError(f"--calibration images have shape {tuple(x.shape[1:])}, the model expects {expected}")

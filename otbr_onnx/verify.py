@@ -2,8 +2,11 @@
 
 Every protobuf field of the two models is compared recursively, except the values of
 initializers (``raw_data`` and the typed ``*_data`` lists); the first difference found is
-reported by its field path. Then each initializer's movement is measured, and both models are
-run in onnxruntime on the same random inputs.
+reported by its field path. ``clean`` only ever changes the float weights and biases of weight
+layers (Conv, Gemm, MatMul), so a changed value of any other initializer (an int64 Gather index
+that reorders the classes, a Reshape shape, a normalisation constant) is a graph difference
+too. Then each changed initializer's movement is measured, and both models are run in
+onnxruntime on the same random inputs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from google.protobuf.message import Message
 from onnx import numpy_helper
 
 from converters import runtime
+from otbr_onnx.errors import UnsupportedModelError
+from otbr_onnx.layers import find_weight_layers
 
 VALUE_FIELDS = {"raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data"}
 
@@ -68,16 +73,45 @@ def _compare(x, y, path: str) -> str | None:
     return None if x == y else path
 
 
+def weight_names(model: onnx.ModelProto) -> set[str]:
+    """The initializers ``clean`` may change: weights and biases of the model's weight layers."""
+    try:
+        layers, _ = find_weight_layers(model)
+    except UnsupportedModelError:  # weights only in Constant nodes: clean changes nothing
+        return set()
+    return {name for layer in layers for name in (layer.weight, layer.bias) if name}
+
+
+def changed_non_weight(before: onnx.ModelProto, after: onnx.ModelProto) -> str | None:
+    """Field path of the first initializer outside ``weight_names`` whose values differ, or None.
+
+    Called once ``first_difference`` found none, so both models have the same initializers in
+    the same order with the same names, types and dims.
+    """
+    allowed = weight_names(before)
+    for index, (a, b) in enumerate(zip(before.graph.initializer, after.graph.initializer)):
+        if a.name in allowed or _same(numpy_helper.to_array(a), numpy_helper.to_array(b)):
+            continue
+        return (f"model.graph.initializer[{index}] values ('{a.name}', not a weight or bias of a Conv, Gemm or "
+                "MatMul layer: clean never changes it)")
+    return None
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal values; NaN equals NaN for floats (isnan is undefined for strings and bools)."""
+    return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc" and b.dtype.kind in "fc"))
+
+
 def movement(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, dict[str, float]]:
-    """For each changed initializer: max absolute change and L2 change relative to its norm."""
+    """For each changed initializer (any type): max absolute change and L2 change relative to its norm."""
     old = {t.name: t for t in before.graph.initializer}
     moved = {}
     for tensor in after.graph.initializer:
         a, b = numpy_helper.to_array(old[tensor.name]), numpy_helper.to_array(tensor)
-        if a.dtype.kind != "f" or np.array_equal(a, b):
+        if _same(a, b):
             continue
         diff = b.astype(np.float64) - a.astype(np.float64)
-        norm = float(np.linalg.norm(a))
+        norm = float(np.linalg.norm(a.astype(np.float64)))
         moved[tensor.name] = {
             "max_abs": float(np.max(np.abs(diff))),
             "relative_l2": float(np.linalg.norm(diff) / norm) if norm > 0 else float("inf"),
@@ -89,7 +123,7 @@ def verify(original: onnx.ModelProto, cleaned: onnx.ModelProto, input_name: str,
            input_shape: tuple[int, ...], samples: int = 64, seed: int = 0,
            input_range: tuple[float, float] = (0.0, 1.0)) -> Verification:
     """Compare structure, weight movement and outputs of ``cleaned`` against ``original``."""
-    difference = first_difference(original, cleaned)
+    difference = first_difference(original, cleaned) or changed_non_weight(original, cleaned)
     result = Verification(same_graph=difference is None, first_difference=difference)
     if difference is not None:
         return result

@@ -82,10 +82,11 @@ def test_bad_input_gets_one_line_and_no_output(case, code, words, tmp_path):
     if case == "not_onnx":
         path.write_bytes(b"\x00\x01 definitely not protobuf \xff" * 10)
     elif case == "no_weights":
+        # class scores (N, 16), so that the missing weight layer is the only fault
         graph = onnx.helper.make_graph(
-            [onnx.helper.make_node("Relu", ["input"], ["logits"])], "g",
+            [onnx.helper.make_node("Relu", ["input"], ["r"]), onnx.helper.make_node("Flatten", ["r"], ["logits"])], "g",
             [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 1, 4, 4])],
-            [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 1, 4, 4])],
+            [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 16])],
         )
         onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
     out = tmp_path / "out.onnx"

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import corpus
+import hostile_files
 from corpus import QUICK_ARGS, refusal_problems, run_clean
 
 EXAMPLES = int(os.environ.get("OTBR_FUZZ_EXAMPLES", "40"))
@@ -52,7 +53,12 @@ OP_TYPES = ["Relu", "Conv", "Gemm", "MatMul", "Add", "Flatten", "Softmax", "Iden
 ATTRIBUTE_NAMES = ["pads", "strides", "dilations", "group", "kernel_shape", "transA", "transB", "alpha",
                    "beta", "axis", "auto_pad", "perm"]
 NAMES = ["x", "conv_w", "conv_b", "conv_out", "relu_out", "pool_out", "flat_out", "fc_w", "fc_b", "logits",
-         "", "ghost", "x/../x", "conv", "fc", 'conv")\n#', "a'b", "tab\there", "nul\x00", "back\\slash", "é/層"]
+         "", "ghost", "x/../x", "conv", "fc", 'conv")\n#', "a'b", "tab\there", "nul\x00", "back\\slash", "é/層",
+         "\x1b]0;title\x07", "\x1b[2J", "red\x1b[31m", "\u202ereversed", "csi\x9b2J"]
+# Strings with terminal escapes (OSC title, screen clear, colour, C1 CSI, bidi override), mixed
+# into free-text fields; whatever the tool prints of them must come out escaped.
+ESCAPE_TEXT = st.lists(st.sampled_from(["\x1b]0;t\x07", "\x1b[2J", "\x1b[31m", "\x9b", "\u202e", "\x07", "\r",
+                                        "\n", "a", "é", "層", "/", ".."]), min_size=1, max_size=6).map("".join)
 INT_VALUES = st.sampled_from([-(2**40), -2, -1, 0, 1, 2, 3, 5, 64, 2**31, 2**40])
 FLOAT_VALUES = st.sampled_from([0.0, -1.0, 1e-30, 1e30, 2.0, float("nan"), float("inf")])
 
@@ -259,6 +265,31 @@ class Rename:
 
 
 @dataclass(frozen=True)
+class SetText:
+    """Put a (hostile) string into a free-text field the tool may print: producer, a node's
+    domain, an attribute's name, an external-data location."""
+
+    field: str
+    which: int
+    text: str
+
+    def on_model(self, model: onnx.ModelProto) -> None:
+        if self.field in ("producer_name", "producer_version", "doc_string"):
+            setattr(model, self.field, self.text)
+            return
+        node = _pick(model.graph.node, self.which)
+        if self.field == "domain" and node is not None:
+            node.domain = self.text
+        elif self.field == "attribute_name" and node is not None:
+            node.attribute.append(helper.make_attribute(self.text or "a", 1))
+        elif self.field == "location":
+            tensor = _pick(model.graph.initializer, self.which)
+            if tensor is not None:
+                tensor.data_location = TensorProto.EXTERNAL
+                tensor.external_data.add(key="location", value=self.text)
+
+
+@dataclass(frozen=True)
 class SetOpType:
     node: int
     op_type: str
@@ -329,6 +360,8 @@ MODEL_MUTATIONS = st.one_of(
     st.builds(DropNode, POSITION),
     st.builds(SwapNodes, POSITION, POSITION),
     st.builds(SetOpset, st.sampled_from([0, 1, 6, 9, 11, 13, 17, 21, onnx.defs.onnx_opset_version(), 10**6])),
+    st.builds(SetText, st.sampled_from(["producer_name", "producer_version", "doc_string", "domain", "attribute_name",
+                                        "location"]), POSITION, ESCAPE_TEXT),
 )
 # Either kind alone, or structure first then bytes: byte damage on a structurally odd model.
 MUTATIONS = st.one_of(
@@ -408,6 +441,7 @@ def test_mutated_model_is_cleaned_or_cleanly_refused(mutations: list, capfd: pyt
         assert native == "", f"native code wrote to stderr: {native[:300]!r}"
         assert [str(w.message) for w in caught] == [], "warnings would print extra stderr lines"
         assert model.read_bytes() == data, "the input file changed"
+        assert not hostile_files.has_raw_control(outcome.stderr + outcome.stdout), "a raw escape was printed"
         if outcome.exit_code == 0:
             assert outcome.exception is None and outcome.stderr == "", outcome.stderr
             _check_success(output)
@@ -424,3 +458,114 @@ def test_mutations_change_the_model() -> None:
     assert apply([Truncate(at=10)]) == BASE[:10]
     assert onnx.load_model_from_string(apply([SetOpType(node=1, op_type="NoSuchOp")])).graph.node[1].op_type == "NoSuchOp"
     assert apply([]) == bytes(BASE)
+
+
+# ---------------------------------------------------------------------------------------------
+# npz inputs (eval --data): generated arrays, then byte-level corruption of the archive
+# ---------------------------------------------------------------------------------------------
+
+NPZ_KEYS = ["x", "y", "x_clean", "y_clean", "x_poisoned", "y_poisoned", "target", "\x1b]0;key\x07", "x.npy"]
+NPZ_DTYPES = ["float32", "float64", "float16", "uint8", "int64", "int8", "bool", "complex64", "<U2", "V4"]
+NPZ_SHAPES = st.lists(st.sampled_from([0, 1, 2, 3, 6, 8, 2**31]), min_size=0, max_size=5).map(tuple)
+
+
+@dataclass(frozen=True)
+class NpzArray:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    fill: float
+
+    def array(self) -> np.ndarray:
+        shape = tuple(min(d, 8) for d in self.shape)  # large declared sizes come from LyingHeader
+        if self.dtype.startswith("<U"):
+            return np.full(shape, "ab")
+        if self.dtype == "V4":
+            return np.zeros(shape, "V4")
+        with np.errstate(invalid="ignore", over="ignore"):  # nan or 1e30 cast to ints: any value will do
+            return np.full(shape, self.fill).astype(self.dtype)
+
+
+def _good_arrays() -> list[NpzArray]:
+    return [NpzArray("x", "float32", (6, 1, 8, 8), 0.5), NpzArray("y", "int64", (6,), 1)]
+
+
+@dataclass(frozen=True)
+class LyingHeader:
+    """Rewrite one member's header to declare ``shape`` (the data stays as it was)."""
+
+    which: int
+    shape: tuple[int, ...]
+
+
+NPZ_ARRAYS = st.builds(NpzArray, st.sampled_from(NPZ_KEYS), st.sampled_from(NPZ_DTYPES), NPZ_SHAPES,
+                       st.sampled_from([0.0, 1.0, -1.0, 2.5, 1e30, float("nan"), float("inf")]))
+NPZ_FILES = st.tuples(
+    st.one_of(st.just(_good_arrays()), st.lists(NPZ_ARRAYS, min_size=0, max_size=4),
+              st.lists(NPZ_ARRAYS, max_size=2).map(lambda extra: _good_arrays() + extra)),
+    st.booleans(),  # compressed
+    st.lists(st.one_of(BYTE_MUTATIONS, st.builds(LyingHeader, POSITION, NPZ_SHAPES)), max_size=2),
+)
+
+
+def build_npz(arrays: list[NpzArray], compressed: bool, mutations: list) -> bytes:
+    """The npz bytes: arrays as written by numpy, headers rewritten, then bytes corrupted."""
+    import io
+    import zipfile
+
+    members = {}
+    for item in arrays:
+        buffer = io.BytesIO()
+        np.save(buffer, item.array())
+        members[f"{item.key}.npy"] = buffer.getvalue()
+    for mutation in mutations:
+        if isinstance(mutation, LyingHeader) and members:
+            name = _pick(sorted(members), mutation.which)
+            lie = hostile_files.npy_with_header({"descr": "<f4", "fortran_order": False, "shape": mutation.shape}, b"")
+            data = members[name]
+            header_end = data.index(b"\n") + 1 if b"\n" in data else 0
+            members[name] = lie + data[header_end:]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    data = bytearray(out.getvalue())
+    for mutation in mutations:
+        if not isinstance(mutation, LyingHeader):
+            data = mutation.on_bytes(data)
+    return bytes(data)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
+@given(npz=NPZ_FILES)
+def test_mutated_npz_is_evaluated_or_cleanly_refused(npz, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from click.testing import CliRunner
+
+    from otbr_onnx.cli import main
+
+    folder = tmp_path_factory.mktemp("npz")
+    model = folder / "model.onnx"
+    model.write_bytes(BASE)
+    data = folder / "data.npz"
+    data.write_bytes(build_npz(*npz))
+    result = CliRunner().invoke(main, ["eval", str(model), "--data", str(data), "--max-file-bytes", str(2**26)])
+    event(f"exit {result.exit_code}")
+    escaped = result.exception if not isinstance(result.exception, SystemExit) else None
+    assert escaped is None, repr(escaped)
+    assert not hostile_files.has_raw_control(result.stderr + result.stdout)
+    if result.exit_code == 0:
+        assert result.stderr == "" and "ACC" in result.stdout
+        return
+    assert result.exit_code in (2, 3), result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(corpus.ERROR_PREFIX), result.stderr
+
+
+def test_npz_builder_makes_a_readable_file(tmp_path: Path) -> None:
+    from otbr_onnx.evaluate import load_npz
+
+    path = tmp_path / "d.npz"
+    path.write_bytes(build_npz(_good_arrays(), True, []))
+    assert load_npz(path)["x"].shape == (6, 1, 8, 8)

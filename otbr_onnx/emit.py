@@ -1,4 +1,4 @@
-"""Stage 7: write the new weights into the ORIGINAL graph (``converters.write_back``) and check
+"""Stage 5 (emit): write the new weights into the ORIGINAL graph (``converters.write_back``) and check
 the written model in onnxruntime against the fused PyTorch module before anything is saved."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Stage 5: optimal-transport fusion of the pruned model into the backdoored one.
+"""Stage 4 (select), inside ``repair``: optimal-transport fusion of the pruned model into the
+backdoored one.
 
 For a layer with ``n`` neurons, pruned rows ``Wp`` and backdoored rows ``Wb``:
 

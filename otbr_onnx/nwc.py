@@ -1,4 +1,4 @@
-"""Stage 4a: neuron weight change (NWC) and the global ranking of neurons."""
+"""Stage 3 (rank), ``nwc`` score: neuron weight change (NWC) and the global ranking of neurons."""
 
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ class Experiment:
     fuse_head: bool = False
     nwc_power: float = 1.0  # q proportional to score ** power
     # How NWC is compared ACROSS layers: "sum" over the neuron's weights (the paper) or "mean" per
-    # weight. "mean" was refused on all 24 benchmark models under the ratio rule (RATIO_STUDY.md).
+    # weight. "mean" was refused on all 24 benchmark models under the ratio rule (a past study;
+    # its write-up is no longer in the repository).
     nwc_scale: str = "sum"
     unlearn_bn: str = "train"  # BatchNorm mode during unlearning: "train" (the reference) or "eval"
     aligned_cost: bool = True  # OT cost on input-aligned pruned rows (the reference: raw rows)

@@ -1,12 +1,15 @@
 """``scan`` and ``clean``: the stages in order, each one module and one call.
 
-    prepare  (prepare.py)  load, validate, convert, conversion parity
-    detect   (detect.py)     is there a backdoor, which class?      -> nothing found: model unchanged
-    rank     (rank.py)     target-aware activation score, or NWC after random unlearning
-    select   (ratio.py)    candidates pruned and fused (repair.py), each checked for fidelity and
-                           rescanned; the smallest one the rescan clears is kept
-    emit     (emit.py)     weights written back into the original graph, onnxruntime parity
-    report   (report.py)   one JSON report assembled from the stage results
+    1 prepare  (prepare.py)  load, validate, convert, conversion parity
+    2 detect   (detect.py)   is there a backdoor, which class?      -> nothing found: model unchanged
+    3 rank     (rank.py)     target-aware activation score, or NWC after random unlearning
+    4 select   (ratio.py)    candidates pruned and fused (repair.py), each checked for fidelity and
+                             rescanned; the smallest one the rescan clears is kept (nothing
+                             suspected, ``always``: the largest within the fidelity budget)
+    5 emit     (emit.py)     weights written back into the original graph, onnxruntime parity
+    6 report   (report.py)   one JSON report assembled from the stage results
+
+(A fixed ``prune_ratio`` without calibration images, or ``method="clp"``, skips the choice in 4.)
 
 Data flows forward: each stage reads the results of the earlier ones and returns its own; the
 reference module in ``PreparedModel`` is never written to.

@@ -1,4 +1,4 @@
-"""Stage 1: load and validate the ONNX model, find its weight layers and channel ties, convert it to
+"""Stage 1 (prepare): load and validate the ONNX model, find its weight layers and channel ties, convert it to
 PyTorch and check the conversion against onnxruntime, all once.
 
 The result, ``PreparedModel``, is the state every later stage reads. Its ``module`` is the

@@ -1,4 +1,5 @@
-"""Stage 4b: prune the top ``gamma`` share of the global NWC ranking."""
+"""Stage 4 (select), inside ``repair``: prune the top ``gamma`` share of the global ranking (NWC or
+activation score; CLP brings its own masks)."""
 
 from __future__ import annotations
 

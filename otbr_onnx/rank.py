@@ -1,4 +1,4 @@
-"""Stage 3: score every neuron, rank them for pruning, and give the fusion its target marginal.
+"""Stage 3 (rank): score every neuron, rank them for pruning, and give the fusion its target marginal.
 
 Two scores, one shape of result (``Ranking``):
 

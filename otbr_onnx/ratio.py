@@ -1,4 +1,4 @@
-"""Stage 5: choose the pruning ratio gamma without data, and check each candidate.
+"""Stage 4 (select): choose the pruning ratio gamma without data, and check each candidate.
 
 The paper picks gamma per model by sweeping it on test data; a data-free tool cannot, and no
 single gamma fits every model (benchmarks/RESULTS.md). Candidates 0.005 .. 0.2 are tried smallest

@@ -1,4 +1,5 @@
-"""Stage 4: prune the top of the ranking and fuse the pruned model into the original (OTBR).
+"""Stage 4 (select), per candidate ratio: prune the top of the ranking and fuse the pruned model
+into the original (OTBR).
 
 ``repair(prepared, ranking, ratio, options)`` gives the new values of every initializer it
 changed, checked finite, in the ONNX layout; nothing is written anywhere. The baselines stop

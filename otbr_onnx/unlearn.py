@@ -1,8 +1,10 @@
-"""Stage 3: random unlearning, gradient ascent of cross-entropy on pure noise.
+"""Stage 3 (rank), ``nwc`` score: random unlearning, gradient ascent of cross-entropy on pure noise.
 
 No data is used: inputs are uniform noise over the model's input range and labels are drawn
 uniformly over all classes. The weights that move most are the ones the ranking stage calls
-backdoor-related. Ascent is unbounded, so every step checks the loss and the step is clipped.
+backdoor-related. Ascent is unbounded, so every step checks the loss: a non-finite loss, or one
+past ``max_loss`` (100 nats by default), stops the ascent before that step is taken. Gradient
+clipping (``max_grad_norm``) is off by default; the loss cap is what bounds the ascent.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class UnlearnConfig:
     seed: int = 0
     device: str = "cpu"
     input_range: tuple[float, float] = (0.0, 1.0)
-    # Ascent on cross-entropy has no maximum; a gradient-norm bound keeps one step finite.
+    # Ascent on cross-entropy has no maximum; an optional gradient-norm bound on each step
+    # (None, the default: no clipping, ``max_loss`` bounds the ascent instead).
     max_grad_norm: float | None = None
     # Stop ascending once noise cross-entropy passes this many nats: by then the logits have
     # blown up and further steps only push weights towards inf (seen at lr 1e-2, 50 steps).

@@ -40,7 +40,11 @@ class PreActBlock(nn.Module):
 
 
 class TinyPreActResNet(nn.Module):
-    """Stem, an identity block, a projection block, BN-ReLU, GAP, Linear: residual ties."""
+    """Stem, an identity block, a projection block, BN-ReLU, GAP, Linear: residual ties.
+
+    The tests' one PreAct-ResNet: ``tests/zoo.py``'s ``preact_resnet`` family is this model on
+    3 channels, with its channel permutation.
+    """
 
     def __init__(self, channels: int = 1, width: int = 6, classes: int = 4) -> None:
         super().__init__()
@@ -56,15 +60,17 @@ class TinyPreActResNet(nn.Module):
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BatchNorm layers non-trivial statistics, as a trained model would have."""
+    """Give every BatchNorm non-trivial statistics and affine parameters, as a trained model has
+    (so the legacy exporter's BN folding really changes conv weights)."""
     gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
-            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            module.bias.data.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
+                n = module.num_features
+                module.running_mean.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.bias.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
     return model
 
 
@@ -114,11 +120,35 @@ def permute_preact_stream(model: TinyPreActResNet, perm: torch.Tensor) -> TinyPr
     return model
 
 
-def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def ort_session(model: onnx.ModelProto):
+    """An onnxruntime CPU session of ``model``: the tests' one way to run an ONNX model."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every output of ``model`` on ``feeds`` (onnxruntime, CPU)."""
+    return ort_session(model).run(None, feeds)
+
+
+def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The first output of ``model`` on the batch ``x``, fed to its first input (onnxruntime, CPU)."""
+    session = ort_session(model)
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def weight_neurons(model: onnx.ModelProto, layers) -> dict:
+    """``{layer position: fuse.Neurons}`` of ``model``'s weight initializers, read for ``layers``
+    (``find_weight_layers`` of this model, or of another with the same initializer names)."""
+    from onnx import numpy_helper
+
+    from otbr_onnx import fuse
+    from otbr_onnx.layers import to_rows
+
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {i: fuse.Neurons(to_rows(layer, arrays[layer.weight]), arrays[layer.bias] if layer.bias else None)
+            for i, layer in enumerate(layers)}
 
 
 def quadrant_images(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,16 @@
-"""Shared test settings.
+"""Shared test settings and fixtures.
 
 The method tests exercise pruning, fusion and the fidelity-first ratio rule on tiny models. A
 5-step scan of such a model flags classes more or less at random, so their options switch the
 scan's verdict off (an unreachable threshold) and clean ``always`` with the NWC ranking; the
 scan, the pass-through and the rescan-driven rule have their own tests (tests/test_scan.py).
+
+The tests' models and helpers live in ``tests/builders.py`` (the tiny Chain and PreAct-ResNet,
+the legacy export, ``logits``/``ort_run`` through onnxruntime) and ``tests/zoo.py`` (one tiny
+model per architecture family, two exporters).
 """
+
+import pytest
 
 # Options of ``clean`` that keep a tiny model's run under a second, for the API ...
 FAST = dict(iterations=3, batch_size=16, lr=1e-2, seed=0, always=True, ranking="nwc", scan_starts=2, scan_steps=5,
@@ -12,3 +18,19 @@ FAST = dict(iterations=3, batch_size=16, lr=1e-2, seed=0, always=True, ranking="
 # ... and the same on the command line.
 FAST_ARGS = ["--iterations", "3", "--batch-size", "16", "--lr", "1e-2", "--always", "--ranking", "nwc",
              "--scan-starts", "2", "--scan-steps", "5", "--scan-threshold", "1e9"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module of tests on tiny models.
+
+    With a second thread on a busy 2-core machine, torch spends its time waiting for the other
+    thread (a 0.05 s clean took 1.1 s). Use with ``pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")``; the previous count is restored after the module.
+    """
+    import torch  # here, not at the top: tests that never touch torch do not pay its import
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

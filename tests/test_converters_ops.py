@@ -1,7 +1,8 @@
 """Each extra onnx2torch converter in converters.ops, checked against onnxruntime on random inputs.
 
 Graphs are built by hand with onnx.helper (no data, no network); the last tests export small torch
-models with the dynamo exporter, which is what emits these ops in practice.
+models with the dynamo exporter, which is what emits these ops in practice. The dynamo exporter
+(torch + onnxscript, both declared test dependencies) must work: an export failure fails the test.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -22,6 +22,7 @@ from torch import nn
 import converters.ops as extra_ops
 import onnx2torch
 from onnx2torch.node_converters.registry import get_converter
+from tests.builders import ort_run
 
 RNG = np.random.default_rng(0)
 TIGHT = dict(rtol=1e-6, atol=1e-6)
@@ -82,11 +83,6 @@ def type_untyped_outputs_as_float(model: onnx.ModelProto) -> None:
             output.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
-def run_onnxruntime(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
-
-
 def run_converted(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
     module = onnx2torch.convert(model).eval()
     with torch.no_grad():
@@ -98,7 +94,7 @@ def run_converted(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> List[
 def assert_matches_onnxruntime(
     model: onnx.ModelProto, feeds: Dict[str, np.ndarray], tolerance: Optional[dict] = None
 ) -> None:
-    expected = run_onnxruntime(model, feeds)
+    expected = ort_run(model, feeds)
     actual = run_converted(model, feeds)
     assert len(actual) == len(expected)
     for got, want in zip(actual, expected):
@@ -136,13 +132,14 @@ def ints(*values: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_reimport_does_not_raise() -> None:
+def test_reimport_is_harmless() -> None:
     importlib.reload(extra_ops)
     # A second copy under another module name runs every registration again.
     spec = importlib.util.spec_from_file_location("converters_ops_copy", extra_ops.__file__)
     copy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy)
-    assert get_converter("ReduceMean", 18) is not None
+    # ... and the registered converters still convert correctly
+    check_node(reduce_node("ReduceMean", True, 1, 0), {"x": positive(2, 3, 4, 5)}, 18, {"axes": ints(2, 3)}, LOOSE)
 
 
 @pytest.mark.parametrize(
@@ -150,15 +147,18 @@ def test_reimport_does_not_raise() -> None:
     [("ReduceMean", 18), ("ReduceMax", 20), ("CastLike", 15), ("Gelu", 20), ("Shape", 20), ("Conv", 23)],
 )
 def test_registered_for_model_opset(op_type: str, opset: int) -> None:
-    get_converter(op_type, opset)  # raises NotImplementedError when missing
+    converter = get_converter(op_type, opset)  # raises NotImplementedError when missing
+    assert callable(converter), (op_type, opset, converter)
 
 
 @pytest.mark.parametrize("op_type", sorted(extra_ops.TYPE_ONLY_BUMPS))
 def test_type_only_bumps_are_aliased(op_type: str) -> None:
-    # The import-time signature guard must not have silently dropped a listed version.
-    _, targets = extra_ops.TYPE_ONLY_BUMPS[op_type]
+    # The import-time signature guard must not have silently dropped a listed version: each
+    # target version converts with the very converter of the source version.
+    source, targets = extra_ops.TYPE_ONLY_BUMPS[op_type]
+    converter = get_converter(op_type, source)
     for version in targets:
-        get_converter(op_type, version)
+        assert get_converter(op_type, version) is converter, (op_type, version)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,15 +438,11 @@ class TinyVit(nn.Module):
 
 
 def export_with_dynamo(model: nn.Module, example: torch.Tensor, opset: Optional[int]) -> onnx.ModelProto:
-    """Export, or skip the test when the dynamo exporter cannot run here (e.g. no onnxscript)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, verbose=False)
-    except ImportError as error:
-        pytest.skip(f"torch's dynamo ONNX exporter is not usable here: {error}")
-    except Exception as error:  # noqa: BLE001 - any exporter failure is an environment limit here
-        pytest.skip(f"torch's dynamo ONNX exporter failed in this environment: {type(error).__name__}: {error}")
+    """Export with torch's dynamo exporter. Never skipped: onnxscript is a test dependency, and an
+    exporter failure is a failure of this test (as in tests/test_coverage.py's matrix)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, verbose=False)
     return onnx.load_from_string(program.model_proto.SerializeToString())
 
 

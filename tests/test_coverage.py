@@ -6,7 +6,9 @@ with exit code 3 and the one-line message the table gives. ``fusion_lambda=0`` m
 the input bytes. Two permutation properties show the channel-tie analysis never misaligns:
 
 * cleaning a copy whose hidden channels were permuted (function preserved) gives the same
-  cleaned function (a sub-matrix: every family, both exporters);
+  cleaned function (a sub-matrix: every family, both exporters); a difference fails, whatever
+  its cause (a missed tie, or fusion breaking ties between identical pruned rows by neuron
+  order, which ``fuse.symmetrise`` removes: tests/test_method.py checks that directly);
 * fusing such a reordered copy into the model with lambda 1 and uniform NWC gives back every
   layer exactly (pinned layers: up to the order of their own neurons, which they keep).
 
@@ -23,19 +25,21 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from converters.write_back import changed_initializers
 from otbr_onnx import CleanOptions, clean, fuse
-from tests.conftest import FAST as BASE
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.layers import find_weight_layers, to_rows
 from otbr_onnx.ties import FOLLOWER, PINNED, analyse
 from tests import zoo
+from tests.builders import logits, weight_neurons
+from tests.conftest import FAST
 
-FAST = CleanOptions(**{**BASE, "iterations": 2, "batch_size": 8, "prune_ratio": 0.1})
-LAMBDA_ZERO = replace(FAST, fusion_lambda=0.0, iterations=1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MATRIX = CleanOptions(**{**FAST, "iterations": 2, "batch_size": 8, "prune_ratio": 0.1})
+LAMBDA_ZERO = replace(MATRIX, fusion_lambda=0.0, iterations=1)
 SAME_FUNCTION_ATOL = 1e-4
 
 # (family, exporter, requested opset) -> why torch's exporter cannot write it. Empty with
@@ -48,16 +52,6 @@ CLEANABLE = [f for f, family in zoo.FAMILIES.items() if family.refusal is None]
 # exporters than between opsets); the reordered-copy test also covers every legacy opset
 PERMUTATION_CASES = [(f, e, o) for f in CLEANABLE for e, o in (("legacy", 17), ("dynamo", 18))]
 REORDER_CASES = [(f, "legacy", o) for f in CLEANABLE for o in zoo.OPSETS] + [(f, "dynamo", 18) for f in CLEANABLE]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These models are tiny: with a second intra-op thread on a busy 2-core machine, torch
-    spends its time waiting for the other thread (a 0.05 s clean took 1.1 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _id(case: tuple[str, str, int]) -> str:
@@ -86,16 +80,9 @@ def exported(case: tuple[str, str, int], permuted: str | None = None) -> zoo.Exp
 
 @functools.lru_cache(maxsize=None)
 def cleaned(case: tuple[str, str, int], permuted: str | None = None):
-    """``clean`` of the case's model with ``FAST`` (cached: the matrix and the permutation
+    """``clean`` of the case's model with ``MATRIX`` (cached: the matrix and the permutation
     tests share it)."""
-    return clean(exported(case, permuted).model, FAST)
-
-
-def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
+    return clean(exported(case, permuted).model, MATRIX)
 
 
 def probe(family: str, count: int = 16) -> np.ndarray:
@@ -126,7 +113,7 @@ def test_clean_keeps_parity_or_refuses_precisely(case, record_property):
 
 def _assert_refused(model: onnx.ModelProto, refusal: zoo.Refusal) -> None:
     with pytest.raises(UnsupportedModelError) as caught:
-        clean(model, FAST)
+        clean(model, MATRIX)
     message = str(caught.value)
     assert caught.value.exit_code == 3
     assert "\n" not in message and re.search(refusal.message, message), (refusal.reason, message)
@@ -143,20 +130,6 @@ def test_lambda_zero_gives_back_the_input_exactly(case):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fusion_breaks_ties_between_equal_rows() -> bool:
-    """True while ``fuse.group_alignment`` lets EMD pick among identical pruned rows.
-
-    Pruned neurons are all-zero rows, so their costs are equal and EMD's choice among them
-    follows the neuron order; the next layer's input alignment inherits that choice, so a
-    permuted model cleans to a (slightly) different function. Averaging the plan over
-    identical rows (an optimal plan too) removes the dependence on order.
-    """
-    rows = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 2.0]])
-    plan = fuse.group_alignment([fuse.Neurons(rows)], [fuse.Neurons(rows[::-1].copy())],
-                                [np.array([1.0, 2.0, 3.0])])
-    return not np.allclose(plan[0], plan[1])
-
-
 @pytest.mark.parametrize("case", PERMUTATION_CASES, ids=_id)
 def test_permuting_hidden_channels_gives_the_same_cleaned_function(case):
     model, permuted = exported(case).model, exported(case, "all").model
@@ -166,21 +139,12 @@ def test_permuting_hidden_channels_gives_the_same_cleaned_function(case):
     a, b = cleaned(case).model, cleaned(case, "all").model
     assert changed_initializers(model, a)
     gap = float(np.max(np.abs(logits(a, x) - logits(b, x))))
-    if gap > SAME_FUNCTION_ATOL and _fusion_breaks_ties_between_equal_rows():
-        pytest.xfail(f"cleaned functions differ by {gap:.3g}: fuse.group_alignment breaks ties between "
-                     "identical (pruned) rows by neuron order")
-    assert gap <= SAME_FUNCTION_ATOL
+    assert gap <= SAME_FUNCTION_ATOL, f"the cleaned functions differ by {gap:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------
 # a reordered copy fused into the model gives the model back: no tie is misaligned
 # ---------------------------------------------------------------------------------------------
-
-
-def _rows(model: onnx.ModelProto, layers) -> dict[int, fuse.Neurons]:
-    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return {i: fuse.Neurons(to_rows(layer, arrays[layer.weight]), arrays[layer.bias] if layer.bias else None)
-            for i, layer in enumerate(layers)}
 
 
 def _same_rows_in_some_order(fused: np.ndarray, expected: np.ndarray, atol: float) -> bool:
@@ -195,7 +159,7 @@ def test_fusing_a_reordered_copy_gives_back_every_layer(case):
     model, copy = exported(case).model, exported(case, "tracked").model
     layers, _ = find_weight_layers(model)
     ties = analyse(model, layers, model.graph.input[0].name, zoo.FAMILIES[case[0]].shape)
-    backdoored, reordered = _rows(model, layers), _rows(copy, layers)
+    backdoored, reordered = weight_neurons(model, layers), weight_neurons(copy, layers)
     assert any(not np.array_equal(backdoored[i].rows, reordered[i].rows) for i in backdoored)
     fused_set = {i for i in range(len(layers)) if i not in ties.heads}
     uniform = {i: np.ones(layer.out_channels) for i, layer in enumerate(layers) if ties.roles[i] != FOLLOWER}

@@ -1,13 +1,11 @@
 """The method's stages in isolation: NWC, ranking, pruning, OT fusion and channel ties."""
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 from otbr_onnx import fuse, nwc, prune
-from otbr_onnx.layers import find_weight_layers, to_rows
+from otbr_onnx.layers import find_weight_layers
 from otbr_onnx.ties import FOLLOWER, analyse
 from tests import builders
 
@@ -75,13 +73,16 @@ def test_transport_with_uniform_marginals_finds_the_permutation():
     np.testing.assert_allclose(fuse.transport(fuse.Neurons(wp), A).rows, wb, atol=1e-12)
 
 
-def _neurons(model: onnx.ModelProto):
-    layers, _ = find_weight_layers(model)
-    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return layers, {
-        i: fuse.Neurons(to_rows(layer, arrays[layer.weight]), arrays[layer.bias] if layer.bias else None)
-        for i, layer in enumerate(layers)
-    }
+def test_group_alignment_does_not_depend_on_the_order_of_identical_rows():
+    """Pruned neurons are all-zero rows, so their costs are equal and EMD picks among them by
+    neuron order; ``fuse.symmetrise`` averages the plan over identical rows. Without it the
+    next layer's input alignment, hence the cleaned function, would depend on how the input
+    model happened to order its neurons (tests/test_coverage.py's permutation tests)."""
+    rows = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 2.0]])
+    q = [np.array([1.0, 2.0, 3.0])]
+    plan = fuse.group_alignment([fuse.Neurons(rows)], [fuse.Neurons(rows[::-1].copy())], q)
+    np.testing.assert_allclose(plan[0], plan[1], atol=1e-12)  # the two zero rows: one alignment
+    np.testing.assert_allclose(plan.sum(axis=0), 1.0, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind, permute", [
@@ -99,8 +100,8 @@ def test_fusion_of_a_reordered_copy_gives_back_the_model(kind, permute):
     width = torch_model.c1.out_channels if kind == "chain" else torch_model.stem.out_channels
     perm = torch.randperm(width, generator=torch.Generator().manual_seed(3))
     permuted = builders.export(permute(torch_model, perm), (1, 1, 8, 8))
-    layers, backdoored = _neurons(original)
-    _, reordered = _neurons(permuted)
+    layers, _ = find_weight_layers(original)
+    backdoored, reordered = builders.weight_neurons(original, layers), builders.weight_neurons(permuted, layers)
     ties = analyse(original, layers, "input", (1, 1, 8, 8))
     fused_set = {i for i in range(len(layers)) if i not in ties.heads}
     uniform = {i: np.ones(layer.out_channels) for i, layer in enumerate(layers) if ties.roles[i] != FOLLOWER}

@@ -11,19 +11,11 @@ import re
 
 import onnx
 import pytest
-import torch
 
 from converters.write_back import changed_initializers
 from tests import third_party
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """A second intra-op thread only waits on a busy 2-core machine (see test_coverage)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _source(model: third_party.ThirdPartyModel):

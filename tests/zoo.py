@@ -38,7 +38,7 @@ import onnx
 import torch
 from torch import nn
 
-from tests.builders import PreActBlock
+from tests.builders import TinyPreActResNet, randomise_bn
 
 # --------------------------------------------------------------------------------------------
 # permutation helpers: each edits one tensor axis in place
@@ -86,20 +86,6 @@ def permute_depthwise(conv: nn.Conv2d, perm: torch.Tensor) -> None:
     permute_out(conv, perm)
 
 
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
-                n = module.num_features
-                module.running_mean.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
-                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
-    return model
-
-
 def _perm(width: int, gen: torch.Generator) -> torch.Tensor:
     """A permutation that moves every channel (a random one could leave some in place)."""
     perm = torch.randperm(width, generator=gen)
@@ -119,17 +105,11 @@ def _gap(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class PreActResNet(nn.Module):
-    def __init__(self, width: int = 6, classes: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.b1 = PreActBlock(width, width, 1)
-        self.b2 = PreActBlock(width, 2 * width, 2)
-        self.bn = nn.BatchNorm2d(2 * width)
-        self.fc = nn.Linear(2 * width, classes)
+class PreActResNet(TinyPreActResNet):
+    """``builders.TinyPreActResNet`` on 3 channels (the tests' one PreAct-ResNet), with its permutation."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(_gap(torch.relu(self.bn(self.b2(self.b1(self.stem(x)))))))
+    def __init__(self, width: int = 6, classes: int = 4) -> None:
+        super().__init__(channels=3, width=width, classes=classes)
 
     def permute(self, gen: torch.Generator, pinned_too: bool = True) -> None:
         """The stage-1 residual stream (stem + b1.c2, read by both blocks) and b1's inner channels."""

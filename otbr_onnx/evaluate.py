@@ -21,6 +21,9 @@ from otbr_onnx.files import open_regular
 from otbr_onnx.load import MAX_FILE_BYTES, LoadedModel, ort_errors
 
 NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats: what can be an image or a label
+# Fixed-width strings cannot carry code (only pickled objects can): kept as metadata, such as the
+# 'attack' name in models/demo_eval.npz; images and labels are still checked to be numeric.
+METADATA_KINDS = "US"
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,8 @@ def _where(data: dict) -> str:
 def load_npz(path: str | Path, max_bytes: int = MAX_FILE_BYTES, option: str | None = None) -> Arrays:
     """Read an evaluation or calibration set from a stranger, refusing anything odd with exit 2.
 
-    Only a regular file (a FIFO would block), only numeric arrays (never pickled objects, which
-    can carry code), and every array's header is read and checked against ``max_bytes`` and
+    Only a regular file (a FIFO would block), only numeric or fixed-width text arrays (never
+    pickled objects, which can carry code), and every array's header is read and checked against ``max_bytes`` and
     against the bytes the archive really holds *before* numpy allocates what the header
     declares (numpy allocates the declared size first, then fills it: a 100-byte file can
     declare terabytes). ``option`` names the flag in messages.
@@ -74,8 +77,9 @@ def _checked_members(archive: zipfile.ZipFile, source: str, max_bytes: int) -> d
     for info in archive.infolist():
         key = info.filename.removesuffix(".npy")
         shape, dtype, header_bytes = _npy_header(archive, info, key, source)
-        if dtype.kind not in NUMERIC_KINDS:
-            raise UsageError(f"{source}: array '{key}' has dtype {dtype}; expected numbers (bool, int or float)")
+        if dtype.kind not in NUMERIC_KINDS + METADATA_KINDS:
+            raise UsageError(f"{source}: array '{key}' has dtype {dtype}; expected numbers (bool, int or float) "
+                             f"or fixed-width text")
         declared = math.prod(shape) * dtype.itemsize
         if declared > info.file_size - header_bytes:
             raise UsageError(f"{source}: array '{key}' declares shape {shape} ({declared} bytes) but holds only "

@@ -122,3 +122,17 @@ def test_der_from_evaluated_models(model: onnx.ModelProto) -> None:
     after = evaluate(model, (inputs_predicting([1, 2, 3, 3]), clean[1]), (inputs_predicting([1, 2, 3, 1]), poisoned[1]), TARGET)
     assert (before.acc, before.asr, after.acc, after.asr) == pytest.approx((75.0, 75.0, 100.0, 0.0))
     assert der(before, after) == pytest.approx((0.75 + 1.0) / 2.0)
+
+
+def test_text_metadata_beside_the_arrays_is_read_and_images_stay_numeric(tmp_path):
+    """models/demo_eval.npz names its attack in a text array: that is data, not a refusal."""
+    from otbr_onnx.errors import UsageError
+    from otbr_onnx.evaluate import load_npz, split_sets
+
+    x, y = np.zeros((4, 1, 8, 8), np.float32), np.arange(4)
+    np.savez(tmp_path / "meta.npz", x=x, y=y, attack=np.array("badnets"))
+    data = load_npz(tmp_path / "meta.npz")
+    assert str(data["attack"]) == "badnets" and split_sets(data, None)[0][0].shape == (4, 1, 8, 8)
+    np.savez(tmp_path / "text.npz", x=np.array(["a"] * 4), y=y)
+    with pytest.raises(UsageError, match="array 'x' has dtype <U1"):
+        split_sets(load_npz(tmp_path / "text.npz"), None)

@@ -340,7 +340,8 @@ def render(rows: list[Row], command: str, timing: dict, complete: bool) -> str:
         out.append(f"| {label} | " + " | ".join(_fmt(summary[m][key], 2) for m in METHODS) + " |")
     out += ["", "## The data-free ratio rule against fixed gammas (otbr, default options otherwise)", "",
             "The fixed-gamma rows come from the oracle's sweep (one gamma for every model); the rule row is "
-            "the otbr column, gamma chosen per model on synthesised probes (otbr_onnx/ratio.py).", "",
+            "the otbr column (scan; nothing suspected: unchanged; else gamma chosen per model by the rescan and "
+            "the probe fidelity budget, otbr_onnx/ratio.py).", "",
             "| gamma | mean ASR | worst ASR | mean ACC drop | worst ACC drop | mean DER | clean: mean ACC drop "
             "| clean: worst ACC drop |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -349,10 +350,13 @@ def render(rows: list[Row], command: str, timing: dict, complete: bool) -> str:
     out.append("| data-free rule | " + " | ".join(_fmt(summary["otbr"][k]) for k in keys) + " |")
     for gamma, values in summarise_fixed_gammas(rows).items():
         out.append(f"| {gamma:g} | " + " | ".join(_fmt(values[k]) for k in keys) + " |")
-    chosen = [f"{r.arch} {r.attack}: " + ("refused" if r.outcomes["otbr"].refused is not None else
-                                           f"{r.outcomes['otbr'].gamma} ({r.outcomes['otbr'].tried} tried)")
-              for r in rows]
-    out += ["", "Gamma chosen by the rule (candidates fused and scored): " + "; ".join(chosen) + "."]
+    def choice(o: Outcome) -> str:
+        if o.refused is not None:
+            return "refused"
+        return "unchanged (nothing suspected)" if o.unchanged else f"{o.gamma} ({o.tried} tried)"
+
+    chosen = [f"{r.arch} {r.attack}: {choice(r.outcomes['otbr'])}" for r in rows]
+    out += ["", "Gamma chosen by the rule (candidates pruned, fused, checked and rescanned): " + "; ".join(chosen) + "."]
     out += ["", "## Run time per clean (s, stand-alone; oracle = whole sweep)", "",
             "| model | " + " | ".join(METHODS) + " |", "| --- |" + " --- |" * len(METHODS)]
     for row in rows:

@@ -41,12 +41,13 @@ DEFAULT_THRESHOLD = 3.5
 MAD_TO_SIGMA = 1.4826
 # A MAD this small (relative to the median) would turn noise into huge z-scores.
 MIN_SPREAD = 1e-3
-# After a cleaning, the target counts as cleared only once its maximum margin is no larger than the
-# typical class's (z <= 0: at most the other classes' median). Falling under the detection threshold
-# is far from enough: on a BadNets MLP a rescan z of 3.4 still had 91% ASR, z 0.3 had 19% and
-# z -0.9 had 5% (tests/test_scan.py's model); on a full-width PreAct-ResNet18, z <= 1 after a
-# 50-step rescan let a model with 66% ASR through (benchmarks/RESULTS.md).
-CLEARED_Z = 0.0
+# After a cleaning, the target counts as cleared only once its maximum margin is back with the
+# typical class's: within half a robust standard deviation of the other classes' median. Falling
+# under the detection threshold is far from enough. Measured (rescan z -> ASR): BadNets MLP of
+# tests/test_scan.py 3.5 -> 91%, 2.5 -> 55%, 0.2 -> 19%, 0.0 -> 13%, -1.1 -> 5%; the demo 7.0 -> 99%,
+# 0.0 -> 2.3%, -1.1 -> 0.6%; a full-width PreAct-ResNet18 passed z <= 1 after a half-length
+# rescan with 66% ASR (the rescan is now full-length).
+CLEARED_Z = 0.5
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,11 @@ if TYPE_CHECKING:
     from otbr_onnx.prepare import PreparedModel
 
 CONV_OPS = ("Conv", "ConvTranspose")
-# A neuron that fires only on the target's inputs (s = 1) gets 1 + 4 = 5 times the fusion mass
-# of an indifferent one. Measured on three BadNets models (PreAct 16-64, MobileNetV2, the demo)
-# at gamma 0.01-0.05 against q = max(s, 0): 1.5 to 10 points more accuracy, ASR within a few points.
-ACTIVATION_BOOST = 4.0
+# A neuron that fires only on the target's inputs (s = 1) gets 1 + 1 = 2 times the fusion mass of
+# an indifferent one. On the demo at gamma 0.02 (lambda 0.5): boost 1 gave ACC/ASR 87.9 / 2.3,
+# boost 4 gave 83.5 / 0.1 and boost 0 (uniform) 91.0 / 75.5; q = max(s, 0) alone cost 1.5 to 10
+# points more than boost 4 on three BadNets models.
+ACTIVATION_BOOST = 1.0
 
 
 @dataclass

@@ -369,7 +369,7 @@ def test_ctrl_c_reaches_click_as_130_not_aborted(monkeypatch, tmp_path: Path) ->
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("otbr_onnx.cli._ints", interrupted)
+    monkeypatch.setattr("otbr_onnx.cli._Shape.convert", interrupted)  # while click parses --input-shape
     result = CliRunner().invoke(main, ["inspect", str(model_file(tmp_path)), "--input-shape", "1,1,8,8"])
     assert result.exit_code == 130 and "Aborted" not in result.output
 

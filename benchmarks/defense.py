@@ -296,7 +296,7 @@ def _options_text(options: CleanOptions) -> str:
     return ", ".join(f"{f.name}={getattr(options, f.name)!r}" for f in fields(options) if f.name != "limits")
 
 
-def render(rows: list[Row], command: str, timing: dict, complete: bool) -> str:
+def render(rows: list[Row], command: str, timing: dict, complete: bool, notes: list[str] = ()) -> str:
     summary = summarise(rows)
     out = [
         "# Defense benchmark: OTBR on backdoored Fashion-MNIST ONNX models",
@@ -312,6 +312,7 @@ def render(rows: list[Row], command: str, timing: dict, complete: bool) -> str:
         f"non-target ones among them (true labels kept). DER in %, BackdoorBench formula.",
         f"- otbr-oracle sweeps γ over {list(GAMMAS)} with the default options and keeps the best DER **chosen "
         "with the test set**: an upper bound, not a data-free result. Its time is the whole sweep's.",
+        *[f"- {note}" for note in notes],
         "",
         "## Targets (otbr, data-free defaults, over the backdoored models)",
         "",
@@ -438,6 +439,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON", default=None,
                         help="render --out (and --json) from earlier runs' JSON instead of running: rows in the "
                              "order of all models, a later file's row replacing an earlier one's")
+    parser.add_argument("--note", action="append", default=[], help="a line for the header (with --merge: how the "
+                                                                    "runs differ)")
     return parser.parse_args()
 
 
@@ -503,7 +506,7 @@ def main() -> None:
 
 def write(args: argparse.Namespace, rows: list[Row], command: str, timing: dict, complete: bool) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(rows, command, timing, complete))
+    args.out.write_text(render(rows, command, timing, complete, args.note))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(to_json(rows, timing), indent=1, default=str))

@@ -169,7 +169,9 @@ def clean_verdict(detection: "ScanResult | None", rescan: "ScanResult | None", o
     target = detection.suspected[0]
     if rescan is not None and not rescan.cleared(target):  # only with a fixed --prune-ratio: the rule refuses
         return f"backdoor suspected (class {target}): the rescan still flags it at --prune-ratio {options.prune_ratio}"
-    return f"backdoor suspected (class {target}): removed, the rescan no longer flags it (z {rescan.z[target]:.1f})"
+    # "cleaned", not "removed": the rescan is a proxy (see detect.CLEARED_Z and the README's limits)
+    return (f"backdoor suspected (class {target}): cleaned until the rescan no longer flags it "
+            f"(z {rescan.z[target]:.1f}); the rescan is a proxy, not a proof")
 
 
 def _plan_of(i: int, ties, chosen: "Repair") -> str:

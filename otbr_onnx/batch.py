@@ -82,8 +82,7 @@ def clean_one(model: Path, out_dir: Path, options) -> Outcome:
     output = out_dir / f"{model.stem}.onnx"
     try:
         result = clean(model, options)
-        result.report["options_key"] = key
-        write_result(result, output, out_dir / f"{model.stem}.report.json")
+        write_result(result, output, out_dir / f"{model.stem}.report.json", {"options_key": key})
         return Outcome(str(model), "cleaned", 0, output=str(output))
     except OtbrError as error:  # one_line: the message quotes the model, and goes to the terminal
         status = "refused" if error.exit_code == 3 else "failed"

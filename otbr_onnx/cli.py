@@ -357,9 +357,9 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             check_output_path(report_path, [model, output], False)
         with _progress(quiet) as progress:
             result = run_clean(model, options, progress, command=sys.argv[1:])
-        write_result(result, output, report_path)
+        report = write_result(result, output, report_path)
         if as_json:  # json.dumps writes every control character as \\uXXXX
-            click.echo(json.dumps(result.report, indent=2))
+            click.echo(json.dumps(report, indent=2))
         if not quiet:
             _echo(summary_text(result.report), err=True)
             _echo(f"  wrote {output}" + ("" if result.changed else " (the input, unchanged)"), err=True)

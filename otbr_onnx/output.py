@@ -143,11 +143,15 @@ def atomic_write(path: Path, data: bytes) -> None:
     _sync_folder(folder)
 
 
-def write_result(result, output: Path, report_path: Path | None) -> None:
-    """Write a ``CleanResult``: the model to ``output``, its path and sha256 into the report,
-    then the report to ``report_path`` (if any), each file atomically and the model first."""
+def write_result(result, output: Path, report_path: Path | None, extra: dict | None = None) -> dict:
+    """Write a ``CleanResult``: the model to ``output``, then its report (``report.as_written``:
+    the output's path and sha256, and ``extra``) to ``report_path`` (if any), each file atomically
+    and the model first. Returns the report as written; ``result`` is left as it was."""
+    from otbr_onnx.report import as_written
+
     data = result.to_bytes()
     atomic_write(output, data)
-    result.report["output"] = {"path": str(output), "sha256": hashlib.sha256(data).hexdigest()}
+    report = as_written(result.report, output, hashlib.sha256(data).hexdigest(), extra)
     if report_path is not None:
-        atomic_write(report_path, json.dumps(result.report, indent=2).encode())
+        atomic_write(report_path, json.dumps(report, indent=2).encode())
+    return report

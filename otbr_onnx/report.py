@@ -154,6 +154,12 @@ def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: 
     }
 
 
+def as_written(report: dict, path, sha256: str, extra: dict | None = None) -> dict:
+    """``report`` once its model is written: the output's path and sha256, and what the writer adds
+    (batch mode: the options key that makes a rerun skip the model). A new dict."""
+    return {**report, "output": {"path": str(path), "sha256": sha256}, **(extra or {})}
+
+
 def scan_verdict(detection: "ScanResult") -> str:
     if not detection.suspected:
         return "no backdoor found"

@@ -19,7 +19,7 @@ from torch import nn
 from converters import parity, runtime
 from converters.parity import Parity
 from converters.to_torch import TorchTensorRef, run_torch
-from otbr_onnx.bridge import convert, weight_refs
+from otbr_onnx.bridge import convert, providers, weight_refs
 from otbr_onnx.errors import UnsupportedModelError, one_line
 from otbr_onnx.fuse import Neurons
 from otbr_onnx.layers import SkippedLayer, WeightLayer, find_weight_layers, reachable_layers, to_rows
@@ -79,7 +79,7 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     ties = analyse(loaded.proto, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
     module = convert(loaded.proto).eval()
     refs = weight_refs(module, loaded.proto, layers)
-    providers_ = _providers(options)
+    providers_ = providers(options.ort_provider)
     inputs = runtime.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
     reference = runtime.run(runtime.session(loaded.proto, providers_), loaded.input_name, loaded.output_name, inputs)
     check = parity.compare(reference, _first_torch_run(module, inputs, loaded.output_index))
@@ -91,12 +91,6 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     original = {t.name: numpy_helper.to_array(t) for t in loaded.proto.graph.initializer if t.name in refs}
     return PreparedModel(loaded, layers, skipped, ties, module, refs, original, _num_classes(reference),
                          resolve_device(options.device), inputs, check, providers_)
-
-
-def _providers(options: CleanOptions) -> list[str]:
-    from otbr_onnx import bridge
-
-    return bridge.providers(options.ort_provider)
 
 
 def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedModel:

@@ -103,14 +103,15 @@ def nwc_ranking(prepared: "PreparedModel", options: CleanOptions,
     experiment's ``nwc_scale`` says."""
     unlearned, log = _unlearn(prepared, options, progress)
     own = _own_neurons(prepared)
-    nwc = {i: nwc_stage.neuron_weight_change(prepared.neurons(i).rows, to_rows(prepared.layers[i], unlearned[prepared.layers[i].weight]))
+    rows = {i: prepared.neurons(i).rows for i in own}
+    nwc = {i: nwc_stage.neuron_weight_change(rows[i], to_rows(prepared.layers[i], unlearned[prepared.layers[i].weight]))
            for i in own}
     if not all(np.all(np.isfinite(v)) for v in nwc.values()):
         raise UnsupportedModelError("random unlearning diverged (non-finite weights); lower --lr or --iterations")
     ranked = ranked_layers(prepared, options)
     scale = options.experiment.nwc_scale
     order = nwc_stage.global_ranking({
-        i: nwc_stage.scaled_for_ranking(nwc[i], prepared.neurons(i).rows[0].size, scale) for i in ranked
+        i: nwc_stage.scaled_for_ranking(nwc[i], rows[i][0].size, scale) for i in ranked
     })
     return Ranking("nwc", ranked, nwc, order, nwc, unlearning=log)
 

@@ -171,12 +171,13 @@ def clean_dead_conv_only(folder: Path) -> Setup:
 # 7. Ctrl-C ------------------------------------------------------------------------------------------
 
 def interrupted_clean(folder: Path) -> Setup:
-    return _clean(folder, None, "--iterations", "100000")  # still unlearning when Ctrl-C comes
+    # --always --ranking nwc: a model the scan finds clean would otherwise pass through at once
+    return _clean(folder, None, "--always", "--ranking", "nwc", "--iterations", "100000")  # still unlearning at Ctrl-C
 
 
 def interrupted_batch(folder: Path) -> Setup:
     models = _models_dir(folder, names=("a", "b", "c"))
-    return Setup(["clean", str(models), str(folder / "out"), "--jobs", "2", *QUICK, "--iterations", "100000"],
+    return Setup(["clean", str(models), str(folder / "out"), "--jobs", "2", *QUICK, "--always", "--ranking", "nwc", "--iterations", "100000"],
                  guarded=list(models.iterdir()),
                  watched=[models])
 

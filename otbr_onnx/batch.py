@@ -160,8 +160,10 @@ def run_many(task: Task, models: list[Path], out_dir: Path | None, options, stat
     outcomes in the order of ``models``.
 
     Interrupted (Ctrl-C), the executor has stopped every task before the interrupt reaches here;
-    the temporary files of writes it cut short are removed, and no summary is written.
+    the temporary files of writes it cut short are removed, and no summary is written (nor the
+    output folder left behind, if this run created it and nothing was finished in it).
     """
+    created = out_dir is not None and not out_dir.exists()
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
@@ -175,6 +177,8 @@ def run_many(task: Task, models: list[Path], out_dir: Path | None, options, stat
         if out_dir is not None:
             for leftover in out_dir.glob(".*.tmp"):  # atomic_write's temporary names: .NAME.XXXX.tmp
                 leftover.unlink(missing_ok=True)
+            if created and not any(out_dir.iterdir()):  # e.g. the cluster was unreachable: leave no trace
+                out_dir.rmdir()
         raise
     order = {str(model): i for i, model in enumerate(models)}
     outcomes.sort(key=lambda outcome: order[outcome.model])

@@ -40,6 +40,8 @@ Task = Callable[..., "Outcome"]
 RAY_EXTRA = "--executor ray needs Ray: pip install 'otbr-onnx[ray]'"
 # seconds to wait, after cancelling, until Ray reports every task ended (killed workers included)
 RAY_CANCEL_WAIT = 30.0
+# seconds an --address may take to accept a connection before it is refused as unreachable
+CONNECT_TIMEOUT = 10.0
 
 
 class Executor(Protocol):
@@ -145,6 +147,9 @@ class RayExecutor:
             return False
         import logging
 
+        if self.address is not None:
+            check_reachable(self.address)
+
         # log_to_driver off: the workers' output would interleave with ours, and every failure
         # comes back as an Outcome anyway
         settings = {"log_to_driver": False, "logging_level": logging.ERROR}
@@ -174,6 +179,21 @@ class RayExecutor:
         finally:
             if not finished:
                 _cancel(ray, list(pending))
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Refuse a ``HOST:PORT`` or ``ray://HOST:PORT`` address nothing answers on: ``ray.init`` would
+    wait for it without end, logging a warning every 30 s. (``auto`` Ray resolves, and refuses, itself.)"""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        if address.startswith("ray://") or ":" in address:
+            raise UsageError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UsageError(f"--address {address}: no Ray cluster answers there ({reason})") from error
 
 
 def _result(ray, ref, model: Path) -> "Outcome":

@@ -132,6 +132,16 @@ def test_batch_clean_table_shows_gamma_and_fidelity_of_the_reports(folder, tmp_p
     assert "%|" not in result.stderr  # no bar off a terminal
 
 
+def test_hostile_file_names_are_escaped_in_lines_and_table(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "evil\x1b[2J\u202e.onnx").write_bytes(b"not a model")
+    result = CliRunner().invoke(main, ["scan", str(models)])
+    assert result.exit_code == 2
+    assert "\x1b" not in result.output and "\u202e" not in result.output
+    assert "evil\\x1b[2J\\u202e.onnx" in table(result.stdout)  # the escaped name is the table's key
+
+
 def test_progress_bar_only_on_a_terminal(folder, tmp_path):
     """Under a pseudo-terminal the bar over models is drawn; the lines and the table are there too."""
     pty = pytest.importorskip("pty")
@@ -181,6 +191,22 @@ def test_ray_executor_without_ray_names_the_extra(folder, tmp_path, monkeypatch)
     result = CliRunner().invoke(main, ["scan", str(folder), "--executor", "ray"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "otbr-onnx: error: --executor ray needs Ray: pip install 'otbr-onnx[ray]'"
+
+
+def test_an_address_nothing_answers_on_is_refused_at_once(folder, tmp_path):
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: connection refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["clean", str(folder), str(out), "--executor", "ray", "--address",
+                                       f"127.0.0.1:{port}"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"otbr-onnx: error: --address 127.0.0.1:{port}: no Ray cluster "
+                                                  "answers there (Connection refused)"]
+    assert not out.exists()  # the run created the folder, and took it back
 
 
 def test_ray_executor_is_for_batch_mode(folder, tmp_path):

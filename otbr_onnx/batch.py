@@ -26,6 +26,7 @@ from otbr_onnx.errors import EXIT_SUSPECTED, OtbrError, UsageError, one_line
 from otbr_onnx.executors import Executor, ProcessExecutor, SerialExecutor, Task
 from otbr_onnx.load import sha256_file
 from otbr_onnx.output import atomic_write, write_result
+from otbr_onnx.report import batch_facts
 
 CLEAN_STATUSES = ("cleaned", "skipped", "refused", "failed")
 SCAN_STATUSES = ("passed", "suspected", "skipped", "refused", "failed")
@@ -92,6 +93,10 @@ def finished_report(model: Path, out_dir: Path, key: str, output: Path | None = 
         return None
     if output is not None and report.get("output", {}).get("sha256") != sha256_file(output):
         return None
+    try:
+        batch_facts(report)
+    except (KeyError, TypeError, AttributeError, StopIteration):  # edited by hand: redo the model
+        return None
     return report
 
 
@@ -122,7 +127,7 @@ def scan_one(model: Path, out_dir: Path | None, options) -> Outcome:
     try:
         earlier = finished_report(model, out_dir, key) if out_dir is not None else None
         if earlier is not None:
-            code = EXIT_SUSPECTED if earlier["scan"]["suspected_targets"] else 0  # a rerun gives the same answer
+            code = EXIT_SUSPECTED if batch_facts(earlier)["targets"] else 0  # a rerun gives the same answer
             return _outcome(model, "skipped", code, earlier, start, "report matches the input and options")
         found = scan(model, options)
         report = {**found.report, "options_key": key}
@@ -137,10 +142,9 @@ def scan_one(model: Path, out_dir: Path | None, options) -> Outcome:
 
 def _outcome(model: Path, status: str, code: int, report: dict, start: float, message: str = "",
              output: Path | None = None) -> Outcome:
-    from otbr_onnx.report import batch_facts
-
     return Outcome(str(model), status, code, message, str(output) if output is not None else None,
                    round(time.perf_counter() - start, 3), **batch_facts(report))
+
 
 
 def _failure(model: Path, error: Exception, start: float) -> Outcome:

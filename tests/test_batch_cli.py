@@ -100,6 +100,11 @@ def test_batch_scan_rerun_skips_models_and_keeps_the_verdict_exit_code(folder, t
     assert {row["status"] for row in table(again.stdout).values()} == {"skipped"}
     assert table(again.stdout)["chain.onnx"]["target"] == table(first.stdout)["chain.onnx"]["target"]
     assert (out / "chain.report.json").stat().st_mtime_ns == stamp
+    edited = json.loads((out / "preact.report.json").read_text())
+    del edited["scan"]  # same input and options key, but not a report any more: scanned again
+    (out / "preact.report.json").write_text(json.dumps(edited))
+    third = CliRunner().invoke(main, args)
+    assert [table(third.stdout)[n]["status"] for n in ("chain.onnx", "preact.onnx")] == ["skipped", "suspected"]
 
 
 def test_batch_scan_without_out_dir_writes_nothing_and_json_prints_the_summary(folder, tmp_path):

@@ -499,9 +499,8 @@ def _batch_end(outcomes: list, out_dir: Path | None, statuses: tuple[str, ...], 
     """The counts line, the summary on stdout with --json, and the exit code: the worst model's."""
     from otbr_onnx.batch import summary, worst_exit_code
 
-    if as_json:  # the summary as written (scan without --out-dir: as it would be)
-        text = (out_dir / "summary.json").read_text() if out_dir is not None else None
-        click.echo(text if text is not None else json.dumps(summary(outcomes, statuses), indent=2))
+    if as_json:  # summary.json's content (scan without --out-dir: what it would hold)
+        click.echo(json.dumps(summary(outcomes, statuses), indent=2))
     if not quiet:
         counts = ", ".join(f"{sum(o.status == s for o in outcomes)} {s}" for s in statuses)
         where = f"; summary in {out_dir / 'summary.json'}" if out_dir is not None else ""

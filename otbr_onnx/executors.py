@@ -157,7 +157,7 @@ class RayExecutor:
             settings["include_dashboard"] = False
         try:
             ray.init(address=self.address, **settings)
-        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
+        except Exception as error:  # noqa: BLE001 - refused, timed out, unauthenticated, a bad address
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
             raise UsageError(f"cannot connect to {where}: {one_line(error)}") from error
         return True
@@ -172,13 +172,23 @@ class RayExecutor:
         finished = False
         try:
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                model = pending.pop(ready[0])
-                yield _as_given(_result(ray, ready[0], model), model, out_dir)
+                for ref in _ready(ray, list(pending)):
+                    model = pending.pop(ref)
+                    yield _as_given(_result(ray, ref, model), model, out_dir)
             finished = True
         finally:
             if not finished:
                 _cancel(ray, list(pending))
+
+
+def _ready(ray, refs: list) -> list:
+    """Wait until at least one task has finished; return every task finished by then. (One
+    ``ray.wait`` per finished model would cost time quadratic in the models of a large sweep.)"""
+    first, rest = ray.wait(refs, num_returns=1)
+    if not rest:
+        return first
+    more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+    return first + more
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:

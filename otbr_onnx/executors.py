@@ -19,6 +19,7 @@ so that no worker can still be writing when the caller removes leftover temporar
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 import os
 import signal
@@ -34,6 +35,7 @@ from otbr_onnx.errors import UsageError, one_line
 if TYPE_CHECKING:
     from otbr_onnx.batch import Outcome
 
+LOG = logging.getLogger("otbr_onnx")
 # A module-level function (pickled by reference to worker processes and Ray workers):
 # task(model, out_dir, options) -> Outcome, never raising.
 Task = Callable[..., "Outcome"]
@@ -136,6 +138,7 @@ class RayExecutor:
         ray = import_ray()
         started = self._connect(ray)
         try:
+            check_resources(ray.nodes(), self.cpus_per_model, self.gpus_per_model, started_here=started)
             yield from self._run(ray, task, models, out_dir, options)
         finally:
             if started:
@@ -145,8 +148,6 @@ class RayExecutor:
         """Connect (or start a local instance); True when this call did, and must disconnect."""
         if ray.is_initialized():
             return False
-        import logging
-
         if self.address is not None:
             check_reachable(self.address)
 
@@ -179,6 +180,18 @@ class RayExecutor:
         finally:
             if not finished:
                 _cancel(ray, list(pending))
+
+
+def check_resources(nodes: list[dict], cpus: float, gpus: float, started_here: bool) -> None:
+    """A task no node can hold waits forever. On the instance started for this run no node will
+    join: refuse. An existing cluster may add nodes (an autoscaler): say so, and wait."""
+    for name, need, flag in (("CPU", cpus, "--cpus-per-model"), ("GPU", gpus, "--gpus-per-model")):
+        most = max((node["Resources"].get(name, 0.0) for node in nodes if node.get("Alive")), default=0.0)
+        if need > most:
+            text = f"{flag} {need:g}: no Ray node has that many {name}s (the largest has {most:g})"
+            if started_here:
+                raise UsageError(text)
+            LOG.warning("%s; the tasks wait until such a node joins the cluster", text)
 
 
 def _ready(ray, refs: list) -> list:

@@ -214,6 +214,23 @@ def test_an_address_nothing_answers_on_is_refused_at_once(folder, tmp_path):
     assert not out.exists()  # the run created the folder, and took it back
 
 
+def test_a_resource_request_no_node_can_hold_is_refused_or_reported(caplog):
+    """Ray would keep such a task pending forever: on the instance started for the run, refuse;
+    on an existing cluster (an autoscaler may add nodes), warn and wait."""
+    from otbr_onnx.errors import UsageError
+    from otbr_onnx.executors import check_resources
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0}}, {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    check_resources(nodes, 16, 0, started_here=True)  # fits: nothing said
+    assert not caplog.records
+    with pytest.raises(UsageError, match=r"--gpus-per-model 1: no Ray node has that many GPUs \(the largest has 0\)"):
+        check_resources(nodes, 1, 1, started_here=True)
+    with pytest.raises(UsageError, match="--cpus-per-model 32"):
+        check_resources(nodes, 32, 0, started_here=True)
+    check_resources(nodes, 1, 0.5, started_here=False)
+    assert "wait until such a node joins" in caplog.records[-1].getMessage()
+
+
 def test_ray_executor_is_for_batch_mode(folder, tmp_path):
     result = CliRunner().invoke(main, ["clean", str(folder / "chain.onnx"), str(tmp_path / "o.onnx"), "--executor",
                                        "ray"])

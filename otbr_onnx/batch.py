@@ -1,9 +1,14 @@
-"""Batch cleaning: many models into one output folder, in parallel, resumable.
+"""Batch mode: many models, one outcome each, resumable; the same whichever executor runs them.
 
-Each model gets ``<name>.onnx`` and ``<name>.report.json`` in the output folder; a model
-whose report already records the same input hash, the same options and an output file with
-the recorded hash is skipped, so a large registry can be swept in pieces. One failing model
-never stops the others; ``summary.json`` lists every outcome.
+``clean``: each model gets ``<name>.onnx`` and ``<name>.report.json`` in the output folder; a
+model whose report already records the same input hash, the same options and an output file with
+the recorded hash is skipped, so a large registry can be swept in pieces. ``scan`` with an output
+folder: each model gets ``<name>.report.json``, skipped likewise when its input and options are
+unchanged. One failing model never stops the others; ``summary.json`` lists every outcome, in the
+order of the inputs, and the exit code is the worst model's.
+
+Where the models run (this process, a local process pool, Ray) is the ``executors`` module's
+job; this module is the rest, shared by all of them.
 """
 
 from __future__ import annotations
@@ -11,26 +16,40 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import multiprocessing
-import signal
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+import time
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from otbr_onnx.errors import OtbrError, UsageError, one_line
+from otbr_onnx.errors import EXIT_SUSPECTED, OtbrError, UsageError, one_line
+from otbr_onnx.executors import Executor, ProcessExecutor, SerialExecutor, Task
 from otbr_onnx.load import sha256_file
 from otbr_onnx.output import atomic_write, write_result
+from otbr_onnx.report import batch_facts
+
+CLEAN_STATUSES = ("cleaned", "skipped", "refused", "failed")
+SCAN_STATUSES = ("passed", "suspected", "skipped", "refused", "failed")
+SKIPPED = "output and report match the input and options"
 
 
 @dataclass(frozen=True)
 class Outcome:
+    """One model's result. ``status``: clean: cleaned, skipped (done before), refused, failed;
+    scan: passed (nothing found), suspected, skipped, refused, failed. The facts after ``seconds``
+    come from the model's report (None when there is none: refused, failed)."""
+
     model: str
-    status: str  # "cleaned", "skipped" (already done), "refused", "failed"
+    status: str
     exit_code: int
     message: str = ""
     output: str | None = None
+    seconds: float = 0.0  # wall time of this run's task (a skipped model: the check alone)
+    verdict: str | None = None  # the scan's: "suspected", "none found", "not scanned" (--reference)
+    targets: tuple[int, ...] = ()  # suspected target classes
+    gamma: float | None = None  # prune ratio of a changed model
+    fidelity: float | None = None  # chosen ratio's fidelity score, %
+    fidelity_metric: str | None = None  # "soft agreement" (probes, no data) or "accuracy" (--calibration)
 
 
 def collect_models(inputs: list[Path]) -> list[Path]:
@@ -52,109 +71,148 @@ def collect_models(inputs: list[Path]) -> list[Path]:
     return models
 
 
-def options_key(options) -> str:
+def options_key(options, command: str = "clean") -> str:
+    """What a rerun must match to skip a model: the options (and, for a scan, that it was one)."""
     data = json.dumps(dataclasses.asdict(options), sort_keys=True, default=str)
-    return hashlib.sha256(data.encode()).hexdigest()
+    return hashlib.sha256((data if command == "clean" else f"{command}:{data}").encode()).hexdigest()
 
 
-def already_done(model: Path, out_dir: Path, key: str) -> bool:
+def finished_report(model: Path, out_dir: Path, key: str, output: Path | None = None) -> dict | None:
+    """The report an earlier run left for ``model`` in ``out_dir`` if it still holds: same
+    options key, same input hash and (when the run writes one) an output with the recorded hash."""
     report_path = out_dir / f"{model.stem}.report.json"
-    output = out_dir / f"{model.stem}.onnx"
-    if not report_path.is_file() or not output.is_file():
-        return False
+    if not report_path.is_file() or (output is not None and not output.is_file()):
+        return None
     try:
         report = json.loads(report_path.read_text())
     except (OSError, ValueError):
-        return False
-    return (report.get("options_key") == key
-            and report.get("input", {}).get("sha256") == sha256_file(model)
-            and report.get("output", {}).get("sha256") == sha256_file(output))
+        return None
+    if not isinstance(report, dict) or report.get("options_key") != key:
+        return None
+    if report.get("input", {}).get("sha256") != sha256_file(model):
+        return None
+    if output is not None and report.get("output", {}).get("sha256") != sha256_file(output):
+        return None
+    try:
+        batch_facts(report)
+    except (KeyError, TypeError, AttributeError, StopIteration):  # edited by hand: redo the model
+        return None
+    return report
 
 
 def clean_one(model: Path, out_dir: Path, options) -> Outcome:
     """Clean one model into ``out_dir``; every failure becomes an Outcome, never an exception."""
     from otbr_onnx.pipeline import clean
 
+    start = time.perf_counter()
     key = options_key(options)
-    if already_done(model, out_dir, key):
-        return Outcome(str(model), "skipped", 0, "output and report match the input and options",
-                       str(out_dir / f"{model.stem}.onnx"))
     output = out_dir / f"{model.stem}.onnx"
     try:
+        earlier = finished_report(model, out_dir, key, output)
+        if earlier is not None:
+            return _outcome(model, "skipped", 0, earlier, start, SKIPPED, output)
         result = clean(model, options)
-        write_result(result, output, out_dir / f"{model.stem}.report.json", {"options_key": key})
-        return Outcome(str(model), "cleaned", 0, output=str(output))
-    except OtbrError as error:  # one_line: the message quotes the model, and goes to the terminal
-        status = "refused" if error.exit_code == 3 else "failed"
-        return Outcome(str(model), status, error.exit_code, one_line(error, limit=None))
+        report = write_result(result, output, out_dir / f"{model.stem}.report.json", {"options_key": key})
+        return _outcome(model, "cleaned", 0, report, start, output=output)
     except Exception as error:  # noqa: BLE001 - one broken model must not stop the sweep
-        return Outcome(str(model), "failed", 1, f"internal error: {type(error).__name__}: {one_line(error)}")
+        return _failure(model, error, start)
 
 
-@contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ctrl-C ignored while worker processes are spawned.
+def scan_one(model: Path, out_dir: Path | None, options) -> Outcome:
+    """Scan one model; with ``out_dir``, write its report there (and skip it when done before)."""
+    from otbr_onnx.pipeline import scan
 
-    A terminal sends SIGINT to every process of the foreground group, so each worker would
-    print its own KeyboardInterrupt traceback (a worker still importing has no handler yet). An
-    ignored signal stays ignored across exec, and Python keeps it so: the workers never see
-    Ctrl-C, and the parent alone stops the batch (``_stop_workers``).
-    """
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    start = time.perf_counter()
+    key = options_key(options, "scan")
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        earlier = finished_report(model, out_dir, key) if out_dir is not None else None
+        if earlier is not None:
+            code = EXIT_SUSPECTED if batch_facts(earlier)["targets"] else 0  # a rerun gives the same answer
+            return _outcome(model, "skipped", code, earlier, start, "report matches the input and options")
+        found = scan(model, options)
+        report = {**found.report, "options_key": key}
+        if out_dir is not None:
+            atomic_write(out_dir / f"{model.stem}.report.json", json.dumps(report, indent=2).encode())
+        if found.backdoor_suspected:
+            return _outcome(model, "suspected", EXIT_SUSPECTED, report, start)
+        return _outcome(model, "passed", 0, report, start)
+    except Exception as error:  # noqa: BLE001 - one broken model must not stop the sweep
+        return _failure(model, error, start)
 
 
-def _worker_signals() -> None:
-    """In each worker: ignore Ctrl-C (see above). SIGTERM from the parent keeps its default, a
-    silent end: turned into an exception it surfaced as a traceback from wherever it landed."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _outcome(model: Path, status: str, code: int, report: dict, start: float, message: str = "",
+             output: Path | None = None) -> Outcome:
+    return Outcome(str(model), status, code, message, str(output) if output is not None else None,
+                   round(time.perf_counter() - start, 3), **batch_facts(report))
 
 
-def _stop_workers(pool: ProcessPoolExecutor, futures: list[Future], out_dir: Path) -> None:
-    """After Ctrl-C in the parent: drop the queued models, end the running ones, and remove the
-    temporary file a worker ended in the middle of ``atomic_write`` may have left."""
-    for future in futures:
-        future.cancel()
-    pool.shutdown(wait=False, cancel_futures=True)
-    workers = multiprocessing.active_children()  # the pool's processes: public API, unlike pool._processes
-    for worker in workers:
-        worker.terminate()
-    for worker in workers:
-        worker.join(timeout=10)
-        if worker.is_alive():  # stuck inside a long native call
-            worker.kill()
-            worker.join()
-    for leftover in out_dir.glob(".*.tmp"):  # atomic_write's temporary names: .NAME.XXXX.tmp
-        leftover.unlink(missing_ok=True)
+
+def _failure(model: Path, error: Exception, start: float) -> Outcome:
+    """The Outcome of a model whose task raised."""
+    seconds = round(time.perf_counter() - start, 3)
+    if isinstance(error, OtbrError):  # one_line: the message quotes the model, and goes to the terminal
+        status = "refused" if error.exit_code == 3 else "failed"
+        return Outcome(str(model), status, error.exit_code, one_line(error, limit=None), seconds=seconds)
+    return Outcome(str(model), "failed", 1, f"internal error: {type(error).__name__}: {one_line(error)}",
+                   seconds=seconds)
 
 
-def clean_many(models: list[Path], out_dir: Path, options, jobs: int = 1, on_done=None) -> list[Outcome]:
-    """Clean every model, ``jobs`` at a time; write ``summary.json``; return the outcomes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def run_many(task: Task, models: list[Path], out_dir: Path | None, options, statuses: tuple[str, ...],
+             executor: Executor | None = None, on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Run ``task`` on every model with ``executor`` (default: one after another, here), calling
+    ``on_done`` as each finishes; then write ``summary.json`` (with an ``out_dir``) and return the
+    outcomes in the order of ``models``.
+
+    Interrupted (Ctrl-C), the executor has stopped every task before the interrupt reaches here;
+    the temporary files of writes it cut short are removed, and no summary is written (nor the
+    output folder left behind, if this run created it and nothing was finished in it).
+    """
+    created = out_dir is not None and not out_dir.exists()
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
-    if jobs <= 1:
-        for model in models:
-            outcomes.append(clean_one(model, out_dir, options))
-            if on_done:
-                on_done(outcomes[-1])
-    else:
-        # spawn, not fork: forking after torch started its thread pool can deadlock the child
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_signals) as pool:
-            with _sigint_ignored():  # the workers start now and inherit the ignored Ctrl-C
-                futures = [pool.submit(clean_one, model, out_dir, options) for model in models]
-            try:
-                for future in futures:
-                    outcomes.append(future.result())
-                    if on_done:
-                        on_done(outcomes[-1])
-            except KeyboardInterrupt:
-                _stop_workers(pool, futures, out_dir)
-                raise
-    summary = {"models": len(outcomes), "outcomes": [dataclasses.asdict(o) for o in outcomes],
-               "counts": {s: sum(o.status == s for o in outcomes) for s in ("cleaned", "skipped", "refused", "failed")}}
-    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    try:
+        with closing((executor or SerialExecutor()).map(task, models, out_dir, options)) as finished:
+            for outcome in finished:
+                outcomes.append(outcome)
+                if on_done:
+                    on_done(outcome)
+    except BaseException:
+        if out_dir is not None:
+            for leftover in out_dir.glob(".*.tmp"):  # atomic_write's temporary names: .NAME.XXXX.tmp
+                leftover.unlink(missing_ok=True)
+            if created and not any(out_dir.iterdir()):  # e.g. the cluster was unreachable: leave no trace
+                out_dir.rmdir()
+        raise
+    order = {str(model): i for i, model in enumerate(models)}
+    outcomes.sort(key=lambda outcome: order[outcome.model])
+    if out_dir is not None:
+        atomic_write(out_dir / "summary.json", json.dumps(summary(outcomes, statuses), indent=2).encode())
     return outcomes
+
+
+def summary(outcomes: list[Outcome], statuses: tuple[str, ...]) -> dict:
+    """``summary.json``: every outcome, the count per status, and the exit code of the batch."""
+    return {"models": len(outcomes), "outcomes": [dataclasses.asdict(o) for o in outcomes],
+            "counts": {s: sum(o.status == s for o in outcomes) for s in statuses},
+            "exit_code": worst_exit_code(outcomes)}
+
+
+def worst_exit_code(outcomes: list[Outcome]) -> int:
+    """The batch's exit code: the largest of its models'. For a scan that is 6 when any model is
+    suspected (6 is above every error code), else the worst error, else 0."""
+    return max((o.exit_code for o in outcomes), default=0)
+
+
+def clean_many(models: list[Path], out_dir: Path, options, jobs: int = 1, on_done=None,
+               executor: Executor | None = None) -> list[Outcome]:
+    """Clean every model into ``out_dir`` (``jobs`` local processes, or ``executor``)."""
+    executor = executor or (ProcessExecutor(jobs) if jobs > 1 else SerialExecutor())
+    return run_many(clean_one, models, out_dir, options, CLEAN_STATUSES, executor, on_done)
+
+
+def scan_many(models: list[Path], out_dir: Path | None, options, jobs: int = 1, on_done=None,
+              executor: Executor | None = None) -> list[Outcome]:
+    """Scan every model; with ``out_dir``, write each report and ``summary.json`` there."""
+    executor = executor or (ProcessExecutor(jobs) if jobs > 1 else SerialExecutor())
+    return run_many(scan_one, models, out_dir, options, SCAN_STATUSES, executor, on_done)

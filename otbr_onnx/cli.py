@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from otbr_onnx.errors import (
+    EXIT_SUSPECTED,
     OtbrError,
     UsageError,
     exit_interrupted,
@@ -34,8 +35,6 @@ from otbr_onnx.load import MAX_FILE_BYTES, MAX_NODES, MAX_NOISE_ELEMENTS, MAX_TE
 LOG = logging.getLogger("otbr_onnx")
 
 EXIT_CODES_HELP = "Exit codes: 0 ok, 2 bad usage or unreadable model, 3 unsupported model, 4 parity failure."
-# scan's verdict as an exit code, for gates: 0 nothing found, this when a human must look.
-EXIT_SUSPECTED = 6
 
 
 class _Shape(click.ParamType):
@@ -194,8 +193,75 @@ def _scan_options(command):
     return command
 
 
+def _batch_options(command):
+    """Where batch mode runs its models, shared by ``scan`` and ``clean``."""
+    for decorator in reversed([
+        click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Batch mode: models run in parallel local processes (--executor local)."),
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Batch mode: local (this machine, --jobs processes) or ray (one Ray task per model, "
+                          "on a local Ray instance or the cluster at --address; the [ray] extra)."),
+        click.option("--address", help="With --executor ray: the cluster to use, e.g. auto, HOST:6379 or "
+                                       "ray://HOST:10001 (default: start a Ray instance on this machine). Input "
+                                       "and output folders must be on a file system every node shares."),
+        click.option("--cpus-per-model", type=click.FloatRange(min=0, min_open=True),
+                     help="With --executor ray: CPUs each model's task requests.  [default: 1]"),
+        click.option("--gpus-per-model", type=click.FloatRange(min=0),
+                     help="With --executor ray: GPUs each model's task requests (fractions share a GPU); "
+                          "with 0 the task sees no GPU.  [default: 0]"),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def _executor(jobs: int, executor: str, address: str | None, cpus_per_model: float | None,
+              gpus_per_model: float | None):
+    """The batch executor the options ask for; contradictory options are usage errors."""
+    from otbr_onnx.executors import ProcessExecutor, RayExecutor, SerialExecutor, import_ray
+
+    ray_only = [flag for flag, value in (("--address", address), ("--cpus-per-model", cpus_per_model),
+                                         ("--gpus-per-model", gpus_per_model)) if value is not None]
+    if executor == "local":
+        if ray_only:
+            raise UsageError(f"{ray_only[0]} needs --executor ray")
+        return ProcessExecutor(jobs) if jobs > 1 else SerialExecutor()
+    if jobs != 1:
+        raise UsageError("--jobs is for --executor local; Ray runs as many models at once as the cluster's "
+                         "CPUs and GPUs allow (see --cpus-per-model, --gpus-per-model)")
+    with interrupts_deferred():  # a large import: Ctrl-C held until it is done
+        import_ray()
+    return RayExecutor(address, 1.0 if cpus_per_model is None else cpus_per_model,
+                       0.0 if gpus_per_model is None else gpus_per_model)
+
+
+def _batch_run(run, models: list[Path], out_dir: Path | None, options, executor, quiet: bool,
+               to_stderr: bool, columns: tuple[str, ...]) -> list:
+    """Run a batch with a progress bar over models (stderr, on a terminal only), one line per model
+    as it finishes and a final table (on ``to_stderr`` or stdout, terminal or not)."""
+    from tqdm import tqdm
+
+    from otbr_onnx.batch_view import outcome_line, outcome_table
+
+    stream = sys.stderr if to_stderr else sys.stdout
+    # disable=None: tqdm draws the bar only when stderr is a terminal
+    bar = tqdm(total=len(models), desc="models", unit="model", file=sys.stderr, disable=True if quiet else None)
+
+    def done(outcome) -> None:
+        bar.update(1)
+        if not quiet:  # file names in a batch folder are anyone's choice: printable
+            bar.write(printable(outcome_line(outcome)), file=stream)
+
+    try:
+        outcomes = run(models, out_dir, options, executor=executor, on_done=done)
+    finally:
+        bar.close()
+    if not quiet:
+        _echo("\n".join(["", *outcome_table(outcomes, columns)]), err=to_stderr)
+    return outcomes
+
+
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_scan_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -204,14 +270,20 @@ def _scan_options(command):
 @click.option("--output", "output_name", help="Name of the logits output when the model has several.")
 @click.option("--input-range", type=RANGE, default="0,1", show_default=True,
               help="Value range of the model's input (e.g. -1,1 for normalised inputs, or 0,255).")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write the JSON report here (one model; batch mode: see --out-dir).")
+@click.option("--out-dir", type=click.Path(path_type=Path),
+              help="Batch mode: write NAME.report.json per model and summary.json into this folder; a rerun "
+                   "skips models whose report matches their input and options.")
+@_batch_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report (batch: the summary) as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @_limit_options
-def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, input_shape, output_name, input_range,
-         report_path, as_json, quiet, verbose, debug, **limits) -> None:
+def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed, device, input_shape, output_name,
+         input_range, report_path, out_dir, jobs, executor, address, cpus_per_model, gpus_per_model, as_json, quiet,
+         verbose, debug, **limits) -> None:
     """Is MODEL backdoored, and which class does the backdoor serve? Needs no data; changes nothing.
 
     For every class the largest logit margin reachable over the input box is searched from
@@ -220,6 +292,11 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
 
     Exit codes: 0 no backdoor found, 6 backdoor suspected (the classes are listed), 2 bad usage
     or unreadable model, 3 unsupported model.
+
+    Batch mode: give a folder, several models, or --out-dir. One line per model as it finishes,
+    then a table (model, status, verdict, target, time) on stdout (stderr with --json, which
+    prints the summary); the exit code is the worst model's: 6 when any model is suspected, else
+    the worst error, else 0.
     """
     _logging(verbose)
 
@@ -232,6 +309,15 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
         options = CleanOptions(scan_starts=scan_starts, scan_steps=scan_steps, scan_threshold=scan_threshold,
                                seed=seed, device=device, input_shape=input_shape, output_name=output_name,
                                input_range=input_range, limits=_limits(**limits))
+        if len(models) > 1 or _is_dir(models[0]) or out_dir is not None:
+            if report_path is not None:
+                raise UsageError("--report names one model's report; in batch mode use --out-dir")
+            runner = _executor(jobs, executor, address, cpus_per_model, gpus_per_model)
+            _scan_batch(list(models), out_dir, options, runner, as_json, quiet)
+            return
+        if executor == "ray":
+            raise UsageError("--executor ray is for batch mode: a folder, several models, or --out-dir")
+        model = models[0]
         if report_path is not None:
             check_output_path(report_path, [model], False)
         with _progress(quiet) as progress:
@@ -296,8 +382,7 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
               help="Value range of the noise images (use the range the model expects, e.g. -1,1 or 0,255).")
 @click.option("--force", is_flag=True,
               help="Allow the output path to be the input path (batch: the output folder to overlap the inputs).")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Batch mode: models cleaned in parallel.")
+@_batch_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report (batch: the summary) as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
@@ -306,7 +391,7 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, ranking, scan_starts, scan_steps,
           scan_threshold, iterations, batch_size, micro_batch, lr,
           fusion_lambda, prune_ratio, method, calibration, max_acc_drop, max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
-          jobs, as_json, quiet, verbose, debug, **limits) -> None:
+          jobs, executor, address, cpus_per_model, gpus_per_model, as_json, quiet, verbose, debug, **limits) -> None:
     """Scan MODEL, remove the backdoor it finds, check that it is gone, and write OUTPUT.
 
     \b
@@ -322,7 +407,9 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
 
     Batch mode: give a folder or several models, and an output folder. Each model gets
     NAME.onnx and NAME.report.json there, plus summary.json; models already cleaned with the
-    same input and options are skipped; the exit code is the worst of the models' codes.
+    same input and options are skipped; the exit code is the worst of the models' codes. One
+    line per model as it finishes, then a table (model, status, verdict, target, gamma,
+    fidelity, time), on stderr. --executor ray runs each model as a Ray task (see --address).
     """
     _logging(verbose)
 
@@ -349,8 +436,11 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
 
             split_sets(load_npz(calibration, options.limits.max_file_bytes, "--calibration"), {})
         if len(models) > 1 or _is_dir(models[0]):
-            _clean_batch(list(models), output, options, jobs, as_json, quiet, force)
+            runner = _executor(jobs, executor, address, cpus_per_model, gpus_per_model)
+            _clean_batch(list(models), output, options, runner, as_json, quiet, force)
             return
+        if executor == "ray":
+            raise UsageError("--executor ray is for batch mode: give a folder or several models")
         model = models[0]
         check_output_path(output, [model], force)
         if report_path is not None:
@@ -378,35 +468,44 @@ def _clean_options(reference: bool, given: dict, **fixed):
     return replace(base, **{k: v for k, v in given.items() if v is not None}, **fixed)
 
 
-def _clean_batch(inputs: list[Path], out_dir: Path, options, jobs: int, as_json: bool, quiet: bool,
+def _clean_batch(inputs: list[Path], out_dir: Path, options, executor, as_json: bool, quiet: bool,
                  force: bool) -> None:
-    from otbr_onnx.batch import clean_many, collect_models
+    from otbr_onnx.batch import CLEAN_STATUSES, clean_many, collect_models
+    from otbr_onnx.batch_view import CLEAN_COLUMNS
     from otbr_onnx.output import check_batch_paths
 
     models = collect_models(inputs)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: batch mode needs an output folder, and this is a file")
     check_batch_paths(inputs, models, out_dir, force)
-    from tqdm import tqdm
+    outcomes = _batch_run(clean_many, models, out_dir, options, executor, quiet, True, CLEAN_COLUMNS)
+    _batch_end(outcomes, out_dir, CLEAN_STATUSES, as_json, quiet, to_stderr=True)
 
-    # disable=None: tqdm draws the bar only when stderr is a terminal
-    bar = tqdm(total=len(models), desc="models", file=sys.stderr, disable=True if quiet else None)
 
-    def done(outcome) -> None:
-        bar.update(1)
-        if not quiet:
-            text = f"{outcome.status:8} {outcome.model}" + (f": {outcome.message}" if outcome.message else "")
-            bar.write(printable(text), file=sys.stderr)  # file names in a batch folder are anyone's choice
+def _scan_batch(inputs: list[Path], out_dir: Path | None, options, executor, as_json: bool, quiet: bool) -> None:
+    from otbr_onnx.batch import SCAN_STATUSES, collect_models, scan_many
+    from otbr_onnx.batch_view import SCAN_COLUMNS
+    from otbr_onnx.output import check_scan_paths
 
-    outcomes = clean_many(models, out_dir, options, jobs, done)
-    bar.close()
-    if as_json:
-        click.echo((out_dir / "summary.json").read_text())
-    worst = max(o.exit_code for o in outcomes)
+    models = collect_models(inputs)
+    if out_dir is not None:
+        check_scan_paths(models, out_dir)
+    outcomes = _batch_run(scan_many, models, out_dir, options, executor, quiet, as_json, SCAN_COLUMNS)
+    _batch_end(outcomes, out_dir, SCAN_STATUSES, as_json, quiet, to_stderr=as_json)
+
+
+def _batch_end(outcomes: list, out_dir: Path | None, statuses: tuple[str, ...], as_json: bool, quiet: bool,
+               to_stderr: bool) -> None:
+    """The counts line, the summary on stdout with --json, and the exit code: the worst model's."""
+    from otbr_onnx.batch import summary, worst_exit_code
+
+    if as_json:  # summary.json's content (scan without --out-dir: what it would hold)
+        click.echo(json.dumps(summary(outcomes, statuses), indent=2))
     if not quiet:
-        counts = {s: sum(o.status == s for o in outcomes) for s in ("cleaned", "skipped", "refused", "failed")}
-        _echo("batch: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; summary in {out_dir / 'summary.json'}",
-              err=True)
+        counts = ", ".join(f"{sum(o.status == s for o in outcomes)} {s}" for s in statuses)
+        where = f"; summary in {out_dir / 'summary.json'}" if out_dir is not None else ""
+        _echo(f"batch: {counts}{where}", err=to_stderr)
+    worst = worst_exit_code(outcomes)
     if worst:
         sys.exit(worst)
 

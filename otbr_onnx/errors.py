@@ -44,6 +44,9 @@ def one_line(error: BaseException, fallback: str = "", limit: int | None = MAX_M
     return text[: limit - 3] + "..."
 
 
+# scan's verdict as an exit code, for gates: 0 nothing found, this when a human must look.
+EXIT_SUSPECTED = 6
+
 INTERRUPTED = "otbr-onnx: error: interrupted (Ctrl-C); no partial output was written"
 _interrupted = False
 

@@ -48,6 +48,24 @@ def check_batch_paths(given: list[Path], models: list[Path], out_dir: Path, forc
                          "models: choose another folder, or pass --force to clean in place")
 
 
+def check_scan_paths(models: list[Path], out_dir: Path) -> None:
+    """Refuse a batch scan's ``--out-dir`` where a report or ``summary.json`` it writes exists and is
+    not a regular file, or is a link to one of the models."""
+    targets = [out_dir / f"{model.stem}.report.json" for model in models] + [out_dir / "summary.json"]
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"{out_dir}: --out-dir must be a folder, and this is a file")
+        for target in targets:
+            check_replaceable(target)
+        real = {model.resolve() for model in models}
+        linked = next((t for t in targets if t.resolve() in real), None)
+    except (OSError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise UsageError(f"{out_dir}: unusable output folder: {reason}") from error
+    if linked is not None:
+        raise UsageError(f"{linked} is a link to an input model; writing the report would replace it")
+
+
 def _batch_targets(out_dir: Path, model: Path) -> tuple[Path, Path]:
     return out_dir / f"{model.stem}.onnx", out_dir / f"{model.stem}.report.json"
 

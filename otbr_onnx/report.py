@@ -160,6 +160,21 @@ def as_written(report: dict, path, sha256: str, extra: dict | None = None) -> di
     return {**report, "output": {"path": str(path), "sha256": sha256}, **(extra or {})}
 
 
+def batch_facts(report: dict) -> dict:
+    """What batch mode shows of a scan or clean report, one table row: the scan's verdict, the
+    suspected classes, the prune ratio of a changed model and the chosen ratio's fidelity."""
+    found = report.get("scan")
+    verdict = "not scanned" if found is None else "suspected" if found["suspected_targets"] else "none found"
+    pruning = report.get("pruning") if report.get("changed") else None
+    selection = report.get("ratio_selection") if pruning else None
+    chosen = next((t for t in selection["trials"] if t["ratio"] == selection["chosen_ratio"]), None) \
+        if selection else None
+    return {"verdict": verdict, "targets": tuple(found["suspected_targets"]) if found else (),
+            "gamma": pruning["ratio"] if pruning else None,
+            "fidelity": chosen["score"] if chosen else None,
+            "fidelity_metric": selection["metric"] if chosen else None}
+
+
 def scan_verdict(detection: "ScanResult") -> str:
     if not detection.suspected:
         return "no backdoor found"

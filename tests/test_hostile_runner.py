@@ -236,8 +236,8 @@ CASES = [
     HostileCase("inspect_escaped_producer", inspect_escaped_producer, (0,), "\\x1b]0;pwned\\x07", stderr_lines=0),
     HostileCase("clean_escaped_domain", clean_escaped_domain, (3,), "com.evil\\x1b"),
     HostileCase("clean_escaped_location", clean_escaped_location, (2,), "w\\x1b]0;pwned\\x07"),
-    # one line per model, then the batch line
-    HostileCase("batch_escaped_file_name", batch_escaped_file_name, (2,), "m\\x1b]0;pwned", stderr_lines=2),
+    # one line per model, a blank line, the table (header, one row per model), then the batch line
+    HostileCase("batch_escaped_file_name", batch_escaped_file_name, (2,), "m\\x1b]0;pwned", stderr_lines=5),
     HostileCase("eval_fifo_data", eval_fifo_data, (2,), "not a regular file", timeout_s=20),
     HostileCase("clean_fifo_calibration", clean_fifo_calibration, (2,), "not a regular file", timeout_s=20),
     HostileCase("clean_fifo_model", clean_fifo_model, (2,), "not a regular file", timeout_s=20),

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from otbr_onnx.errors import UsageError
+from otbr_onnx.errors import UsageError, printable
 
 MISSING_MATPLOTLIB = "--html needs matplotlib: pip install 'otbr-onnx[html]'"
 SUSPECTED, BEFORE, AFTER, PRUNED, KEPT = "#c0392b", "#5b7fa6", "#9bbf85", "#c0392b", "#8a9bb0"
@@ -55,7 +55,9 @@ def require_matplotlib() -> None:
 
 
 def _e(value) -> str:
-    return html.escape(str(value), quote=True)
+    """Text from the report, safe in HTML: escaped, and control characters (terminal escapes from a
+    hostile model's names) shown as visible escapes rather than passed on raw."""
+    return html.escape(printable(str(value)), quote=True)
 
 
 def _num(value, digits: int = 2) -> str:
@@ -117,7 +119,7 @@ def margins_figure(scan: dict, rescan: dict | None, title: str) -> str:
         ax.set_xticks(x, [str(c) for c in classes])
         ax.set_xlabel("class")
         ax.set_ylabel("maximum margin")
-        ax.set_title(title)
+        ax.set_title(title, parse_math=False)  # a "$" in a file name is not mathtext
         handles, labels = ax.get_legend_handles_labels()
         if suspected:
             from matplotlib.patches import Patch
@@ -215,8 +217,9 @@ def _table(header: list[str], rows: list[tuple[str, list[str]]], text_columns: i
 
 
 def model_name(report: dict) -> str:
+    """The model's file name, control characters escaped (it also goes into a figure's title)."""
     path = (report.get("input") or {}).get("path")
-    return Path(path).name if path else "model"
+    return printable(Path(path).name) if path else "model"
 
 
 def verdict_sentence(report: dict) -> str:
@@ -349,6 +352,29 @@ def render(report: dict) -> str:
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>otbr-onnx report: {_e(model_name(report))}</title><style>{STYLE}</style></head>"
             f"<body>{body}</body></html>\n")
+
+
+def page_from_file(path: Path, max_bytes: int) -> str:
+    """The page of the JSON report in ``path``, refused in one line where the file is not one
+    (too large, not JSON, another schema, fields missing or of the wrong type)."""
+    import json
+
+    from otbr_onnx.files import regular_file_size
+    from otbr_onnx.report import SCHEMA
+
+    if regular_file_size(path) > max_bytes:
+        raise UsageError(f"{path}: larger than --max-file-bytes ({max_bytes})")
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        raise UsageError(f"{path}: not a JSON report: {error}") from error
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        found = report.get("schema") if isinstance(report, dict) else type(report).__name__
+        raise UsageError(f"{path}: not an otbr-onnx report (schema {found!r}, expected {SCHEMA!r})")
+    try:
+        return render(report)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration) as error:
+        raise UsageError(f"{path}: incomplete otbr-onnx report ({type(error).__name__}: {error})") from error
 
 
 def write_html(report: dict, path: Path) -> None:

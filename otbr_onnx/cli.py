@@ -314,7 +314,7 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
         findings = _Findings(fmt == "sarif", sarif_path, [model])
         try:
             with _progress(quiet) as progress:
-                found = run_scan(model, options, progress, command=sys.argv[1:])
+                found = run_scan(model, options, progress, command=_ARGUMENTS)
             code = EXIT_SUSPECTED if found.backdoor_suspected else 0
             if report_path is not None:
                 atomic_write(report_path, json.dumps(found.report, indent=2).encode())
@@ -459,7 +459,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
         findings = _Findings(fmt == "sarif", sarif_path, [model, output])
         try:
             with _progress(quiet) as progress:
-                result = run_clean(model, options, progress, command=sys.argv[1:])
+                result = run_clean(model, options, progress, command=_ARGUMENTS)
             report = write_result(result, output, report_path)
             if html_path is not None:
                 from otbr_onnx.html_report import write_html

@@ -664,7 +664,7 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
 @click.argument("report_file", metavar="REPORT", type=_RegularFile())
 @click.option("-o", "--output", "html_path", required=True, type=click.Path(path_type=Path),
               help="Where to write the HTML page.")
-@click.option("--max-file-bytes", type=click.IntRange(min=1), default=MAX_FILE_BYTES, show_default=True,
+@click.option("--max-file-bytes", type=click.IntRange(min=1), default=256 * 2**20, show_default=True,
               help="Refuse a report file larger than this.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def report_command(report_file: Path, html_path: Path, max_file_bytes: int, debug: bool) -> None:

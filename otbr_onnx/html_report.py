@@ -79,15 +79,17 @@ def _sci(value) -> str:
 
 @contextmanager
 def _figure(width: float, height: float) -> Iterator:
-    """A matplotlib figure on the Agg canvas (no pyplot state, no display), with SVG output that is
-    the same for the same report (fixed hash salt, no date)."""
+    """A matplotlib figure on its own Agg canvas: no pyplot, so no global backend switch in the
+    caller's process and no display needed; the SVG is the same for the same report (fixed hash
+    salt, no date)."""
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "otbr-onnx", "font.size": 9}):
-        yield Figure(figsize=(width, height), layout="constrained")
+        figure = Figure(figsize=(width, height), layout="constrained")
+        FigureCanvasAgg(figure)
+        yield figure
 
 
 def _image(fig, alt: str) -> str:

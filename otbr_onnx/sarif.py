@@ -11,6 +11,7 @@ escapes control characters, and the SARIF consumer decides how to show it.
 
 from __future__ import annotations
 
+import math
 import shlex
 from dataclasses import dataclass
 from importlib import metadata
@@ -92,11 +93,17 @@ def _model(report: dict, fallback: str | Path | None) -> str:
     return report.get("input", {}).get("path") or str(fallback or "model.onnx")
 
 
+def _finite(value: float) -> float | None:
+    """None for NaN and infinities, which strict JSON (and so SARIF) has no literal for."""
+    return value if math.isfinite(value) else None
+
+
 def _scan_properties(detection: dict | None) -> dict:
     if detection is None:
         return {}
-    top = max(detection["classes"], key=lambda row: row["z"]) if detection["classes"] else None
-    return {"suspectedTargets": detection["suspected_targets"], "threshold": detection["threshold"],
+    rows = [row for row in detection["classes"] if math.isfinite(row["z"])]
+    top = max(rows, key=lambda row: row["z"]) if rows else None
+    return {"suspectedTargets": detection["suspected_targets"], "threshold": _finite(detection["threshold"]),
             **({"largestZ": top["z"], "largestZClass": top["class"]} if top else {})}
 
 
@@ -171,8 +178,11 @@ def invocation(arguments: list[str], exit_code: int, error: str | None = None) -
     """How the tool was run: its command line and exit code; ``error``: why it stopped early."""
     out = {"commandLine": shlex.join(["otbr-onnx", *arguments]), "arguments": list(arguments),
            "exitCode": exit_code, "exitCodeDescription": EXIT_MEANINGS.get(exit_code, "error"),
-           "executionSuccessful": exit_code not in UNSUCCESSFUL_EXITS,
-           "workingDirectory": {"uri": Path.cwd().as_uri()}}
+           "executionSuccessful": exit_code not in UNSUCCESSFUL_EXITS}
+    try:
+        out["workingDirectory"] = {"uri": Path.cwd().as_uri()}
+    except OSError:  # the folder was removed while the tool ran: the log matters more
+        pass
     if error is not None:
         out["toolExecutionNotifications"] = [{"level": "error", "message": {"text": error}}]
     return out

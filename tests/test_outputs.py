@@ -222,6 +222,31 @@ def test_hostile_names_are_carried_as_data_in_sarif(hostile):
     assert uri == (folder / HOSTILE_FILE).as_uri() and not re.search(r'[<>"\x1b]', uri)
 
 
+def test_each_kind_of_clean_report_maps_to_its_rule(cleaned):
+    from otbr_onnx import sarif
+
+    _, _, report = cleaned
+    unchanged = {k: v for k, v in report.items() if k not in ("ranking", "pruning", "layers")}
+    cases = {"OTBR005": {**unchanged, "changed": False, "rescan": None},
+             "OTBR006": {**report, "scan": None, "rescan": None},
+             "OTBR002": {**report, "rescan": {**report["rescan"], "suspected_targets": []}}}
+    for rule, case in cases.items():
+        found = sarif.clean_results(case)
+        assert [r["ruleId"] for r in found] == [rule], rule
+        sarif_valid(json.dumps(sarif.log(found, ["clean"], 0)))
+    still = sarif.clean_results({**report, "rescan": {**report["rescan"], "suspected_targets": [TARGET]}})
+    assert [r["ruleId"] for r in still] == ["OTBR002", "OTBR001"]
+    assert still[1]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "out.onnx"
+
+
+def test_the_readme_documents_every_rule():
+    from otbr_onnx.sarif import RULES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| (OTBR\d{3}) \| ([a-z-]+) \| (error|warning|note) \|", readme, re.M)
+    assert rows == [(r.id, r.name, r.level) for r in RULES]
+
+
 # --- the report's ranking histogram -------------------------------------------------------------------
 
 

@@ -14,6 +14,8 @@ import logging
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -174,14 +176,28 @@ class _Findings:
         if self.to_stdout:
             click.echo(text)
 
-    def failed(self, model: Path | None, error: OtbrError) -> None:
+    @contextmanager
+    def recording(self, model: Path | None) -> Iterator[None]:
+        """Inside: a failure is logged (``failed``) before it propagates to its exit code."""
+        try:
+            yield
+        except Exception as error:
+            self.failed(model, error)
+            raise
+
+    def failed(self, model: Path | None, error: Exception) -> None:
         """The log of a run that ended in ``error``: a result at ``model`` (when known), and for
-        an error that stopped the check itself, a tool notification."""
+        an error that stopped the check itself, a tool notification. Not after Ctrl-C (130)."""
         from otbr_onnx.sarif import UNSUCCESSFUL_EXITS, error_result
 
+        if was_interrupted():  # a library turned Ctrl-C into another error: no verdict to log
+            return
+        code = error.exit_code if isinstance(error, OtbrError) else 1
         message = " ".join(str(error).split())  # raw: SARIF carries names from the model as data
-        results = [error_result(model, f"{model}: {message}", error.exit_code)] if model is not None else []
-        self.emit(results, error.exit_code, message if error.exit_code in UNSUCCESSFUL_EXITS else None)
+        if not isinstance(error, OtbrError):
+            message = f"internal error: {type(error).__name__}: {message}"
+        results = [error_result(model, f"{model}: {message}", code)] if model is not None else []
+        self.emit(results, code, message if code in UNSUCCESSFUL_EXITS else None)
 
 
 def _html_target(html_path: Path | None, inputs: list[Path]) -> None:
@@ -312,7 +328,7 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
             check_output_path(report_path, [model], False)
         _html_target(html_path, [model])
         findings = _Findings(fmt == "sarif", sarif_path, [model])
-        try:
+        with findings.recording(model):
             with _progress(quiet) as progress:
                 found = run_scan(model, options, progress, command=_ARGUMENTS)
             code = EXIT_SUSPECTED if found.backdoor_suspected else 0
@@ -323,9 +339,6 @@ def scan(model: Path, scan_starts, scan_steps, scan_threshold, seed, device, inp
 
                 write_html(found.report, html_path)
             findings.emit(scan_results(found.report, model), code)  # before the exit code is returned
-        except OtbrError as error:
-            findings.failed(model, error)
-            raise
         if fmt == "json":
             click.echo(json.dumps(found.report, indent=2))
         elif fmt == "text" and not quiet:
@@ -445,11 +458,8 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
                 raise UsageError("--html takes one model; render a batch model's NAME.report.json with "
                                  "`otbr-onnx report NAME.report.json -o NAME.html`")
             findings = _Findings(fmt == "sarif", sarif_path, list(models))
-            try:
+            with findings.recording(None):
                 _clean_batch(list(models), output, options, jobs, fmt, quiet, force, findings)
-            except OtbrError as error:
-                findings.failed(None, error)
-                raise
             return
         model = models[0]
         check_output_path(output, [model], force)
@@ -457,7 +467,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             check_output_path(report_path, [model, output], False)
         _html_target(html_path, [model, output])
         findings = _Findings(fmt == "sarif", sarif_path, [model, output])
-        try:
+        with findings.recording(model):  # refused (3), parity failure (4), ...: logged before the exit
             with _progress(quiet) as progress:
                 result = run_clean(model, options, progress, command=_ARGUMENTS)
             report = write_result(result, output, report_path)
@@ -466,9 +476,6 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
 
                 write_html(report, html_path)
             findings.emit(clean_results(report, model), 0)
-        except OtbrError as error:  # refused (3), parity failure (4), ...: the log says so before the exit
-            findings.failed(model, error)
-            raise
         if fmt == "json":  # json.dumps writes every control character as \\uXXXX
             click.echo(json.dumps(report, indent=2))
         if not quiet:

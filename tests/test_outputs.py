@@ -170,20 +170,27 @@ def test_a_refused_model_gets_its_sarif_before_exit_3(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_a_parity_failure_gets_its_sarif_before_exit_4(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, code, rule, successful", [
+    (ParityError("written model differs from the cleaned network (max abs 1.0)"), 4, "OTBR004", True),
+    (RuntimeError("a bug (max abs 1.0)"), 1, "OTBR007", False),  # an internal error: the check did not finish
+])
+def test_a_failure_after_the_model_is_cleaned_gets_its_sarif_before_the_exit(error, code, rule, successful,
+                                                                             tmp_path, monkeypatch):
     _, model = builders.build("chain")
     path = tmp_path / "m.onnx"
     path.write_bytes(model.SerializeToString())
 
     def failing_emit(prepared, weights):
-        raise ParityError("written model differs from the cleaned network (max abs 1.0)")
+        raise error
 
     monkeypatch.setattr("otbr_onnx.pipeline.emit", failing_emit)
     result = invoke(["clean", path, tmp_path / "out.onnx", "--format", "sarif", *FAST_ARGS, "--prune-ratio", "0.2"])
-    assert result.exit_code == 4
+    assert result.exit_code == code
     run = sarif_valid(result.stdout)["runs"][0]
-    assert [(r["ruleId"], r["level"]) for r in run["results"]] == [("OTBR004", "error")]
-    assert "max abs 1.0" in run["results"][0]["message"]["text"] and run["invocations"][0]["exitCode"] == 4
+    assert [(r["ruleId"], r["level"]) for r in run["results"]] == [(rule, "error")]
+    assert "max abs 1.0" in run["results"][0]["message"]["text"]
+    assert run["invocations"][0]["exitCode"] == code and run["invocations"][0]["executionSuccessful"] is successful
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_batch_sarif_has_one_result_per_model_and_the_worst_exit_code(tmp_path):

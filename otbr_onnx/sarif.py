@@ -144,6 +144,11 @@ def clean_results(report: dict, model: str | Path | None = None) -> list[dict]:
     return found
 
 
+def report_results(report: dict, model: str | Path | None = None) -> list[dict]:
+    """The findings of any report: a clean report has ``changed``, a scan report does not."""
+    return clean_results(report, model) if "changed" in report else scan_results(report, model)
+
+
 def error_result(model: str | Path, message: str, exit_code: int) -> dict:
     """A model that produced no report: refused (3), parity failure (4), or not checked."""
     name = {3: "model-refused", 4: "parity-failure"}.get(exit_code, "model-not-checked")
@@ -152,12 +157,13 @@ def error_result(model: str | Path, message: str, exit_code: int) -> dict:
 
 def batch_results(outcomes: list[dict], reports: dict[str, dict]) -> list[dict]:
     """The findings of a batch: ``outcomes`` as in ``summary.json`` (model, status, exit_code,
-    message), ``reports`` the written report of each model that has one, by model path."""
+    message), ``reports`` the report (clean or scan) of each model that has one from this run,
+    by model path; a model without one is a refusal or failure."""
     found: list[dict] = []
     for outcome in outcomes:
         report = reports.get(outcome["model"])
-        if report is not None and outcome["exit_code"] == 0:
-            rows = clean_results(report, outcome["model"])
+        if report is not None:
+            rows = report_results(report, outcome["model"])
             for row in rows:
                 row.setdefault("properties", {})["batchStatus"] = outcome["status"]
             found += rows

@@ -351,6 +351,19 @@ def test_the_page_is_self_contained(cleaned):
         assert not [e for e in svg.iter() if e.get("{http://www.w3.org/1999/xlink}href", "#").startswith(("http", "/"))]
 
 
+def test_the_page_adapts_to_an_unchanged_model_and_to_a_clean_without_scan(cleaned):
+    from otbr_onnx.html_report import render
+
+    _, _, report = cleaned
+    unchanged = {**{k: v for k, v in report.items() if k not in ("ranking", "pruning", "layers", "ratio_selection")},
+                 "changed": False, "rescan": None, "parity": {**report["parity"], "output": None}}
+    page = Page(render(unchanged))
+    assert len(svgs(page)) == 3 and set(page.tables) == {"margins", "parity", "time"}  # no ranking, no ratios
+    assert page.tables["margins"][0] == ["class", "max margin before", "z before"] and len(page.tables["parity"]) == 2
+    published = Page(render({**report, "scan": None, "rescan": None}))
+    assert len(svgs(published)) == 4 and "No scan was run" in render({**report, "scan": None, "rescan": None})
+
+
 def test_report_command_renders_the_same_page_from_the_json(cleaned, tmp_path):
     folder, _, _ = cleaned
     result = invoke(["report", folder / "r.json", "-o", tmp_path / "again.html"])

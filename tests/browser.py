@@ -8,6 +8,7 @@ the image check runs as a DevTools evaluation, which the page's CSP does not gov
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -94,19 +95,20 @@ _PROBE = """JSON.stringify({
 def check_page(path: Path, width: int = 1200, timeout: float = 60.0) -> PageCheck:
     """Open ``path`` in headless Chromium; collect errors, the images' state and a full-page PNG."""
     profile = tempfile.mkdtemp(prefix="otbr-chromium-")
-    to_browser_r, to_browser_w = os.pipe()
-    from_browser_r, from_browser_w = os.pipe()
-
-    def child_fds() -> None:  # the browser expects its command pipe on fd 3 and its answers on fd 4
-        commands, answers = os.dup(to_browser_r), os.dup(from_browser_w)  # neither is 3 or 4 after this
-        os.dup2(commands, 3)  # dup2 leaves the copy inheritable, so it survives exec
-        os.dup2(answers, 4)
-
-    process = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},900",
-                                "about:blank"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, preexec_fn=child_fds, close_fds=False)
-    os.close(to_browser_r)
-    os.close(from_browser_w)
+    # the browser reads commands on fd 3 and answers on fd 4; the child's ends are first moved to
+    # fds >= 10 (so they cannot be 3 or 4 already), then bash (dash refuses fds above 9) puts them
+    # in place and execs Chromium (no preexec_fn, which is unsafe in a process with threads)
+    commands_r, to_browser_w = os.pipe()
+    from_browser_r, answers_w = os.pipe()
+    child_r, child_w = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (commands_r, answers_w))
+    for fd in (commands_r, answers_w):
+        os.close(fd)
+    shell = f'exec "$0" "$@" 3<&{child_r} 4>&{child_w} {child_r}<&- {child_w}>&-'
+    process = subprocess.Popen(["/bin/bash", "-c", shell, CHROMIUM, *FLAGS, f"--user-data-dir={profile}",
+                                f"--window-size={width},900", "about:blank"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(child_r, child_w))
+    os.close(child_r)
+    os.close(child_w)
     pipe = _Pipe(process, to_browser_w, from_browser_r)
     try:
         return _load(pipe, path, width, timeout)

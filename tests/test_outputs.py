@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from io import BytesIO
@@ -417,8 +416,23 @@ def test_hostile_names_are_escaped_in_the_page_and_its_figures(hostile):
 # --- in a real browser ----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None and not Path("/usr/bin/chromium").exists(),
-                    reason="Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(not Path("/usr/bin/chromium").exists(),
+                                    reason="Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+
+
+@needs_chromium
+def test_the_browser_check_sees_a_console_error_and_a_broken_image(tmp_path):
+    from tests.browser import check_page
+
+    page = tmp_path / "broken.html"
+    page.write_text('<!DOCTYPE html><html><head><title>t</title></head><body><p>x</p>'
+                    '<img src="data:image/png;base64,AAAA"><script>console.error("boom")</script></body></html>')
+    check = check_page(page)
+    assert any("boom" in e for e in check.errors)
+    assert check.images == [{"complete": True, "naturalWidth": 0, "naturalHeight": 0}]
+
+
+@needs_chromium
 @pytest.mark.parametrize("which", ["cleaned", "hostile"])
 def test_the_page_renders_in_chromium_without_errors(which, request, tmp_path):
     from PIL import Image

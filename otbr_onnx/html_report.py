@@ -155,7 +155,8 @@ def ratios_figure(selection: dict, threshold: float | None) -> str:
         ax = fig.add_subplot()
         trials = selection["trials"]
         positions = list(range(len(trials)))
-        ax.plot(positions, [t["score"] for t in trials], "o-", color=BEFORE, label=f"fidelity ({selection['metric']}, %)")
+        ax.plot(positions, [t["score"] for t in trials], "o-", color=BEFORE,
+                label=f"fidelity ({selection['metric']}, %)")
         floor = selection["baseline"] - selection["budget"]
         ax.axhline(floor, color=BEFORE, linestyle=":", label=f"fidelity floor ({floor:.1f}%)")
         ax.set_xticks(positions, [f"{t['ratio']:g}" for t in trials])
@@ -164,7 +165,8 @@ def ratios_figure(selection: dict, threshold: float | None) -> str:
         lines, labels = ax.get_legend_handles_labels()
         if any("target_z" in t for t in trials):
             twin = ax.twinx()
-            twin.plot(positions, [t.get("target_z") for t in trials], "s--", color=SUSPECTED, label="rescan z of the target")
+            twin.plot(positions, [t.get("target_z") for t in trials], "s--", color=SUSPECTED,
+                      label="rescan z of the target")
             if threshold is not None:
                 twin.axhline(threshold, color=SUSPECTED, linestyle=":", label=f"scan threshold (z {threshold:g})")
             twin.set_ylabel("rescan z")
@@ -269,10 +271,12 @@ def margins_section(report: dict) -> str:
             after = rescan["classes"][i]
             cells += [_num(after["max_margin"]), _num(after["z"])]
         rows.append(("suspected" if row["class"] in suspected else "", cells))
+    def classes(values) -> str:
+        return ", ".join(str(c) for c in values) or "none"
+
     explain = (f"For every class, the largest logit margin a search over the input box reaches. A class whose "
-               f"margin stands out (robust z above {scan['threshold']:g}) is suspected: "
-               f"{', '.join(str(c) for c in sorted(suspected)) or 'none'}"
-               + (f"; after cleaning: {', '.join(str(c) for c in rescan['suspected_targets']) or 'none'}." if rescan else "."))
+               f"margin stands out (robust z above {scan['threshold']:g}) is suspected: {classes(sorted(suspected))}"
+               + (f"; after cleaning: {classes(rescan['suspected_targets'])}." if rescan else "."))
     return (f'<section id="margins"><h2>Per-class maximum margins</h2><p class="note">{_e(explain)}</p>'
             + _figure_block(margins_figure(scan, rescan, title), "Bars: maximum margin per class; red: suspected "
                             "before cleaning" + ("; green: after cleaning (rescan)." if rescan else "."))

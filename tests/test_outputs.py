@@ -416,8 +416,9 @@ def test_hostile_names_are_escaped_in_the_page_and_its_figures(hostile):
 # --- in a real browser ----------------------------------------------------------------------------------
 
 
-needs_chromium = pytest.mark.skipif(not Path("/usr/bin/chromium").exists(),
-                                    reason="Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists(),
+    reason="Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
 
 
 @needs_chromium

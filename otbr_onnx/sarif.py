@@ -69,7 +69,9 @@ def artifact_uri(path: str | Path) -> str:
 
 
 def _location(path: str | Path) -> dict:
-    return {"physicalLocation": {"artifactLocation": {"uri": artifact_uri(path)}}}
+    # a model file has no lines, but GitHub code scanning shows a result only with a region that
+    # has at least startLine (its SARIF rule GH1003): line 1 stands for the whole file
+    return {"physicalLocation": {"artifactLocation": {"uri": artifact_uri(path)}, "region": {"startLine": 1}}}
 
 
 def result(rule_name: str, model: str | Path, message: str, properties: dict | None = None,
@@ -198,7 +200,8 @@ def log(results: list[dict], arguments: list[str], exit_code: int, error: str | 
     """The complete SARIF log: one run of otbr-onnx with its rules, results and invocation."""
     driver = {"name": "otbr-onnx", "version": _version(), "semanticVersion": _version(),
               "rules": [{"id": r.id, "name": r.name, "shortDescription": {"text": r.short},
-                         "fullDescription": {"text": r.full}, "defaultConfiguration": {"level": r.level}}
+                         "fullDescription": {"text": r.full}, "help": {"text": r.full},
+                         "defaultConfiguration": {"level": r.level}, "properties": {"tags": ["security"]}}
                         for r in RULES]}
     return {"$schema": SARIF_SCHEMA, "version": SARIF_VERSION,
             "runs": [{"tool": {"driver": driver}, "invocations": [invocation(arguments, exit_code, error)],

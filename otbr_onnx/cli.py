@@ -8,11 +8,14 @@ stderr; ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -123,6 +126,96 @@ def _limits(max_file_bytes: int, max_nodes: int, max_noise_elements: int, max_te
                   max_tensor_elements=max_tensor_elements)
 
 
+_ARGUMENTS: list[str] = []  # the command line as _Main.main received it, for SARIF's invocation
+
+
+def _output_options(command):
+    """--format, --sarif and --html, shared by ``scan`` and ``clean``."""
+    for decorator in reversed([
+        click.option("--format", "output_format", type=click.Choice(["text", "json", "sarif"]),
+                     help="What stdout gets: text (scan: the verdict and margins; clean: nothing, the summary "
+                          "goes to stderr), json (the report; batch: the summary; same as --json) or sarif "
+                          "(a SARIF 2.1.0 log for code scanning).  [default: text]"),
+        click.option("--sarif", "sarif_path", type=click.Path(path_type=Path),
+                     help="Also write a SARIF 2.1.0 log here (written before the exit code, also on refusal)."),
+        click.option("--html", "html_path", type=click.Path(path_type=Path),
+                     help="Write a self-contained HTML report here (needs the [html] extra: matplotlib)."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def _output_format(output_format: str | None, as_json: bool) -> str:
+    if as_json and output_format not in (None, "json"):
+        raise UsageError(f"--json and --format {output_format} contradict each other (--json is --format json)")
+    return "json" if as_json else output_format or "text"
+
+
+class _Findings:
+    """The SARIF log of one run: on stdout (``--format sarif``) and/or in a file (``--sarif``).
+    Written once, before the command exits, whatever the exit code."""
+
+    def __init__(self, to_stdout: bool, path: Path | None, inputs: list[Path]) -> None:
+        self.to_stdout, self.path, self.done = to_stdout, path, False
+        if path is not None:
+            from otbr_onnx.output import check_output_path
+
+            check_output_path(path, inputs, False)
+
+    def emit(self, results: list[dict], exit_code: int, error: str | None = None) -> None:
+        if self.done or not (self.to_stdout or self.path):
+            return
+        self.done = True
+        from otbr_onnx.output import atomic_write
+        from otbr_onnx.sarif import log
+
+        text = json.dumps(log(results, _ARGUMENTS, exit_code, error), indent=2)  # \uXXXX for control chars
+        if self.path is not None:
+            atomic_write(self.path, text.encode())
+        if self.to_stdout:
+            click.echo(text)
+
+    @contextmanager
+    def recording(self, model: Path | None) -> Iterator[None]:
+        """Inside: a failure is logged (``failed``) before it propagates to its exit code."""
+        try:
+            yield
+        except Exception as error:
+            self.failed(model, error)
+            raise
+
+    def failed(self, model: Path | None, error: Exception) -> None:
+        """The log of a run that ended in ``error``: a result at ``model`` (when known), and for
+        an error that stopped the check itself, a tool notification. Not after Ctrl-C (130)."""
+        from otbr_onnx.sarif import UNSUCCESSFUL_EXITS, error_result
+
+        if was_interrupted():  # a library turned Ctrl-C into another error: no verdict to log
+            return
+        code = error.exit_code if isinstance(error, OtbrError) else 1
+        message = " ".join(str(error).split())  # raw: SARIF carries names from the model as data
+        if not isinstance(error, OtbrError):
+            message = f"internal error: {type(error).__name__}: {message}"
+        results = [error_result(model, f"{model}: {message}", code)] if model is not None else []
+        self.emit(results, code, message if code in UNSUCCESSFUL_EXITS else None)
+
+
+def _html_target(html_path: Path | None, inputs: list[Path]) -> None:
+    """Before any work: matplotlib is there and the HTML path is writable."""
+    if html_path is None:
+        return
+    from otbr_onnx.html_report import require_matplotlib
+    from otbr_onnx.output import check_output_path
+
+    require_matplotlib()
+    check_output_path(html_path, inputs, False)
+
+
+def _no_batch_html(html_path: Path | None) -> None:
+    if html_path is not None:
+        raise UsageError("--html takes one model; render a batch model's NAME.report.json with "
+                         "`otbr-onnx report NAME.report.json -o NAME.html`")
+
+
 def _run(debug: bool, action) -> None:
     """Run ``action``; turn every failure into one stderr line and an exit code."""
     try:
@@ -152,12 +245,14 @@ class _Main(click.Group):
     line with exit 2, like every other error; Ctrl-C at any point (while click parses, while a
     command imports torch) exits 130 with one line, where click would print "Aborted!" and exit 1."""
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, args=None, *rest, standalone_mode: bool = True, **kwargs):
+        global _ARGUMENTS
+        _ARGUMENTS = list(sys.argv[1:] if args is None else args)
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, *rest, standalone_mode=False, **kwargs)
         watch_interrupts()
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, *rest, standalone_mode=False, **kwargs)
         except (click.exceptions.Abort, KeyboardInterrupt):  # click turns KeyboardInterrupt into Abort
             exit_interrupted()
         except click.ClickException as error:
@@ -276,14 +371,16 @@ def _batch_run(run, models: list[Path], out_dir: Path | None, options, executor,
               help="Batch mode: write NAME.report.json per model and summary.json into this folder; a rerun "
                    "skips models whose report matches their input and options.")
 @_batch_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report (batch: the summary) as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report (batch: the summary) as JSON on stdout (--format json).")
+@_output_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @_limit_options
 def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed, device, input_shape, output_name,
-         input_range, report_path, out_dir, jobs, executor, address, cpus_per_model, gpus_per_model, as_json, quiet,
-         verbose, debug, **limits) -> None:
+         input_range, report_path, out_dir, jobs, executor, address, cpus_per_model, gpus_per_model, as_json,
+         output_format, sarif_path, html_path, quiet, verbose, debug, **limits) -> None:
     """Is MODEL backdoored, and which class does the backdoor serve? Needs no data; changes nothing.
 
     For every class the largest logit margin reachable over the input box is searched from
@@ -305,32 +402,48 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed
             from otbr_onnx.output import atomic_write, check_output_path
             from otbr_onnx.pipeline import CleanOptions, scan as run_scan
             from otbr_onnx.report import margins_text
+            from otbr_onnx.sarif import scan_results
 
+        fmt = _output_format(output_format, as_json)
         options = CleanOptions(scan_starts=scan_starts, scan_steps=scan_steps, scan_threshold=scan_threshold,
                                seed=seed, device=device, input_shape=input_shape, output_name=output_name,
                                input_range=input_range, limits=_limits(**limits))
         if len(models) > 1 or _is_dir(models[0]) or out_dir is not None:
             if report_path is not None:
                 raise UsageError("--report names one model's report; in batch mode use --out-dir")
+            _no_batch_html(html_path)
+            if (fmt == "sarif" or sarif_path is not None) and out_dir is None:
+                raise UsageError("SARIF in batch scan is built from each model's report: give --out-dir")
             runner = _executor(jobs, executor, address, cpus_per_model, gpus_per_model)
-            _scan_batch(list(models), out_dir, options, runner, as_json, quiet)
+            findings = _Findings(fmt == "sarif", sarif_path, list(models))
+            with findings.recording(None):
+                _scan_batch(list(models), out_dir, options, runner, fmt, quiet, findings)
             return
         if executor == "ray":
             raise UsageError("--executor ray is for batch mode: a folder, several models, or --out-dir")
         model = models[0]
         if report_path is not None:
             check_output_path(report_path, [model], False)
-        with _progress(quiet) as progress:
-            found = run_scan(model, options, progress, command=sys.argv[1:])
-        if report_path is not None:
-            atomic_write(report_path, json.dumps(found.report, indent=2).encode())
-        if as_json:
+        _html_target(html_path, [model])
+        findings = _Findings(fmt == "sarif", sarif_path, [model])
+        with findings.recording(model):
+            with _progress(quiet) as progress:
+                found = run_scan(model, options, progress, command=_ARGUMENTS)
+            code = EXIT_SUSPECTED if found.backdoor_suspected else 0
+            if report_path is not None:
+                atomic_write(report_path, json.dumps(found.report, indent=2).encode())
+            if html_path is not None:
+                from otbr_onnx.html_report import write_html
+
+                write_html(found.report, html_path)
+            findings.emit(scan_results(found.report, model), code)  # before the exit code is returned
+        if fmt == "json":
             click.echo(json.dumps(found.report, indent=2))
-        elif not quiet:
+        elif fmt == "text" and not quiet:
             _echo(f"{model}: {found.report['verdict']}")
             _echo("\n".join(margins_text(found.report["scan"])))
-        if found.backdoor_suspected:
-            sys.exit(EXIT_SUSPECTED)
+        if code:
+            sys.exit(code)
 
     _run(debug, action)
 
@@ -383,7 +496,9 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed
 @click.option("--force", is_flag=True,
               help="Allow the output path to be the input path (batch: the output folder to overlap the inputs).")
 @_batch_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report (batch: the summary) as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report (batch: the summary) as JSON on stdout (--format json).")
+@_output_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
@@ -391,7 +506,8 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, ranking, scan_starts, scan_steps,
           scan_threshold, iterations, batch_size, micro_batch, lr,
           fusion_lambda, prune_ratio, method, calibration, max_acc_drop, max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
-          jobs, executor, address, cpus_per_model, gpus_per_model, as_json, quiet, verbose, debug, **limits) -> None:
+          jobs, executor, address, cpus_per_model, gpus_per_model, as_json, output_format, sarif_path, html_path,
+          quiet, verbose, debug, **limits) -> None:
     """Scan MODEL, remove the backdoor it finds, check that it is gone, and write OUTPUT.
 
     \b
@@ -419,7 +535,9 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             from otbr_onnx.output import check_output_path, write_result
             from otbr_onnx.pipeline import clean as run_clean
             from otbr_onnx.report import summary_text
+            from otbr_onnx.sarif import clean_results
 
+        fmt = _output_format(output_format, as_json)
         options = _clean_options(
             reference,
             {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
@@ -436,8 +554,11 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
 
             split_sets(load_npz(calibration, options.limits.max_file_bytes, "--calibration"), {})
         if len(models) > 1 or _is_dir(models[0]):
+            _no_batch_html(html_path)
             runner = _executor(jobs, executor, address, cpus_per_model, gpus_per_model)
-            _clean_batch(list(models), output, options, runner, as_json, quiet, force)
+            findings = _Findings(fmt == "sarif", sarif_path, list(models))
+            with findings.recording(None):
+                _clean_batch(list(models), output, options, runner, fmt, quiet, force, findings)
             return
         if executor == "ray":
             raise UsageError("--executor ray is for batch mode: give a folder or several models")
@@ -445,10 +566,18 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
         check_output_path(output, [model], force)
         if report_path is not None:
             check_output_path(report_path, [model, output], False)
-        with _progress(quiet) as progress:
-            result = run_clean(model, options, progress, command=sys.argv[1:])
-        report = write_result(result, output, report_path)
-        if as_json:  # json.dumps writes every control character as \\uXXXX
+        _html_target(html_path, [model, output])
+        findings = _Findings(fmt == "sarif", sarif_path, [model, output])
+        with findings.recording(model):  # refused (3), parity failure (4), ...: logged before the exit
+            with _progress(quiet) as progress:
+                result = run_clean(model, options, progress, command=_ARGUMENTS)
+            report = write_result(result, output, report_path)
+            if html_path is not None:
+                from otbr_onnx.html_report import write_html
+
+                write_html(report, html_path)
+            findings.emit(clean_results(report, model), 0)
+        if fmt == "json":  # json.dumps writes every control character as \\uXXXX
             click.echo(json.dumps(report, indent=2))
         if not quiet:
             _echo(summary_text(result.report), err=True)
@@ -468,8 +597,8 @@ def _clean_options(reference: bool, given: dict, **fixed):
     return replace(base, **{k: v for k, v in given.items() if v is not None}, **fixed)
 
 
-def _clean_batch(inputs: list[Path], out_dir: Path, options, executor, as_json: bool, quiet: bool,
-                 force: bool) -> None:
+def _clean_batch(inputs: list[Path], out_dir: Path, options, executor, fmt: str, quiet: bool,
+                 force: bool, findings: _Findings) -> None:
     from otbr_onnx.batch import CLEAN_STATUSES, clean_many, collect_models
     from otbr_onnx.batch_view import CLEAN_COLUMNS
     from otbr_onnx.output import check_batch_paths
@@ -479,10 +608,11 @@ def _clean_batch(inputs: list[Path], out_dir: Path, options, executor, as_json: 
         raise UsageError(f"{out_dir}: batch mode needs an output folder, and this is a file")
     check_batch_paths(inputs, models, out_dir, force)
     outcomes = _batch_run(clean_many, models, out_dir, options, executor, quiet, True, CLEAN_COLUMNS)
-    _batch_end(outcomes, out_dir, CLEAN_STATUSES, as_json, quiet, to_stderr=True)
+    _batch_end(outcomes, out_dir, CLEAN_STATUSES, fmt, quiet, findings, to_stderr=True)
 
 
-def _scan_batch(inputs: list[Path], out_dir: Path | None, options, executor, as_json: bool, quiet: bool) -> None:
+def _scan_batch(inputs: list[Path], out_dir: Path | None, options, executor, fmt: str, quiet: bool,
+                findings: _Findings) -> None:
     from otbr_onnx.batch import SCAN_STATUSES, collect_models, scan_many
     from otbr_onnx.batch_view import SCAN_COLUMNS
     from otbr_onnx.output import check_scan_paths
@@ -490,24 +620,42 @@ def _scan_batch(inputs: list[Path], out_dir: Path | None, options, executor, as_
     models = collect_models(inputs)
     if out_dir is not None:
         check_scan_paths(models, out_dir)
-    outcomes = _batch_run(scan_many, models, out_dir, options, executor, quiet, as_json, SCAN_COLUMNS)
-    _batch_end(outcomes, out_dir, SCAN_STATUSES, as_json, quiet, to_stderr=as_json)
+    outcomes = _batch_run(scan_many, models, out_dir, options, executor, quiet, fmt != "text", SCAN_COLUMNS)
+    _batch_end(outcomes, out_dir, SCAN_STATUSES, fmt, quiet, findings, to_stderr=fmt != "text")
 
 
-def _batch_end(outcomes: list, out_dir: Path | None, statuses: tuple[str, ...], as_json: bool, quiet: bool,
-               to_stderr: bool) -> None:
-    """The counts line, the summary on stdout with --json, and the exit code: the worst model's."""
+def _batch_end(outcomes: list, out_dir: Path | None, statuses: tuple[str, ...], fmt: str, quiet: bool,
+               findings: _Findings, to_stderr: bool) -> None:
+    """The SARIF log, the counts line, the summary on stdout with --json, and the exit code: the
+    worst model's."""
     from otbr_onnx.batch import summary, worst_exit_code
 
-    if as_json:  # summary.json's content (scan without --out-dir: what it would hold)
+    worst = worst_exit_code(outcomes)
+    if out_dir is not None:  # the findings come from the reports written there
+        findings.emit(_batch_findings(outcomes, out_dir), worst)
+    if fmt == "json":  # summary.json's content (scan without --out-dir: what it would hold)
         click.echo(json.dumps(summary(outcomes, statuses), indent=2))
     if not quiet:
         counts = ", ".join(f"{sum(o.status == s for o in outcomes)} {s}" for s in statuses)
         where = f"; summary in {out_dir / 'summary.json'}" if out_dir is not None else ""
         _echo(f"batch: {counts}{where}", err=to_stderr)
-    worst = worst_exit_code(outcomes)
     if worst:
         sys.exit(worst)
+
+
+def _batch_findings(outcomes, out_dir: Path) -> list[dict]:
+    """SARIF results of a batch: each model's written report where it has one."""
+    from otbr_onnx.sarif import batch_results
+
+    reports = {}
+    for outcome in outcomes:
+        path = out_dir / f"{Path(outcome.model).stem}.report.json"
+        if outcome.status not in ("refused", "failed") and path.is_file():  # scan: suspected is 6
+            try:
+                reports[outcome.model] = json.loads(path.read_text())
+            except (OSError, ValueError):  # a report replaced since: the outcome alone is still a finding
+                pass
+    return batch_results([dataclasses.asdict(o) for o in outcomes], reports)
 
 
 class _PrintableFormatter(logging.Formatter):
@@ -628,6 +776,28 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
         for group, members in info["tie_groups"].items():
             _echo(f"  tied group {group}: {', '.join(members)}")
         _echo(f"  verdict: {info['verdict']}")
+
+    _run(debug, action)
+
+
+@main.command("report")
+@click.argument("report_file", metavar="REPORT", type=_RegularFile())
+@click.option("-o", "--output", "html_path", required=True, type=click.Path(path_type=Path),
+              help="Where to write the HTML page.")
+@click.option("--max-file-bytes", type=click.IntRange(min=1), default=256 * 2**20, show_default=True,
+              help="Refuse a report file larger than this.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def report_command(report_file: Path, html_path: Path, max_file_bytes: int, debug: bool) -> None:
+    """Render REPORT, a JSON report of `clean --report` or `scan --report`, as one self-contained
+    HTML page (needs the [html] extra: matplotlib). Runs no model."""
+
+    def action() -> None:
+        with interrupts_deferred():
+            from otbr_onnx.html_report import page_from_file
+            from otbr_onnx.output import atomic_write
+
+        _html_target(html_path, [report_file])
+        atomic_write(html_path, page_from_file(report_file, max_file_bytes).encode("utf-8"))
 
     _run(debug, action)
 

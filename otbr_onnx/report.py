@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 SCHEMA = "otbr-onnx/report/2"
 UNCHANGED = "no backdoor found by scan: model unchanged"
+HISTOGRAM_BINS = 20  # of the ranking's score histogram: enough to see the cut, small in the report
 
 CHANNEL_TIES = (
     "Layers whose output channels are combined elementwise (residual Add/Sub/Mul, Concat on "
@@ -127,7 +128,8 @@ def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: 
         "scan": detection.as_dict() if detection is not None else None,
         "rescan": rescan.as_dict() if rescan is not None else None,
         "ranking": {"source": ranking.source, "target": ranking.target,
-                    "summary": _summary({i: ranking.scores[i] for i in ranking.ranked if i in ranking.scores})},
+                    "summary": _summary({i: ranking.scores[i] for i in ranking.ranked if i in ranking.scores}),
+                    "histogram": score_histogram(ranking.scores, ranking.ranked, chosen.masks)},
         "layers": per_layer,
         "skipped_layers": [dataclasses.asdict(s) for s in prepared.skipped],
         "channel_ties": {
@@ -207,6 +209,26 @@ def _summary(scores: dict[int, np.ndarray]) -> dict[str, float]:
         return {"neurons": 0}
     return {"neurons": int(values.size), "min": float(values.min()), "median": float(np.median(values)),
             "mean": float(values.mean()), "max": float(values.max()), "zero": int(np.sum(values == 0))}
+
+
+def score_histogram(scores: dict[int, np.ndarray], ranked: list[int], masks: dict[int, np.ndarray],
+                    bins: int = HISTOGRAM_BINS) -> dict | None:
+    """The ranked neurons' scores as one histogram split into kept and pruned neurons, and the
+    cut: the lowest score that was pruned. A reviewer sees where the pruning cut fell without the
+    full score vectors (thousands of numbers on a real model). None where nothing was scored (CLP).
+
+    The pruning order can differ from the raw score order (``Experiment.nwc_scale`` scales NWC
+    per layer), so kept and pruned bins may overlap around the cut."""
+    layers = [i for i in ranked if i in scores and scores[i].size]
+    if not layers:
+        return None
+    values = np.concatenate([np.asarray(scores[i], dtype=np.float64) for i in layers])
+    pruned = np.concatenate([masks[i] if i in masks else np.zeros(scores[i].size, bool) for i in layers])
+    edges = np.histogram_bin_edges(values, bins)
+    return {"edges": [float(e) for e in edges],
+            "kept": np.histogram(values[~pruned], edges)[0].tolist(),
+            "pruned": np.histogram(values[pruned], edges)[0].tolist(),
+            "cut": float(values[pruned].min()) if pruned.any() else None}
 
 
 def margins_text(detection: dict, title: str = "scan") -> list[str]:

@@ -19,6 +19,7 @@ from otbr_onnx.ties import FOLLOWER, SOURCE
 
 if TYPE_CHECKING:
     from converters.parity import Parity
+    from converters.storage import WriteNotes
     from otbr_onnx.options import CleanOptions
     from otbr_onnx.prepare import PreparedModel
     from otbr_onnx.rank import Ranking
@@ -75,7 +76,37 @@ def _header(prepared: "PreparedModel", options: "CleanOptions", command: list[st
         },
         "options": options_dict(options),
         "device": prepared.device,
+        "storage": storage_summary(prepared),
     }
+
+
+def storage_summary(prepared: "PreparedModel", notes: "WriteNotes | None" = None) -> dict:
+    """Where the weights of the model are stored (``converters.storage``): counts per kind, the
+    slots whose storage other nodes read too, and, after a clean, what requantizing needed."""
+    from otbr_onnx.emit import PRECISION_GAP_FACTOR
+
+    store = prepared.loaded.storage
+    return {
+        "counts": store.counts(),
+        "shared": dict(sorted(store.shared.items())),
+        "reduced_precision": store.lossy,
+        "precision_gap": prepared.precision_gap,
+        "parity_rule": (f"tolerance = 1e-4 + 1e-3 * max|logit| + {PRECISION_GAP_FACTOR:g} x precision_gap "
+                        "(max abs logit difference between the stored model and its float32 working copy)"
+                        if store.lossy else "tolerance = 1e-4 + 1e-3 * max|logit|"),
+        "clipped": notes.clipped if notes is not None else {},
+        "new_scales": notes.new_scales if notes is not None else [],
+    }
+
+
+def _layer_storage(prepared: "PreparedModel", layer) -> dict:
+    sources = prepared.loaded.storage.sources
+    found = {"weight": sources[layer.weight].kind if layer.weight in sources else "initializer"}
+    if layer.bias:
+        found["bias"] = sources[layer.bias].kind if layer.bias in sources else "initializer"
+    if layer.shared_bias:
+        found["bias_kept"] = f"'{layer.shared_bias}' is read by other nodes too; left unchanged"
+    return found
 
 
 def scan_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult",
@@ -95,7 +126,8 @@ def unchanged_report(prepared: "PreparedModel", options: "CleanOptions", detecti
 
 def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult | None",
                  ranking: "Ranking", selection: "Selection | None", chosen: "Repair", rescan: "ScanResult | None",
-                 after: "Parity", seconds: dict[str, float], command: list[str] | None) -> dict:
+                 after: "Parity", seconds: dict[str, float], command: list[str] | None,
+                 notes: "WriteNotes | None" = None) -> dict:
     """The report of a ``clean`` that changed the model."""
     layers, ties = prepared.layers, prepared.ties
     ranked = set(ranking.ranked)
@@ -117,6 +149,7 @@ def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: 
             "fused": i in chosen.record.fused,
             "score_mean": float(values.mean()) if values is not None and values.size else None,
             "score_max": float(values.max()) if values is not None and values.size else None,
+            "storage": _layer_storage(prepared, layer),
         })
     log = ranking.unlearning
     return {
@@ -150,6 +183,7 @@ def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: 
             "steps": len(log.losses), "stopped_early": log.stopped_early},
         "ratio_selection": selection.as_dict() if selection is not None else None,
         "parity": {"conversion": prepared.conversion_parity.as_dict(), "output": after.as_dict()},
+        "storage": storage_summary(prepared, notes),
         "seconds": seconds,
     }
 

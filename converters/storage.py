@@ -34,7 +34,7 @@ FLOAT_STORAGE = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, T
 REDUCED_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 QUANTIZED = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT32)
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd")
+QOPERATOR_OPS = ("ConvInteger", "MatMulInteger", "QGemm", "DynamicQuantizeLinear")  # besides every QLinear* op
 _VALUE_FIELDS = ("raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data")
 # A requantized weight keeps its scale unless an element would be clipped by more than this many
 # quantization steps: a step or less is the rounding the model already lives with.
@@ -289,13 +289,21 @@ def working_model(model: onnx.ModelProto, sources: dict[str, WeightSource] | Non
     return work
 
 
-def _refuse_qoperator(model: onnx.ModelProto) -> None:
+def qoperator_refusal(model: onnx.ModelProto) -> str | None:
+    """Why a QOperator-format model (QLinearConv, ConvInteger ... in any domain) cannot be
+    cleaned, or None: its weights live inside integer kernels, not in float ops the working copy
+    can dequantize."""
     for node in model.graph.node:
-        if node.op_type in QOPERATOR_OPS:
-            raise ConversionError(
-                f"node '{node.name}' is a QOperator-format quantized op ({node.op_type}); only QDQ-format "
-                "quantized models (QuantizeLinear/DequantizeLinear around float ops) can be cleaned"
-            )
+        if node.op_type.startswith("QLinear") or node.op_type in QOPERATOR_OPS:
+            return (f"node '{node.name}' is a QOperator-format quantized op ({node.op_type}); only QDQ-format "
+                    "quantized models (QuantizeLinear/DequantizeLinear around float ops) can be cleaned")
+    return None
+
+
+def _refuse_qoperator(model: onnx.ModelProto) -> None:
+    message = qoperator_refusal(model)
+    if message:
+        raise ConversionError(message)
 
 
 def _unpair_activation_qdq(work: onnx.ModelProto) -> None:
@@ -482,7 +490,12 @@ class WeightStorage:
     sources: dict[str, WeightSource]
     working: onnx.ModelProto
     shared: dict[str, int]  # slot -> readers of its storage, where more than one
-    lossy: bool  # float16 / bfloat16 / int8 somewhere: the working copy computes in more precision
+    precision: str  # the narrowest number format of the model: "int8", "bfloat16", "float16" or "float32"
+
+    @property
+    def lossy(self) -> bool:
+        """The model computes in less precision than its float32 working copy."""
+        return self.precision != "float32"
 
     def counts(self) -> dict[str, int]:
         """How many weight slots live in each kind of storage."""
@@ -492,18 +505,19 @@ class WeightStorage:
 def analyse(model: onnx.ModelProto) -> WeightStorage:
     """Resolve the storages of ``model`` and build its working copy (``model`` is not changed)."""
     sources = resolve(model)
-    return WeightStorage(sources, working_model(model, sources), shared_storages(sources, model), _lossy(model))
+    return WeightStorage(sources, working_model(model, sources), shared_storages(sources, model), _precision(model))
 
 
-def _lossy(model: onnx.ModelProto) -> bool:
+def _precision(model: onnx.ModelProto) -> str:
     graph = model.graph
     if any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node):
-        return True
-    if any(t.data_type in REDUCED_FLOATS for t in graph.initializer):
-        return True
+        return "int8"
+    types = {t.data_type for t in graph.initializer}
     for node in graph.node:
         for attribute in node.attribute:
-            if (attribute.name == "to" and attribute.i in REDUCED_FLOATS) or \
-                    (attribute.HasField("t") and attribute.t.data_type in REDUCED_FLOATS):
-                return True
-    return False
+            types |= {attribute.i} if attribute.name == "to" else set()
+            types |= {attribute.t.data_type} if attribute.HasField("t") else set()
+    for dtype, name in ((TensorProto.BFLOAT16, "bfloat16"), (TensorProto.FLOAT16, "float16")):
+        if dtype in types:
+            return name
+    return "float32"

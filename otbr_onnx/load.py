@@ -458,6 +458,11 @@ def default_opset(proto: onnx.ModelProto) -> int:
 
 
 def _check_domains(proto: onnx.ModelProto) -> None:
+    from converters.storage import qoperator_refusal
+
+    quantized = qoperator_refusal(proto)  # before the domain check: QOperator models use com.microsoft ops
+    if quantized:
+        raise UnsupportedModelError(quantized)
     for node in proto.graph.node:
         if node.domain not in SUPPORTED_DOMAINS:
             raise UnsupportedModelError(

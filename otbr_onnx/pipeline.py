@@ -137,9 +137,9 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
     with timer.stage("rescan"):
         rescan = verify_removal(prepared, chosen, selection, detection, options)
     with timer.stage("write_back_parity"):
-        cleaned, after, notes = emit(prepared, chosen.weights)
+        cleaned, after, notes, float_copy = emit(prepared, chosen.weights)
     report = reporting.clean_report(prepared, options, detection, ranking, selection, chosen, rescan, after,
-                                    timer.seconds, command, notes)
+                                    timer.seconds, command, notes, float_copy)
     pruned = {prepared.layers[i].label: int(m.sum()) for i, m in chosen.masks.items() if m.any()}
     return CleanResult(cleaned, report, after, pruned, True, detection)
 

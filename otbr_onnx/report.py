@@ -83,17 +83,20 @@ def _header(prepared: "PreparedModel", options: "CleanOptions", command: list[st
 def storage_summary(prepared: "PreparedModel", notes: "WriteNotes | None" = None) -> dict:
     """Where the weights of the model are stored (``converters.storage``): counts per kind, the
     slots whose storage other nodes read too, and, after a clean, what requantizing needed."""
-    from otbr_onnx.emit import PRECISION_GAP_FACTOR
+    from otbr_onnx.emit import PRECISION_GAP_FACTOR, RELATIVE_MARGIN
 
     store = prepared.loaded.storage
+    margin = RELATIVE_MARGIN[store.precision]
     return {
         "counts": store.counts(),
         "shared": dict(sorted(store.shared.items())),
-        "reduced_precision": store.lossy,
+        "precision": store.precision,
         "precision_gap": prepared.precision_gap,
-        "parity_rule": (f"tolerance = 1e-4 + 1e-3 * max|logit| + {PRECISION_GAP_FACTOR:g} x precision_gap "
-                        "(max abs logit difference between the stored model and its float32 working copy)"
-                        if store.lossy else "tolerance = 1e-4 + 1e-3 * max|logit|"),
+        "parity_rule": (f"tolerance = 1e-4 + {1e-3 + margin:.3g} x max|logit| + {PRECISION_GAP_FACTOR:g} x precision_gap "
+                        "(precision_gap: max abs logit difference between the model as stored and its float32 "
+                        "working copy, before cleaning); the float32 copy of the written model must match the "
+                        "fused module within 1e-4 + 1e-3 x max|logit| (parity.float_copy)"
+                        if store.lossy else "tolerance = 1e-4 + 1e-3 x max|logit|"),
         "clipped": notes.clipped if notes is not None else {},
         "new_scales": notes.new_scales if notes is not None else [],
     }
@@ -127,7 +130,7 @@ def unchanged_report(prepared: "PreparedModel", options: "CleanOptions", detecti
 def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult | None",
                  ranking: "Ranking", selection: "Selection | None", chosen: "Repair", rescan: "ScanResult | None",
                  after: "Parity", seconds: dict[str, float], command: list[str] | None,
-                 notes: "WriteNotes | None" = None) -> dict:
+                 notes: "WriteNotes | None" = None, float_copy: "Parity | None" = None) -> dict:
     """The report of a ``clean`` that changed the model."""
     layers, ties = prepared.layers, prepared.ties
     ranked = set(ranking.ranked)
@@ -182,7 +185,8 @@ def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: 
             "loss_first": log.losses[0] if log.losses else None, "loss_last": log.losses[-1] if log.losses else None,
             "steps": len(log.losses), "stopped_early": log.stopped_early},
         "ratio_selection": selection.as_dict() if selection is not None else None,
-        "parity": {"conversion": prepared.conversion_parity.as_dict(), "output": after.as_dict()},
+        "parity": {"conversion": prepared.conversion_parity.as_dict(), "output": after.as_dict(),
+                   **({"float_copy": float_copy.as_dict()} if float_copy is not None else {})},
         "storage": storage_summary(prepared, notes),
         "seconds": seconds,
     }

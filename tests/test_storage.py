@@ -65,8 +65,14 @@ def changed(before: onnx.ModelProto, after: onnx.ModelProto) -> set[str]:
     return {name for name in old if not np.array_equal(old[name], new[name])}
 
 
+SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "report.schema.json").read_text())
+
+
 def parity_ok(result) -> None:
+    """Parity held, and the report (with its storage section) follows the schema."""
     assert result.parity.ok and result.report["parity"]["output"]["ok"]
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(json.loads(json.dumps(result.report)), SCHEMA)
 
 
 # --- Identity (torch's legacy exporter) -----------------------------------------------------------
@@ -300,6 +306,7 @@ def test_cli_cleans_an_int8_qdq_model_with_exit_0(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert_same_graph(onnx.load(source), onnx.load(out))
     written = json.loads(report.read_text())
+    pytest.importorskip("jsonschema").validate(written, SCHEMA)
     assert written["storage"]["precision"] == "int8" and "precision_gap" in written["storage"]["parity_rule"]
     checked = CliRunner().invoke(main, ["verify", str(source), str(out)])
     assert checked.exit_code == 0, checked.output

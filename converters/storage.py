@@ -271,10 +271,10 @@ def working_model(model: onnx.ModelProto, sources: dict[str, WeightSource] | Non
     sources = resolve(model) if sources is None else sources
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    values = effective(model, sources)
     index = _Graph(work.graph)
     folded = {slot for slot, s in sources.items()
               if not (s.stored.where == INITIALIZER and s.stored.name == slot and s.stored.dtype == TensorProto.FLOAT)}
+    values = effective(model, {slot: sources[slot] for slot in folded})  # plain float32 weights are not copied
     kept = [node for node in work.graph.node if not set(node.output) & folded]  # Identity, Cast, DQ, Constant
     for slot in sorted(folded):
         if slot in index.inits:

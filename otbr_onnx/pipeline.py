@@ -103,7 +103,8 @@ def clean(model: str | Path | onnx.ModelProto, options: CleanOptions = CleanOpti
     """Scan ``model``; if a backdoor is suspected, remove it with OTBR steered by the scan, and
     check with a rescan that it is gone. Nothing suspected: the model comes back unchanged.
 
-    Returns the cleaned ``ModelProto`` (the input graph with only initializer values changed)
+    Returns the cleaned ``ModelProto`` (the input graph with only weight values changed, each in
+    the storage it came from: initializer, Constant node, float16, int8; ``converters.storage``)
     and a report. Raises ``OtbrError`` subclasses for anything the user must act on.
     """
     options.validate()

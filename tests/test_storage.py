@@ -319,3 +319,13 @@ def test_the_original_model_is_never_edited() -> None:
     assert original.SerializeToString(deterministic=True) == before
     assert {t.name for t in store.working.graph.initializer} == {"w1", "b1", "w2", "b2", "fw", "fb"}
     assert not any(n.op_type == "Constant" and n.output[0] in {"w1", "fw"} for n in store.working.graph.node)
+
+
+def test_inspect_names_the_storages(tmp_path: Path) -> None:
+    path = tmp_path / "constants.onnx"
+    onnx.save(constant_model(), path)
+    info = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).stdout)
+    assert info["storage"] == {"constant": 6} and info["verdict"] == "clean would run"
+    assert [layer["node"] for layer in info["layers"]] == ["conv1", "conv2", "fc"]
+    text = CliRunner().invoke(main, ["inspect", str(path)]).stdout
+    assert "weights stored as: 6 constant" in text

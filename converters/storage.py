@@ -132,7 +132,7 @@ def _trace(graph: _Graph, name: str, depth: int = 0) -> WeightSource | None:
     if node.op_type == "Identity":
         inner = _trace(graph, node.input[0], depth + 1)
         return None if inner is None else _extend(inner, name, "Identity")
-    if node.op_type == "Cast" and _cast_to(node) == TensorProto.FLOAT:
+    if node.op_type == "Cast" and _cast_to(node) in FLOAT_STORAGE:
         inner = _trace(graph, node.input[0], depth + 1)
         if inner is None or inner.quantized or inner.stored.dtype not in FLOAT_STORAGE:
             return None
@@ -147,6 +147,14 @@ def _extend(inner: WeightSource, slot: str, op_type: str) -> WeightSource:
 
 
 def _trace_dequantize(graph: _Graph, node: onnx.NodeProto, name: str, depth: int) -> WeightSource | None:
+    quantize = graph.producer.get(node.input[0])
+    if quantize is not None and quantize.op_type == "QuantizeLinear":
+        # a float weight quantized when the graph runs (fake quantization): the float tensor is
+        # the storage, and the graph keeps quantizing whatever is written there
+        inner = _trace(graph, quantize.input[0], depth + 1)
+        if inner is None or inner.quantized or inner.stored.dtype not in FLOAT_STORAGE:
+            return None
+        return WeightSource(name, inner.stored, (*inner.through, "QuantizeLinear", "DequantizeLinear"))
     inner = _trace(graph, node.input[0], depth + 1)
     if inner is None or inner.quantized or inner.stored.dtype not in QUANTIZED:
         return None
@@ -208,7 +216,7 @@ def shared_storages(sources: dict[str, WeightSource], model: onnx.ModelProto) ->
     reading ``bn.bias`` and two Conv reading it through Identity are three readers.
     """
     graph = _Graph(model.graph)
-    chain_ops = {"Identity", "Cast", "DequantizeLinear"}
+    chain_ops = {"Identity", "Cast", "QuantizeLinear", "DequantizeLinear"}
     readers: Counter[str] = Counter()
     names = [name for node in model.graph.node if node.op_type not in chain_ops for name in node.input if name]
     for name in [*names, *graph.outputs]:

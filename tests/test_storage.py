@@ -289,6 +289,37 @@ def test_int8_clipping_is_reported_and_large_overflow_rederives_the_weight_scale
     assert all(np.array_equal(values(written)[k], v) for k, v in unchanged.items())  # activations never change
 
 
+def fake_quantized_chain() -> onnx.ModelProto:
+    """The Chain with its second conv's float weight quantized when the graph runs
+    (QuantizeLinear -> DequantizeLinear on the float initializer, per channel)."""
+    _, model = build("chain", shape=SHAPE)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[1] == "c2.weight")
+    weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "c2.weight"))
+    scale = (np.abs(weight).reshape(len(weight), -1).max(1) / 127).astype(np.float32)
+    model.graph.initializer.extend([numpy_helper.from_array(scale, "c2.w_scale"),
+                                    numpy_helper.from_array(np.zeros(len(weight), np.int8), "c2.w_zero")])
+    pair = [helper.make_node("QuantizeLinear", ["c2.weight", "c2.w_scale", "c2.w_zero"], ["c2.w_q"], name="q_w", axis=0),
+            helper.make_node("DequantizeLinear", ["c2.w_q", "c2.w_scale", "c2.w_zero"], ["c2.w_dq"], name="dq_w", axis=0)]
+    conv.input[1] = "c2.w_dq"
+    nodes = [*pair, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_float_weight_quantized_at_run_time_is_written_as_float() -> None:
+    original = fake_quantized_chain()
+    sources = storage.resolve(original)
+    assert sources["c2.w_dq"].kind == "initializer>QuantizeLinear>DequantizeLinear"
+    assert not storage.analyse(original).shared
+    result = clean(original, OPTIONS)
+    parity_ok(result)
+    assert_same_graph(original, result.model)
+    moved = changed(original, result.model)
+    assert "c2.weight" in moved and not moved & {"c2.w_scale", "c2.w_zero"}
+
+
 def test_qoperator_model_is_refused_in_one_line(tmp_path: Path) -> None:
     _, model = build("chain", shape=SHAPE)
     original = quantized(model, tmp_path, per_channel=False, qoperator=True)

@@ -266,9 +266,23 @@ def summary_text(report: dict) -> str:
             top = max(report[key]["classes"], key=lambda row: row["z"])
             lines.append(f"  {title}: largest z {top['z']:.1f} (class {top['class']}), "
                          f"flagged {report[key]['suspected_targets'] or 'none'}")
-    lines += [f"  parity vs onnxruntime: max abs {par['max_abs']:.2e}, max rel {par['max_rel']:.2e} (ok)",
+    lines += _storage_lines(report.get("storage"))
+    lines += [f"  parity vs onnxruntime: max abs {par['max_abs']:.2e}, max rel {par['max_rel']:.2e} (ok"
+              + (f", {report['storage']['precision']} tolerance {par['tolerance']:.2e})" if par.get("allowance") else ")"),
               f"  {total:.1f}s on {report['device']}"]
     return "\n".join(lines)
+
+
+def _storage_lines(storage: dict | None) -> list[str]:
+    """Where the weights went back, when that was anything but float32 initializers."""
+    if not storage or set(storage["counts"]) <= {"initializer"}:
+        return []
+    lines = ["  weights written back into: " + ", ".join(f"{n} {kind}" for kind, n in sorted(storage["counts"].items()))]
+    if storage["clipped"]:
+        lines.append(f"  int8 clipping: {sum(storage['clipped'].values())} element(s) in {len(storage['clipped'])} tensor(s)")
+    if storage["new_scales"]:
+        lines.append(f"  new weight scales: {', '.join(storage['new_scales'])}")
+    return lines
 
 
 def _selection_text(selection: dict) -> str:

@@ -267,7 +267,8 @@ def effective(model: onnx.ModelProto, sources: dict[str, WeightSource]) -> dict[
 # --- the float32 working copy -------------------------------------------------------------------
 
 def working_model(model: onnx.ModelProto, sources: dict[str, WeightSource] | None = None) -> onnx.ModelProto:
-    """A float32 copy of ``model`` that onnx2torch converts and the method stages read.
+    """A float32 copy of ``model`` that onnx2torch converts and the method stages read (``model``
+    itself where every weight already is a float32 initializer: no stage edits it).
 
     Every resolved slot that is not already a plain float32 initializer becomes one (named after
     the slot, its producer node dropped); float16 / bfloat16 tensors and casts become float32;
@@ -277,11 +278,13 @@ def working_model(model: onnx.ModelProto, sources: dict[str, WeightSource] | Non
     """
     _refuse_qoperator(model)
     sources = resolve(model) if sources is None else sources
+    folded = {slot for slot, s in sources.items()
+              if not (s.stored.where == INITIALIZER and s.stored.name == slot and s.stored.dtype == TensorProto.FLOAT)}
+    if not folded and _precision(model) == "float32":
+        return model  # already what the stages need: no copy of a large model's weights (never edited)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     index = _Graph(work.graph)
-    folded = {slot for slot, s in sources.items()
-              if not (s.stored.where == INITIALIZER and s.stored.name == slot and s.stored.dtype == TensorProto.FLOAT)}
     values = effective(model, {slot: sources[slot] for slot in folded})  # plain float32 weights are not copied
     kept = [node for node in work.graph.node if not set(node.output) & folded]  # Identity, Cast, DQ, Constant
     for slot in sorted(folded):

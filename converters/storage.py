@@ -420,6 +420,7 @@ def write_back(original: onnx.ModelProto, weights: dict[str, np.ndarray],
         raise KeyError(f"no weight storage for {missing[0]!r}")
     _check_consistent(weights, sources)
     rescaled: dict[str, np.ndarray] = {}  # weight slot -> new scale / old scale
+    free = _rescalable(original, index, sources)
     for slot in sorted(weights, key=lambda s: sources[s].weight_slot is not None):  # weights before biases
         source = sources[slot]
         value = np.asarray(weights[slot], dtype=np.float32)
@@ -427,13 +428,30 @@ def write_back(original: onnx.ModelProto, weights: dict[str, np.ndarray],
             _store(_tensor_of(model, index, source.stored), value)
             continue
         ratio = rescaled.get(source.weight_slot) if source.weight_slot else None
-        rescaled[slot] = _requantize(model, index, source, value, ratio, notes)
+        rescaled[slot] = _requantize(model, index, source, value, ratio, notes, slot in free)
     current = effective(original, sources)
     for slot, source in sources.items():  # int32 biases of rescaled weights that were not rewritten
         if slot not in weights and source.quantized and source.weight_slot in rescaled \
                 and np.any(rescaled[source.weight_slot] != 1):
             _requantize(model, index, source, current[slot], rescaled[source.weight_slot], notes)
     return model, notes
+
+
+def _rescalable(original: onnx.ModelProto, index: _Graph, sources: dict[str, WeightSource]) -> set[str]:
+    """Quantized weight slots whose scale may be re-derived: the scale tensor is read by their
+    DequantizeLinear alone, and an int32 bias quantized against it can follow (its own scale
+    tensor, its values read by no other node). Otherwise other readers would see new values."""
+    shared = shared_storages(sources, original)
+    bias_of = {source.weight_slot: slot for slot, source in sources.items() if source.weight_slot}
+    free = set()
+    for slot, source in sources.items():
+        if not source.quantized or source.weight_slot is not None or index.readers[source.scale.name] != 1:
+            continue
+        bias = sources.get(bias_of.get(slot, ""))
+        if bias is not None and bias.quantized and (bias.slot in shared or index.readers[bias.scale.name] != 1):
+            continue
+        free.add(slot)
+    return free
 
 
 def _check_consistent(weights: dict[str, np.ndarray], sources: dict[str, WeightSource]) -> None:
@@ -447,8 +465,11 @@ def _check_consistent(weights: dict[str, np.ndarray], sources: dict[str, WeightS
 
 
 def _requantize(model: onnx.ModelProto, index: _Graph, source: WeightSource, value: np.ndarray,
-                ratio: np.ndarray | None, notes: WriteNotes) -> np.ndarray:
-    """Store ``value`` quantized; returns new scale / old scale (ones when the scale was kept)."""
+                ratio: np.ndarray | None, notes: WriteNotes, may_rescale: bool = False) -> np.ndarray:
+    """Store ``value`` quantized; returns new scale / old scale (ones when the scale was kept).
+
+    ``ratio`` (an int32 bias following its weight) scales the scale as given; otherwise the scale
+    is re-derived where ``may_rescale`` and an element would be clipped by over ``CLIP_STEPS``."""
     tensor = _tensor_of(model, index, source.stored)
     scale_tensor = _tensor_of(model, index, source.scale)
     scale = numpy_helper.to_array(scale_tensor).astype(np.float32)
@@ -456,8 +477,7 @@ def _requantize(model: onnx.ModelProto, index: _Graph, source: WeightSource, val
             if source.zero_point else np.zeros((), np.int64))
     info = np.iinfo(helper.tensor_dtype_to_np_dtype(tensor.data_type))
     new_scale = scale * ratio.reshape(scale.shape) if ratio is not None else scale
-    if ratio is None and _clip_steps(value, scale, zero, source.axis, info) > CLIP_STEPS \
-            and index.readers[source.scale.name] == 1 and source.weight_slot is None:
+    if ratio is None and may_rescale and _clip_steps(value, scale, zero, source.axis, info) > CLIP_STEPS:
         new_scale = _derived_scale(value, scale, zero, source.axis, info)
     s = _broadcast(new_scale, value.ndim, source.axis)
     z = _broadcast(zero, value.ndim, source.axis)

@@ -289,6 +289,22 @@ def test_int8_clipping_is_reported_and_large_overflow_rederives_the_weight_scale
     assert all(np.array_equal(values(written)[k], v) for k, v in unchanged.items())  # activations never change
 
 
+def test_a_weight_scale_stays_when_its_int32_bias_has_other_readers(tmp_path: Path) -> None:
+    _, model = build("chain", shape=SHAPE)
+    original = quantized(model, tmp_path, per_channel=True)
+    sources = storage.resolve(original)
+    weight = next(s for s, src in sources.items() if src.stored.name == "c2.weight_quantized")
+    bias = next(s for s, src in sources.items() if src.weight_slot == weight)
+    original.graph.node.append(helper.make_node("Identity", [bias], ["bias_out"], name="bias_reader"))
+    original.graph.output.append(helper.make_tensor_value_info("bias_out", TensorProto.FLOAT, None))
+    sources = storage.resolve(original)
+    assert bias in storage.shared_storages(sources, original)
+    tripled = storage.effective(original, sources)[weight] * 3
+    written, notes = storage.write_back(original, {weight: tripled}, sources)
+    assert notes.new_scales == [] and notes.clipped.get("c2.weight_quantized", 0) > 0
+    assert changed(original, written) == {"c2.weight_quantized"}
+
+
 def fake_quantized_chain() -> onnx.ModelProto:
     """The Chain with its second conv's float weight quantized when the graph runs
     (QuantizeLinear -> DequantizeLinear on the float initializer, per channel)."""

@@ -35,7 +35,7 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return storage.constant_tensor(node) if node.op_type == "Constant" else None
 
 
-def assert_same_graph(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+def assert_same_graph(before: onnx.ModelProto, after: onnx.ModelProto, shape: tuple[int, ...] = SHAPE) -> None:
     """Node kinds, names, inputs, outputs and attributes (Constant values aside), initializer
     names, dtypes and dims, graph inputs and outputs: all unchanged."""
     nodes = lambda m: [(n.op_type, n.name, list(n.input), list(n.output)) for n in m.graph.node]  # noqa: E731
@@ -49,7 +49,7 @@ def assert_same_graph(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
     inits = lambda m: [(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer]  # noqa: E731
     assert inits(after) == inits(before)
     assert before.graph.input == after.graph.input and before.graph.output == after.graph.output
-    assert verify(before, after, "input", SHAPE, samples=8).same_graph
+    assert verify(before, after, "input", shape, samples=8).same_graph
 
 
 def values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -102,6 +102,22 @@ def test_identity_fed_weights_clean_with_shared_biases_left_as_they_are() -> Non
     kept = [layer for layer in report["layers"] if "bias_kept" in layer["storage"]]
     assert len(kept) == len(conv_bias) and all(layer["storage"]["weight"] == "initializer" for layer in kept)
     assert changed(original, result.model)  # the weights did move
+
+
+@pytest.mark.slow
+def test_fresh_preact_resnet18_from_the_legacy_exporter_cleans() -> None:
+    """Issue 15's case: a freshly initialised PreAct-ResNet18 at opset 17 (36 Identity nodes,
+    onnx2torch used to fail on 'onnx::Conv_175') cleans to the same graph with parity."""
+    torch.manual_seed(0)
+    net = build_architecture("preact_resnet", in_channels=3, num_classes=10, widths=(64, 128, 256, 512),
+                             blocks=(2, 2, 2, 2))
+    original = export(net, (1, 3, 32, 32))
+    assert sum(n.op_type == "Identity" for n in original.graph.node) == 36
+    result = clean(original, CleanOptions(**FAST, prune_ratio=0.02))
+    parity_ok(result)
+    assert_same_graph(original, result.model, shape=(1, 3, 32, 32))
+    assert changed(original, result.model)
+    assert sum("bias_kept" in layer["storage"] for layer in result.report["layers"]) == 8
 
 
 def test_a_weight_read_by_two_convs_through_identity_is_skipped() -> None:

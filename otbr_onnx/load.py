@@ -460,13 +460,12 @@ def default_opset(proto: onnx.ModelProto) -> int:
 def _check_domains(proto: onnx.ModelProto) -> None:
     from converters.storage import qoperator_refusal
 
-    quantized = qoperator_refusal(proto)  # before the domain check: QOperator models use com.microsoft ops
-    if quantized:
-        raise UnsupportedModelError(quantized)
     for node in proto.graph.node:
         if node.domain not in SUPPORTED_DOMAINS:
+            # onnxruntime's QOperator models use com.microsoft ops: say what the model is
             raise UnsupportedModelError(
-                f"node '{node.name}' uses op '{node.op_type}' of custom domain '{node.domain}', which cannot be converted"
+                qoperator_refusal(proto)
+                or f"node '{node.name}' uses op '{node.op_type}' of custom domain '{node.domain}', which cannot be converted"
             )
     known = onnx.defs.onnx_opset_version()
     version = default_opset(proto)

@@ -357,6 +357,12 @@ def test_qoperator_model_is_refused_in_one_line(tmp_path: Path) -> None:
     original = quantized(model, tmp_path, per_channel=False, qoperator=True)
     with pytest.raises(UnsupportedModelError, match=r"QOperator-format quantized op \((QLinear|ConvInteger|MatMulInteger)\w*\).*QDQ-format"):
         clean(original, OPTIONS)
+    from converters.errors import ConversionError
+
+    default_domain = [n for n in original.graph.node if n.op_type == "QLinearConv"]
+    assert default_domain and not default_domain[0].domain  # refused by the storage stage too
+    with pytest.raises(ConversionError, match="QOperator-format"):
+        storage.working_model(original)
 
 
 def test_cli_cleans_an_int8_qdq_model_with_exit_0(tmp_path: Path) -> None:

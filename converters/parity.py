@@ -22,6 +22,7 @@ class Parity:
     reference_scale: float
     tolerance: float
     samples: int
+    allowance: float = 0.0  # part of ``tolerance`` allowed for reduced precision (float16, int8)
 
     @property
     def ok(self) -> bool:
@@ -31,15 +32,17 @@ class Parity:
         return {**asdict(self), "ok": self.ok}
 
 
-def compare(reference: np.ndarray, other: np.ndarray, atol: float = ATOL, rtol: float = RTOL) -> Parity:
-    """Max absolute and relative difference of ``other`` against ``reference``."""
+def compare(reference: np.ndarray, other: np.ndarray, atol: float = ATOL, rtol: float = RTOL,
+            allowance: float = 0.0) -> Parity:
+    """Max absolute and relative difference of ``other`` against ``reference``; the tolerance is
+    ``atol + rtol * max|reference| + allowance``."""
     with np.errstate(invalid="ignore", over="ignore"):
-        return _compare(reference, other, atol, rtol)
+        return _compare(reference, other, atol, rtol, allowance)
 
 
-def _compare(reference: np.ndarray, other: np.ndarray, atol: float, rtol: float) -> Parity:
+def _compare(reference: np.ndarray, other: np.ndarray, atol: float, rtol: float, allowance: float) -> Parity:
     if reference.shape != other.shape:
-        return Parity(float("inf"), float("inf"), float("nan"), 0.0, int(reference.shape[0]))
+        return Parity(float("inf"), float("inf"), float("nan"), 0.0, int(reference.shape[0]), allowance)
     diff = np.abs(reference.astype(np.float64) - other.astype(np.float64))
     scale = float(np.max(np.abs(reference))) if reference.size else 0.0
     max_abs = float(np.max(diff)) if diff.size else 0.0
@@ -49,6 +52,7 @@ def _compare(reference: np.ndarray, other: np.ndarray, atol: float, rtol: float)
         max_abs=max_abs,
         max_rel=max_abs / scale if scale > 0 else max_abs,
         reference_scale=scale,
-        tolerance=atol + rtol * scale,
+        tolerance=atol + rtol * scale + allowance,
         samples=int(reference.shape[0]),
+        allowance=allowance,
     )

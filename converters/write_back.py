@@ -1,46 +1,42 @@
-"""Write new weight values into the ORIGINAL graph by initializer name (graph surgery).
+"""Write new weight values into the ORIGINAL graph (graph surgery), each into the storage it came
+from (``converters.storage``: an initializer, a Constant node, the initializer behind an Identity
+or Cast, a quantized initializer behind a DequantizeLinear).
 
-Only the ``raw_data`` of the named initializers changes; nodes, names, value infos, opset
-imports, metadata, doc strings and dynamic axes are the input file's own, because the output
-is a copy of the input ``ModelProto`` rather than a fresh export.
+Only tensor values change; nodes, names, value infos, opset imports, metadata, doc strings and
+dynamic axes are the input file's own, because the output is a copy of the input ``ModelProto``
+rather than a fresh export.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
+
+from converters import storage
 
 
-_VALUE_FIELDS = ("raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data")
+def write_back(original: onnx.ModelProto, weights: dict[str, np.ndarray],
+               sources: dict[str, storage.WeightSource] | None = None) -> onnx.ModelProto:
+    """A copy of ``original`` whose weight slots named in ``weights`` hold the new values (float32,
+    ONNX layout), stored in each storage's own dtype; see ``storage.write_back`` for quantized
+    storages and what it reports."""
+    sources = storage.resolve(original) if sources is None else sources
+    return storage.write_back(original, weights, sources)[0]
 
 
-def write_back(original: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``original`` whose initializers named in ``weights`` hold the new values.
-
-    Each new array must match the initializer's shape; it is stored as ``raw_data`` in the
-    initializer's own dtype, and every other field of the tensor is kept as it was.
-    """
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    by_name = {tensor.name: tensor for tensor in model.graph.initializer}
-    missing = sorted(set(weights) - set(by_name))
-    if missing:
-        raise KeyError(f"no initializer named {missing[0]!r}")
-    for name, value in weights.items():
-        tensor = by_name[name]
-        shape = tuple(tensor.dims)  # dims and dtype from the proto: the old values are not decoded
-        if tuple(value.shape) != shape:
-            raise ValueError(f"initializer {name!r}: new shape {value.shape} != {shape}")
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        raw = numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype, copy=False)), name).raw_data
-        for field in _VALUE_FIELDS:  # keep name, dims, dtype, doc string: only the values change
-            tensor.ClearField(field)
-        tensor.raw_data = raw
-    return model
+def _stored(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    found = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        tensor = storage.constant_tensor(node) if node.op_type == "Constant" else None
+        if tensor is not None:
+            found[node.output[0]] = tensor
+    return found
 
 
 def changed_initializers(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
-    """Names of initializers whose values differ between two models with the same initializers."""
-    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
-    return [t.name for t in after.graph.initializer if not np.array_equal(old[t.name], numpy_helper.to_array(t))]
+    """Names of stored tensors (initializers, and Constant nodes by their output) whose values
+    differ between two models with the same graph."""
+    old, new = _stored(before), _stored(after)
+    return [name for name, tensor in new.items()
+            if name in old and not np.array_equal(numpy_helper.to_array(old[name]), numpy_helper.to_array(tensor))]

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import onnx
 from torch import fx
 
-from converters import runtime, to_torch
+from converters import runtime, storage, to_torch
 from converters.errors import ConversionError, ProviderError
 from otbr_onnx.errors import UnsupportedModelError, UsageError
 
@@ -47,3 +47,9 @@ def check_convertible(model: onnx.ModelProto) -> None:
 def providers(name: str) -> list[str]:
     with bridge_errors():
         return runtime.providers(name)
+
+
+def weight_storage(model: onnx.ModelProto) -> storage.WeightStorage:
+    """Where each weight slot of ``model`` is stored, and the float32 working copy."""
+    with bridge_errors():
+        return storage.analyse(model)

@@ -775,6 +775,9 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
             _echo(f"  skipped {skipped['node']}: {skipped['reason']}")
         for group, members in info["tie_groups"].items():
             _echo(f"  tied group {group}: {', '.join(members)}")
+        if info.get("storage"):
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(info["storage"].items()))
+            _echo(f"  weights stored as: {kinds}")
         _echo(f"  verdict: {info['verdict']}")
 
     _run(debug, action)

@@ -41,15 +41,17 @@ def describe(path: str | Path, input_shape: tuple[int, ...] | None = None, outpu
         "verdict": "clean would run",
     }
     try:
-        layers, skipped = find_weight_layers(proto)
+        working = loaded.working  # weights resolved through Constant / Identity / Cast / DequantizeLinear
+        info["storage"] = loaded.storage.counts()
+        layers, skipped = find_weight_layers(working, loaded.storage.shared)
         info["skipped_layers"] = [{"node": s.node_name, "op": s.op_type, "reason": s.reason} for s in skipped]
-        layers, skipped = reachable_layers(proto, layers, skipped, loaded.output_name)
+        layers, skipped = reachable_layers(working, layers, skipped, loaded.output_name)
         info["skipped_layers"] = [{"node": s.node_name, "op": s.op_type, "reason": s.reason} for s in skipped]
-        check_convertible(proto)
+        check_convertible(working)
         if not layers:
             raise OtbrError("no weight layer to clean")
         check_noise_budget(loaded.input_shape, batch_size, limits)
-        ties = analyse(proto, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
+        ties = analyse(working, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
     except OtbrError as error:
         info["verdict"] = f"clean would refuse: {error}"
         return info

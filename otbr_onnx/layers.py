@@ -9,7 +9,7 @@ so nothing downstream needs to know about ``transB`` or MatMul operand order.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -39,6 +39,9 @@ class WeightLayer:
     groups: int
     data_input: int  # which node input carries the activations
     kernel: tuple[int, ...] = ()  # spatial kernel of a Conv
+    # A bias whose storage other nodes read too (torch's exporter feeds a zero BatchNorm bias to
+    # convs through Identity): the layer is cleaned, its bias left as it is.
+    shared_bias: str | None = None
 
     @property
     def label(self) -> str:
@@ -79,11 +82,17 @@ class SkippedLayer:
     reason: str
 
 
-def find_weight_layers(model: onnx.ModelProto) -> tuple[list[WeightLayer], list[SkippedLayer]]:
+def find_weight_layers(model: onnx.ModelProto, shared: dict[str, int] | None = None
+                       ) -> tuple[list[WeightLayer], list[SkippedLayer]]:
     """All Conv / ConvTranspose / Gemm / MatMul nodes with a constant float weight, in graph order.
 
-    A weight initializer read by more than one node is skipped (left untouched): changing it
-    for one reader would silently change the others. A model whose only weights live in
+    ``model`` is the float32 working copy (``LoadedModel.working``), where every weight is an
+    initializer; ``shared`` (``WeightStorage.shared``) names the slots whose storage in the
+    original graph other nodes read too (through Identity, or directly).
+
+    A layer whose weight is read by more than one node is skipped (left untouched): changing it
+    for one reader would silently change the others. A shared bias is kept as it is while the
+    layer's weight is cleaned (``shared_bias``). A raw model whose only weights live in
     ``Constant`` nodes (Paddle's exporter writes them so) is refused here, naming a node: the
     generic "no weight layer" answer would wrongly suggest it has no weights at all.
     """
@@ -102,10 +111,13 @@ def find_weight_layers(model: onnx.ModelProto) -> tuple[list[WeightLayer], list[
         if isinstance(found, SkippedLayer):
             skipped.append(found)
             continue
-        shared = [n for n in (found.weight, found.bias) if n is not None and uses[n] > 1]
-        if shared:
-            skipped.append(SkippedLayer(found.label, node.op_type, f"initializer '{shared[0]}' is shared with other nodes"))
+        readers = {n: max(uses[n], (shared or {}).get(n, 0)) for n in (found.weight, found.bias) if n}
+        if readers[found.weight] > 1:
+            skipped.append(SkippedLayer(found.label, node.op_type,
+                                        f"initializer '{found.weight}' is shared with other nodes"))
             continue
+        if found.bias and readers[found.bias] > 1:
+            found = replace(found, bias=None, shared_bias=found.bias)
         layers.append(found)
     if not layers:
         _refuse_constant_weights(skipped)

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -33,6 +34,9 @@ from onnx import TensorProto, external_data_helper, numpy_helper
 
 from otbr_onnx.errors import OtbrError, UnreadableModelError, UnsupportedModelError, UsageError, one_line
 from otbr_onnx.files import open_regular
+
+if TYPE_CHECKING:
+    from converters.storage import WeightStorage
 
 SUPPORTED_DOMAINS = ("", "ai.onnx")
 MAX_FILE_BYTES = 2 * 1024**3
@@ -92,7 +96,21 @@ class LoadedModel:
         computed on first use and then shared by every stage that asks."""
         from otbr_onnx.shapes import static_shapes
 
-        return static_shapes(self.proto, self.input_name, self.input_shape)
+        return static_shapes(self.working, self.input_name, self.input_shape)
+
+    @functools.cached_property
+    def storage(self) -> "WeightStorage":
+        """Where each weight is stored (initializer, Constant node, behind Identity / Cast /
+        DequantizeLinear) and the float32 working copy built from it; see ``converters.storage``."""
+        from otbr_onnx.bridge import weight_storage
+
+        return weight_storage(self.proto)
+
+    @property
+    def working(self) -> onnx.ModelProto:
+        """The float32 copy every stage but write-back reads: each weight slot a plain float32
+        initializer, same node names. ``proto`` stays the model as read."""
+        return self.storage.working
 
 
 def sha256_file(path: Path) -> str:
@@ -440,10 +458,14 @@ def default_opset(proto: onnx.ModelProto) -> int:
 
 
 def _check_domains(proto: onnx.ModelProto) -> None:
+    from converters.storage import qoperator_refusal
+
     for node in proto.graph.node:
         if node.domain not in SUPPORTED_DOMAINS:
+            # onnxruntime's QOperator models use com.microsoft ops: say what the model is
             raise UnsupportedModelError(
-                f"node '{node.name}' uses op '{node.op_type}' of custom domain '{node.domain}', which cannot be converted"
+                qoperator_refusal(proto)
+                or f"node '{node.name}' uses op '{node.op_type}' of custom domain '{node.domain}', which cannot be converted"
             )
     known = onnx.defs.onnx_opset_version()
     version = default_opset(proto)

@@ -103,7 +103,8 @@ def clean(model: str | Path | onnx.ModelProto, options: CleanOptions = CleanOpti
     """Scan ``model``; if a backdoor is suspected, remove it with OTBR steered by the scan, and
     check with a rescan that it is gone. Nothing suspected: the model comes back unchanged.
 
-    Returns the cleaned ``ModelProto`` (the input graph with only initializer values changed)
+    Returns the cleaned ``ModelProto`` (the input graph with only weight values changed, each in
+    the storage it came from: initializer, Constant node, float16, int8; ``converters.storage``)
     and a report. Raises ``OtbrError`` subclasses for anything the user must act on.
     """
     options.validate()
@@ -137,9 +138,9 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
     with timer.stage("rescan"):
         rescan = verify_removal(prepared, chosen, selection, detection, options)
     with timer.stage("write_back_parity"):
-        cleaned, after = emit(prepared, chosen.weights)
+        cleaned, after, notes, float_copy = emit(prepared, chosen.weights)
     report = reporting.clean_report(prepared, options, detection, ranking, selection, chosen, rescan, after,
-                                    timer.seconds, command)
+                                    timer.seconds, command, notes, float_copy)
     pruned = {prepared.layers[i].label: int(m.sum()) for i, m in chosen.masks.items() if m.any()}
     return CleanResult(cleaned, report, after, pruned, True, detection)
 

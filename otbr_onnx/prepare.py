@@ -47,6 +47,9 @@ class PreparedModel:
     parity_inputs: np.ndarray  # the random inputs both parity checks use
     conversion_parity: Parity
     providers: list[str]
+    # max abs logit difference between the stored model (float16 / int8 ...) and its float32
+    # working copy before cleaning: the parity of the written model allows a multiple of it
+    precision_gap: float = 0.0
 
     def neurons(self, i: int) -> Neurons:
         """Layer ``i``'s backdoored rows ``[out, in, ...]`` and bias."""
@@ -71,26 +74,42 @@ class PreparedModel:
 def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> PreparedModel:
     """Load, validate and convert ``model``; refuse what the later stages cannot handle."""
     loaded = _load(model, options)
-    layers, skipped = find_weight_layers(loaded.proto)
-    layers, skipped = reachable_layers(loaded.proto, layers, skipped, loaded.output_name)
+    working = loaded.working  # every stage but write-back reads the float32 working copy
+    layers, skipped = find_weight_layers(working, loaded.storage.shared)
+    layers, skipped = reachable_layers(working, layers, skipped, loaded.output_name)
     if not layers:
-        raise UnsupportedModelError("no weight layer to clean (Conv, Gemm or MatMul with a constant float32 weight)")
+        raise UnsupportedModelError("no weight layer to clean (Conv, Gemm or MatMul with a constant float weight)")
     check_noise_budget(loaded.input_shape, options.batch_size, options.limits)
-    ties = analyse(loaded.proto, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
-    module = convert(loaded.proto).eval()
-    refs = weight_refs(module, loaded.proto, layers)
+    ties = analyse(working, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
+    module = convert(working).eval()
+    refs = weight_refs(module, working, layers)
     providers_ = providers(options.ort_provider)
     inputs = runtime.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
     reference = runtime.run(runtime.session(loaded.proto, providers_), loaded.input_name, loaded.output_name, inputs)
-    check = parity.compare(reference, _first_torch_run(module, inputs, loaded.output_index))
+    gap = _precision_gap(loaded, reference, inputs, providers_)
+    # the conversion is exact: judged against the working copy, whose compute it mirrors
+    float_reference = reference if gap is None else gap[1]
+    check = parity.compare(float_reference, _first_torch_run(module, inputs, loaded.output_index))
     if not check.ok:
         raise UnsupportedModelError(
             f"the PyTorch conversion disagrees with onnxruntime before any change "
             f"(max abs diff {check.max_abs:.3g} > {check.tolerance:.3g}); refusing to clean"
         )
-    original = {t.name: numpy_helper.to_array(t) for t in loaded.proto.graph.initializer if t.name in refs}
+    original = {t.name: numpy_helper.to_array(t) for t in working.graph.initializer if t.name in refs}
     return PreparedModel(loaded, layers, skipped, ties, module, refs, original, _num_classes(reference),
-                         resolve_device(options.device), inputs, check, providers_)
+                         resolve_device(options.device), inputs, check, providers_,
+                         0.0 if gap is None else gap[0])
+
+
+def _precision_gap(loaded: LoadedModel, reference: np.ndarray, inputs: np.ndarray,
+                   providers_: list[str]) -> tuple[float, np.ndarray] | None:
+    """For a float16 / bfloat16 / int8 model: how far the model as stored is from its float32
+    working copy on the parity inputs (max abs logit difference), and the copy's outputs.
+    None for a float32 model (the copy computes exactly what the model does)."""
+    if not loaded.storage.lossy:
+        return None
+    floats = runtime.run(runtime.session(loaded.working, providers_), loaded.input_name, loaded.output_name, inputs)
+    return parity.compare(reference, floats).max_abs, floats
 
 
 def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedModel:

@@ -19,6 +19,7 @@ from otbr_onnx.ties import FOLLOWER, SOURCE
 
 if TYPE_CHECKING:
     from converters.parity import Parity
+    from converters.storage import WriteNotes
     from otbr_onnx.options import CleanOptions
     from otbr_onnx.prepare import PreparedModel
     from otbr_onnx.rank import Ranking
@@ -76,7 +77,40 @@ def _header(prepared: "PreparedModel", options: "CleanOptions", command: list[st
         },
         "options": options_dict(options),
         "device": prepared.device,
+        "storage": storage_summary(prepared),
     }
+
+
+def storage_summary(prepared: "PreparedModel", notes: "WriteNotes | None" = None) -> dict:
+    """Where the weights of the model are stored (``converters.storage``): counts per kind, the
+    slots whose storage other nodes read too, and, after a clean, what requantizing needed."""
+    from otbr_onnx.emit import PRECISION_GAP_FACTOR, RELATIVE_MARGIN
+
+    store = prepared.loaded.storage
+    margin = RELATIVE_MARGIN[store.precision]
+    return {
+        "counts": store.counts(),
+        "shared": dict(sorted(store.shared.items())),
+        "precision": store.precision,
+        "precision_gap": prepared.precision_gap,
+        "parity_rule": (f"tolerance = 1e-4 + {1e-3 + margin:.3g} x max|logit| + {PRECISION_GAP_FACTOR:g} x precision_gap "
+                        "(precision_gap: max abs logit difference between the model as stored and its float32 "
+                        "working copy, before cleaning); the float32 copy of the written model must match the "
+                        "fused module within 1e-4 + 1e-3 x max|logit| (parity.float_copy)"
+                        if store.lossy else "tolerance = 1e-4 + 1e-3 x max|logit|"),
+        "clipped": notes.clipped if notes is not None else {},
+        "new_scales": notes.new_scales if notes is not None else [],
+    }
+
+
+def _layer_storage(prepared: "PreparedModel", layer) -> dict:
+    sources = prepared.loaded.storage.sources
+    found = {"weight": sources[layer.weight].kind if layer.weight in sources else "initializer"}
+    if layer.bias:
+        found["bias"] = sources[layer.bias].kind if layer.bias in sources else "initializer"
+    if layer.shared_bias:
+        found["bias_kept"] = f"'{layer.shared_bias}' is read by other nodes too; left unchanged"
+    return found
 
 
 def scan_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult",
@@ -96,7 +130,8 @@ def unchanged_report(prepared: "PreparedModel", options: "CleanOptions", detecti
 
 def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult | None",
                  ranking: "Ranking", selection: "Selection | None", chosen: "Repair", rescan: "ScanResult | None",
-                 after: "Parity", seconds: dict[str, float], command: list[str] | None) -> dict:
+                 after: "Parity", seconds: dict[str, float], command: list[str] | None,
+                 notes: "WriteNotes | None" = None, float_copy: "Parity | None" = None) -> dict:
     """The report of a ``clean`` that changed the model."""
     layers, ties = prepared.layers, prepared.ties
     ranked = set(ranking.ranked)
@@ -118,6 +153,7 @@ def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: 
             "fused": i in chosen.record.fused,
             "score_mean": float(values.mean()) if values is not None and values.size else None,
             "score_max": float(values.max()) if values is not None and values.size else None,
+            "storage": _layer_storage(prepared, layer),
         })
     log = ranking.unlearning
     return {
@@ -151,7 +187,9 @@ def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: 
             "loss_first": log.losses[0] if log.losses else None, "loss_last": log.losses[-1] if log.losses else None,
             "steps": len(log.losses), "stopped_early": log.stopped_early},
         "ratio_selection": selection.as_dict() if selection is not None else None,
-        "parity": {"conversion": prepared.conversion_parity.as_dict(), "output": after.as_dict()},
+        "parity": {"conversion": prepared.conversion_parity.as_dict(), "output": after.as_dict(),
+                   **({"float_copy": float_copy.as_dict()} if float_copy is not None else {})},
+        "storage": storage_summary(prepared, notes),
         "seconds": seconds,
     }
 
@@ -265,9 +303,23 @@ def summary_text(report: dict) -> str:
             top = max(report[key]["classes"], key=lambda row: row["z"])
             lines.append(f"  {title}: largest z {top['z']:.1f} (class {top['class']}), "
                          f"flagged {report[key]['suspected_targets'] or 'none'}")
-    lines += [f"  parity vs onnxruntime: max abs {par['max_abs']:.2e}, max rel {par['max_rel']:.2e} (ok)",
+    lines += _storage_lines(report.get("storage"))
+    lines += [f"  parity vs onnxruntime: max abs {par['max_abs']:.2e}, max rel {par['max_rel']:.2e} (ok"
+              + (f", {report['storage']['precision']} tolerance {par['tolerance']:.2e})" if par.get("allowance") else ")"),
               f"  {total:.1f}s on {report['device']}"]
     return "\n".join(lines)
+
+
+def _storage_lines(storage: dict | None) -> list[str]:
+    """Where the weights went back, when that was anything but float32 initializers."""
+    if not storage or set(storage["counts"]) <= {"initializer"}:
+        return []
+    lines = ["  weights written back into: " + ", ".join(f"{n} {kind}" for kind, n in sorted(storage["counts"].items()))]
+    if storage["clipped"]:
+        lines.append(f"  int8 clipping: {sum(storage['clipped'].values())} element(s) in {len(storage['clipped'])} tensor(s)")
+    if storage["new_scales"]:
+        lines.append(f"  new weight scales: {', '.join(storage['new_scales'])}")
+    return lines
 
 
 def _selection_text(selection: dict) -> str:

@@ -1,8 +1,10 @@
 """``verify``: prove a cleaned file is the original graph with only weight values changed.
 
 Every protobuf field of the two models is compared recursively, except the values of
-initializers (``raw_data`` and the typed ``*_data`` lists); the first difference found is
-reported by its field path. ``clean`` only ever changes the float weights and biases of weight
+initializers (``raw_data`` and the typed ``*_data`` lists) and of the Constant nodes that hold
+weights; the first difference found is reported by its field path. Weights are found through
+their storages (``converters.storage``: initializer, Constant node, behind Identity / Cast /
+DequantizeLinear), as ``clean`` finds them. ``clean`` only ever changes the float weights and biases of weight
 layers (Conv, Gemm, MatMul), so a changed value of any other initializer (an int64 Gather index
 that reorders the classes, a Reshape shape, a normalisation constant) is a graph difference
 too. Then each changed initializer's movement is measured, and both models are run in
@@ -18,7 +20,8 @@ import onnx
 from google.protobuf.message import Message
 from onnx import numpy_helper
 
-from converters import runtime
+from converters import runtime, storage
+from converters.errors import BridgeError
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.layers import find_weight_layers
 
@@ -73,22 +76,57 @@ def _compare(x, y, path: str) -> str | None:
     return None if x == y else path
 
 
-def weight_names(model: onnx.ModelProto) -> set[str]:
-    """The initializers ``clean`` may change: weights and biases of the model's weight layers."""
+def weight_slots(model: onnx.ModelProto) -> dict[str, storage.WeightSource]:
+    """Slot -> storage of the weights and biases ``clean`` may change in ``model``."""
     try:
-        layers, _ = find_weight_layers(model)
-    except UnsupportedModelError:  # weights only in Constant nodes: clean changes nothing
-        return set()
-    return {name for layer in layers for name in (layer.weight, layer.bias) if name}
+        store = storage.analyse(model)
+        layers, _ = find_weight_layers(store.working, store.shared)
+    except (UnsupportedModelError, BridgeError):  # no weights clean could change
+        return {}
+    names = {name for layer in layers for name in (layer.weight, layer.bias) if name}
+    return {slot: source for slot, source in store.sources.items() if slot in names}
 
 
-def changed_non_weight(before: onnx.ModelProto, after: onnx.ModelProto) -> str | None:
+def weight_names(model: onnx.ModelProto) -> set[str]:
+    """The stored tensors ``clean`` may change: the initializers and Constant outputs holding the
+    weight layers' weights and biases, and the scales of quantized ones (re-derived where the new
+    values do not fit)."""
+    found = set()
+    for source in weight_slots(model).values():
+        found.add(source.stored.name)
+        if source.scale is not None:
+            found.add(source.scale.name)
+    return found
+
+
+def _without_values(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy whose Constant nodes among ``names`` hold no values (their kind, name, dims and
+    dtype still count), so a changed Constant weight is not a graph difference."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] in names:
+            tensor = storage.constant_tensor(node)
+            if tensor is not None:
+                for name in VALUE_FIELDS:
+                    tensor.ClearField(name)
+    return copy
+
+
+def graph_difference(before: onnx.ModelProto, after: onnx.ModelProto) -> str | None:
+    """The first difference outside the values of weight storages, or None."""
+    allowed = weight_names(before)
+    return (first_difference(_without_values(before, allowed), _without_values(after, allowed))
+            or changed_non_weight(before, after, allowed))
+
+
+def changed_non_weight(before: onnx.ModelProto, after: onnx.ModelProto, allowed: set[str] | None = None) -> str | None:
     """Field path of the first initializer outside ``weight_names`` whose values differ, or None.
 
     Called once ``first_difference`` found none, so both models have the same initializers in
     the same order with the same names, types and dims.
     """
-    allowed = weight_names(before)
+    allowed = weight_names(before) if allowed is None else allowed
     for index, (a, b) in enumerate(zip(before.graph.initializer, after.graph.initializer)):
         if a.name in allowed or _same(numpy_helper.to_array(a), numpy_helper.to_array(b)):
             continue
@@ -103,16 +141,18 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def movement(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, dict[str, float]]:
-    """For each changed initializer (any type): max absolute change and L2 change relative to its norm."""
-    old = {t.name: t for t in before.graph.initializer}
+    """For each changed weight storage: max absolute change and L2 change relative to its norm,
+    of the float values the layer reads (dequantized, float16 widened), keyed by the stored tensor."""
+    sources = weight_slots(before)
+    old, new = storage.effective(before, sources), storage.effective(after, sources)
     moved = {}
-    for tensor in after.graph.initializer:
-        a, b = numpy_helper.to_array(old[tensor.name]), numpy_helper.to_array(tensor)
-        if _same(a, b):
+    for slot, source in sources.items():
+        a, b = old[slot].astype(np.float64), new[slot].astype(np.float64)
+        if _same(a, b) or source.stored.name in moved:
             continue
-        diff = b.astype(np.float64) - a.astype(np.float64)
-        norm = float(np.linalg.norm(a.astype(np.float64)))
-        moved[tensor.name] = {
+        diff = b - a
+        norm = float(np.linalg.norm(a))
+        moved[source.stored.name] = {
             "max_abs": float(np.max(np.abs(diff))),
             "relative_l2": float(np.linalg.norm(diff) / norm) if norm > 0 else float("inf"),
         }
@@ -123,7 +163,7 @@ def verify(original: onnx.ModelProto, cleaned: onnx.ModelProto, input_name: str,
            input_shape: tuple[int, ...], samples: int = 64, seed: int = 0,
            input_range: tuple[float, float] = (0.0, 1.0)) -> Verification:
     """Compare structure, weight movement and outputs of ``cleaned`` against ``original``."""
-    difference = first_difference(original, cleaned) or changed_non_weight(original, cleaned)
+    difference = graph_difference(original, cleaned)
     result = Verification(same_graph=difference is None, first_difference=difference)
     if difference is not None:
         return result

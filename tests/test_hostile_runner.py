@@ -172,12 +172,14 @@ def clean_dead_conv_only(folder: Path) -> Setup:
 
 def interrupted_clean(folder: Path) -> Setup:
     # --always --ranking nwc: a model the scan finds clean would otherwise pass through at once
-    return _clean(folder, None, "--always", "--ranking", "nwc", "--iterations", "100000")  # still unlearning at Ctrl-C
+    # --lr 1e-9: the ascent never reaches the loss cap, so it is still unlearning at Ctrl-C
+    return _clean(folder, None, "--always", "--ranking", "nwc", "--iterations", "100000", "--lr", "1e-9")
 
 
 def interrupted_batch(folder: Path) -> Setup:
     models = _models_dir(folder, names=("a", "b", "c"))
-    return Setup(["clean", str(models), str(folder / "out"), "--jobs", "2", *QUICK, "--always", "--ranking", "nwc", "--iterations", "100000"],
+    return Setup(["clean", str(models), str(folder / "out"), "--jobs", "2", *QUICK, "--always", "--ranking", "nwc",
+                  "--iterations", "100000", "--lr", "1e-9"],
                  guarded=list(models.iterdir()),
                  watched=[models])
 

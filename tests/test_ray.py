@@ -125,7 +125,7 @@ def test_ctrl_c_cancels_the_tasks_and_exits_130_with_nothing_half_written(cluste
     onnx.save(builders.build("preact")[1], models / "preact.onnx")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "otbr_onnx", "clean", str(models), str(out), "--always", "--ranking", "nwc",
-               "--iterations", "100000", "--prune-ratio", "0.2", "--executor", "ray", "--address", cluster]
+               "--iterations", "100000", "--lr", "1e-9", "--prune-ratio", "0.2", "--executor", "ray", "--address", cluster]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     try:

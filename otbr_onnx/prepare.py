@@ -19,6 +19,7 @@ from torch import nn
 from converters import parity, runtime
 from converters.parity import Parity
 from converters.to_torch import TorchTensorRef, run_torch
+from otbr_onnx import sizing
 from otbr_onnx.bridge import convert, providers, weight_refs
 from otbr_onnx.errors import UnsupportedModelError, one_line
 from otbr_onnx.fuse import Neurons
@@ -47,6 +48,8 @@ class PreparedModel:
     parity_inputs: np.ndarray  # the random inputs both parity checks use
     conversion_parity: Parity
     providers: list[str]
+    memory: sizing.MemoryPlan | None = None  # the budget and the micro-batch chosen from it
+    chunking: sizing.Chunking = sizing.Chunking()  # images per forward pass (inference, scan, probes)
 
     def neurons(self, i: int) -> Neurons:
         """Layer ``i``'s backdoored rows ``[out, in, ...]`` and bias."""
@@ -62,10 +65,16 @@ class PreparedModel:
         return module.eval()
 
     def outputs(self, module: nn.Module, x: np.ndarray) -> np.ndarray:
-        """``module``'s class scores on ``x`` as (N, classes), 256 images at a time."""
-        index = self.loaded.output_index
-        batches = [run_torch(module, x[start:start + 256], index) for start in range(0, len(x), 256)]
-        return np.concatenate([b.reshape(len(b), -1) for b in batches])
+        """``module``'s class scores on ``x`` as (N, classes), ``chunking`` images at a time."""
+        return chunked_outputs(module, x, self.loaded.output_index, self.chunking)
+
+
+def chunked_outputs(module: nn.Module, x: np.ndarray, output_index: int, chunking: sizing.Chunking) -> np.ndarray:
+    """``module``'s output on ``x`` as (N, -1), one chunk at a time (padded where the model's
+    batch is fixed)."""
+    batches = [run_torch(module, chunking.pad(x[start:stop]), output_index)[:stop - start]
+               for start, stop in chunking.spans(len(x))]
+    return np.concatenate([b.reshape(len(b), -1) for b in batches])
 
 
 def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> PreparedModel:
@@ -77,20 +86,27 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
         raise UnsupportedModelError("no weight layer to clean (Conv, Gemm or MatMul with a constant float32 weight)")
     check_noise_budget(loaded.input_shape, options.batch_size, options.limits)
     ties = analyse(loaded.proto, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
-    module = convert(loaded.proto).eval()
-    refs = weight_refs(module, loaded.proto, layers)
+    module = convert(loaded.working).eval()  # a fixed batch made dynamic: its copy (load.batch_plan)
+    refs = weight_refs(module, loaded.working, layers)
     providers_ = providers(options.ort_provider)
+    exact = loaded.batch.exact
     inputs = runtime.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
+    # the model as given, at its own batch size where fixed (runtime.run chunks it)
     reference = runtime.run(runtime.session(loaded.proto, providers_), loaded.input_name, loaded.output_name, inputs)
-    check = parity.compare(reference, _first_torch_run(module, inputs, loaded.output_index))
+    first = sizing.Chunking(exact, True) if exact else sizing.Chunking()
+    check = parity.compare(reference, _first_torch_run(module, inputs, loaded.output_index, first))
     if not check.ok:
         raise UnsupportedModelError(
             f"the PyTorch conversion disagrees with onnxruntime before any change "
             f"(max abs diff {check.max_abs:.3g} > {check.tolerance:.3g}); refusing to clean"
         )
     original = {t.name: numpy_helper.to_array(t) for t in loaded.proto.graph.initializer if t.name in refs}
+    device = resolve_device(options.device)
+    weight_bytes = sum(value.nbytes for value in original.values())
+    memory = sizing.memory_plan(module, loaded.input_shape, loaded.batch, weight_bytes, options.max_memory, device)
+    chunking = first if exact else sizing.Chunking(memory.chunking_size)
     return PreparedModel(loaded, layers, skipped, ties, module, refs, original, _num_classes(reference),
-                         resolve_device(options.device), inputs, check, providers_)
+                         device, inputs, check, providers_, memory, chunking)
 
 
 def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedModel:
@@ -99,10 +115,11 @@ def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedM
     return load_model(model, options.input_shape, options.output_name, options.limits)
 
 
-def _first_torch_run(module: nn.Module, inputs: np.ndarray, output_index: int) -> np.ndarray:
+def _first_torch_run(module: nn.Module, inputs: np.ndarray, output_index: int,
+                     chunking: sizing.Chunking) -> np.ndarray:
     """The converted module's first forward pass; a crash there is a conversion problem."""
     try:
-        return run_torch(module, inputs, output_index)
+        return chunked_outputs(module, inputs, output_index, chunking)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         raise UnsupportedModelError(
             f"the converted PyTorch model fails to run: {one_line(error, type(error).__name__)}"

@@ -208,6 +208,8 @@ def select(prepared: "PreparedModel", ranking: Ranking, options: CleanOptions, d
     def trial_at(ratio: float) -> Trial:
         if progress:
             progress("ratio candidates", candidates.index(ratio) + 1, len(candidates))
+        for older in list(repairs)[:-1]:  # the choice is this candidate or the one before: a
+            del repairs[older]             # ResNet-50 holds 100 MB of weights per candidate
         repairs[ratio] = repair(prepared, ranking, ratio, options)
         module = prepared.with_weights(repairs[ratio].weights)
         score = references.score(prepared, module, raw_reference)

@@ -542,7 +542,10 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
             return
         # producer, path and verdict are free text from the file: _echo escapes them
         _echo(f"{info['path']}: opset {info['opset']}, {info['nodes']} nodes, producer {info['producer'] or '?'}")
-        _echo(f"  input  {info['input']['name']} {info['input']['shape']}")
+        batch = info["input"]["batch"]
+        how = {"made dynamic": "made dynamic in a working copy", "fixed": "every pass at that size"}
+        fixed = "" if batch["path"] == "dynamic" else f" (fixed batch {batch['declared']}: {how[batch['path']]})"
+        _echo(f"  input  {info['input']['name']} {info['input']['shape']}{fixed}")
         _echo(f"  output {info['output']['name']}" + (" (probabilities)" if info["output"]["probabilities"] else ""))
         for layer in info["layers"]:
             why = f"  ({layer['pinned_because']})" if layer["pinned_because"] else ""

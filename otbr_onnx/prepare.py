@@ -103,7 +103,9 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     original = {t.name: numpy_helper.to_array(t) for t in loaded.proto.graph.initializer if t.name in refs}
     device = resolve_device(options.device)
     weight_bytes = sum(value.nbytes for value in original.values())
-    memory = sizing.memory_plan(module, loaded.input_shape, loaded.batch, weight_bytes, options.max_memory, device)
+    noise_bytes = 4 * options.batch_size * int(np.prod(loaded.input_shape[1:]))  # unlearning's batch, held whole
+    memory = sizing.memory_plan(module, loaded.input_shape, loaded.batch, weight_bytes, options.max_memory, device,
+                                noise_bytes)
     chunking = first if exact else sizing.Chunking(memory.chunking_size)
     return PreparedModel(loaded, layers, skipped, ties, module, refs, original, _num_classes(reference),
                          device, inputs, check, providers_, memory, chunking)

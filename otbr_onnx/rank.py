@@ -35,6 +35,7 @@ from otbr_onnx.clp import clp_masks
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.layers import CONV, CONV_T, OUT_IN, to_rows
 from otbr_onnx.options import CleanOptions
+from otbr_onnx.sizing import release_memory
 from otbr_onnx.ties import FOLLOWER
 from otbr_onnx.unlearn import UnlearnConfig, UnlearnLog, random_unlearning
 
@@ -181,5 +182,6 @@ def _unlearn(prepared: "PreparedModel", options: CleanOptions, progress) -> tupl
     tracked = {layer.weight: prepared.refs[layer.weight] for layer in prepared.layers}
     on_step = (lambda step, loss: progress("unlearning", step + 1, options.iterations)) if progress else None
     loaded = prepared.loaded
+    release_memory()  # what the scan freed, before the student, its momentum and the noise batch
     return random_unlearning(prepared.module, tracked, loaded.input_shape, prepared.num_classes, loaded.output_index,
                              loaded.output_is_probability, config, on_step)

@@ -42,6 +42,8 @@ MAX_PASS = 256
 # Copies of the weights alive beside the activations: the unlearning student, its gradients and
 # its SGD momentum. (Write-back's copies come after the activations are freed.)
 WEIGHT_COPIES = 3
+# Share of the budget planned for: allocator slack and short-lived buffers take the rest.
+HEADROOM = 0.95
 # The backward pass frees saved tensors as it goes; its gradients add about half again (ResNet-50
 # at 224: 42 MB saved per image, clean's peak within the 2 GiB default at the chosen micro-batch).
 BACKWARD_FACTOR = 1.5
@@ -204,8 +206,10 @@ def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int
 
 
 def memory_plan(module: nn.Module, input_shape: tuple[int, ...], batch: BatchPlan, weight_bytes: int,
-                max_memory: int | None, device: str) -> MemoryPlan:
-    """The micro-batch for ``module``: as many images as the activation budget holds."""
+                max_memory: int | None, device: str, held_bytes: int = 0) -> MemoryPlan:
+    """The micro-batch for ``module``: as many images as the activation budget holds, once the
+    process's size, three copies of the weights and ``held_bytes`` (the unlearning's noise batch,
+    held whole) are taken off."""
     import torch
 
     budget, source = (max_memory, "--max-memory") if max_memory is not None else default_budget(device)
@@ -213,7 +217,7 @@ def memory_plan(module: nn.Module, input_shape: tuple[int, ...], batch: BatchPla
     per_sample = per_sample_bytes(module, input_shape, count, device)
     release_memory()
     used = (torch.cuda.memory_allocated() if device == "cuda" else current_rss()) + WEIGHT_COPIES * weight_bytes
-    activation_budget = max(budget - used, 0)
+    activation_budget = max(int(HEADROOM * budget) - used - held_bytes, 0)
     fits = max(activation_budget // per_sample, 1)
     if batch.exact:  # the model's own size, whatever the budget: one pass cannot be smaller
         return MemoryPlan(budget, source, per_sample, activation_budget, batch.exact, batch.exact > fits)

@@ -35,6 +35,7 @@ from otbr_onnx.clp import clp_masks
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.layers import CONV, CONV_T, OUT_IN, to_rows
 from otbr_onnx.options import CleanOptions
+from otbr_onnx.bridge import module_names
 from otbr_onnx.sizing import release_memory
 from otbr_onnx.ties import FOLLOWER
 from otbr_onnx.unlearn import UnlearnConfig, UnlearnLog, random_unlearning
@@ -129,9 +130,12 @@ def mean_activations(prepared: "PreparedModel", layers: list[int], x: np.ndarray
     module, sums = prepared.module, {i: 0.0 for i in layers}
     rows = [0]
     handles = []
+    node_modules = module_names(prepared.loaded.working)
     for i in layers:
         layer = prepared.layers[i]
-        owner = module.get_submodule(prepared.refs[layer.weight].owner)
+        # the node's own submodule: a MatMul's weight lives in a buffer container that is never
+        # called, so a hook on the weight's owner would never fire
+        owner = module.get_submodule(node_modules[layer.node_index])
         axis = 1 if layer.layout in (CONV, CONV_T) else (-2 if layer.layout == OUT_IN and layer.op_type == "MatMul" else -1)
         handles.append(owner.register_forward_hook(_accumulate(sums, i, axis, rows)))
     chunking = prepared.chunking

@@ -247,7 +247,8 @@ def measure(model: ThirdPartyModel, source: Path, folder: Path, args: tuple[str,
 
 def outcome_text(result: dict) -> str:
     if result["exit"] != 0:
-        return f"refused (exit {result['exit']}): {result['message'].removeprefix('otbr-onnx: error: ')}"
+        what = "refused" if result["exit"] == 3 else "failed"
+        return f"{what} (exit {result['exit']}): {result['message'].removeprefix('otbr-onnx: error: ')}"
     report = result["report"]
     if not report.get("changed", True):
         return "unchanged: " + report["verdict"]
@@ -281,6 +282,16 @@ def markdown(rows: list[tuple[ThirdPartyModel, dict | str]], settings: str) -> s
         batch = result["report"]["input"]["batch"]["path"] if result["report"] else ""
         lines.append(f"| {model.name} | {source} | {model.about} | {outcome_text(result)} | {batch} | "
                      f"{result['seconds']:.0f} | {result['peak_rss_mib']:.0f} |")
+    lines += [
+        "",
+        "Expected outcomes are pinned in `tests/third_party.py` (`MODELS`: cleaned with parity, or the exact "
+        "refusal) and checked by `tests/test_third_party.py` with the quick settings. The PaddleOCR direction "
+        "classifier (`ppocr_cls`) keeps its weights in `Constant` nodes: it cleans only with Constant-node "
+        "support. `docorient` is a classifier with a single sigmoid logit, which `clean` does not take "
+        "(class scores need two or more classes). The OCR detector, recogniser and captcha CRNN are not "
+        "classifiers. A model that is cleaned here can still be flagged or refused on the default path: "
+        "with two classes the scan's leave-one-out robust z has a single other class and no spread.",
+    ]
     return "\n".join(lines) + "\n"
 
 

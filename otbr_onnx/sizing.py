@@ -10,7 +10,7 @@ Two constraints decide it, both computed once per model in ``prepare``:
   batch is padded with copies of its last image, whose outputs are dropped (``Chunking.exact``).
 * **memory.** Activation memory per image is measured with one forward pass under
   ``torch.autograd.graph.saved_tensors_hooks`` (the bytes autograd keeps for the backward pass,
-  doubled for the gradients the backward pass allocates), and the micro-batch is the number of
+  x1.5 for the gradients the backward pass allocates), and the micro-batch is the number of
   images that fit the budget left once the process's current size and a reserve for copies of
   the weights are taken off ``--max-memory``.
 

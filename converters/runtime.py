@@ -30,8 +30,31 @@ def session(model: onnx.ModelProto, providers: list[str] | None = None) -> onnxr
 
 
 def run(sess: onnxruntime.InferenceSession, input_name: str, output_name: str, x: np.ndarray) -> np.ndarray:
-    """One output of ``sess`` on ``x``, with onnxruntime's own logging silenced."""
-    return run_outputs(sess, [output_name], {input_name: x})[0]
+    """One output of ``sess`` on ``x``, with onnxruntime's own logging silenced.
+
+    A model whose input declares a fixed batch size runs ``x`` in chunks of exactly that size,
+    the last one padded with copies of its last image (whose outputs are dropped): the written
+    model of a fixed-batch input is checked as it is, at its own batch size.
+    """
+    size = fixed_batch(sess, input_name)
+    if size is None or size == len(x):
+        return run_outputs(sess, [output_name], {input_name: x})[0]
+    parts = []
+    for start in range(0, len(x), size):
+        chunk = x[start:start + size]
+        missing = size - len(chunk)
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], missing, axis=0)]) if missing else chunk
+        parts.append(run_outputs(sess, [output_name], {input_name: padded})[0][:len(chunk)])
+    return np.concatenate(parts)
+
+
+def fixed_batch(sess: onnxruntime.InferenceSession, input_name: str) -> int | None:
+    """The batch size ``input_name`` of ``sess`` declares, or None when it is dynamic."""
+    for value in sess.get_inputs():
+        if value.name == input_name and value.shape:
+            first = value.shape[0]
+            return first if isinstance(first, int) and first > 0 else None
+    return None
 
 
 def run_outputs(sess: onnxruntime.InferenceSession, output_names: list[str], feeds: dict) -> list:

@@ -39,6 +39,12 @@ def weight_refs(module: fx.GraphModule, model: onnx.ModelProto, layers: list) ->
         return to_torch.weight_refs(module, model, layers)
 
 
+def module_names(model: onnx.ModelProto) -> list[str]:
+    """The submodule ``convert`` gives each node of ``model``, in node order."""
+    with bridge_errors():
+        return to_torch.module_names(model)
+
+
 def check_convertible(model: onnx.ModelProto) -> None:
     with bridge_errors():
         to_torch.check_convertible(model)

@@ -74,7 +74,23 @@ class _Range(click.ParamType):
         return low, high
 
 
-SHAPE, RANGE = _Shape(), _Range()
+class _Size(click.ParamType):
+    """A memory size: bytes, or with a K/M/G/T suffix (binary: 2G is 2 GiB)."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        from otbr_onnx.sizing import parse_size
+
+        try:
+            return parse_size(str(value))
+        except ValueError:
+            self.fail(f"expected a size such as 2G, 512M or 1500000000, got {value!r}", param, ctx)
+
+
+SHAPE, RANGE, SIZE = _Shape(), _Range(), _Size()
 
 
 def _is_dir(path: Path) -> bool:
@@ -361,6 +377,9 @@ def _batch_run(run, models: list[Path], out_dir: Path | None, options, executor,
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the search runs; auto picks CUDA when torch sees a GPU.")
+@click.option("--max-memory", type=SIZE,
+              help="Memory the search may use, e.g. 2G (see clean --help). Default: 2G, or half the "
+                   "available memory when less; on CUDA half the free GPU memory.")
 @click.option("--input-shape", type=SHAPE, help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims.")
 @click.option("--output", "output_name", help="Name of the logits output when the model has several.")
 @click.option("--input-range", type=RANGE, default="0,1", show_default=True,
@@ -378,9 +397,9 @@ def _batch_run(run, models: list[Path], out_dir: Path | None, options, executor,
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @_limit_options
-def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed, device, input_shape, output_name,
-         input_range, report_path, out_dir, jobs, executor, address, cpus_per_model, gpus_per_model, as_json,
-         output_format, sarif_path, html_path, quiet, verbose, debug, **limits) -> None:
+def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed, device, max_memory, input_shape,
+         output_name, input_range, report_path, out_dir, jobs, executor, address, cpus_per_model, gpus_per_model,
+         as_json, output_format, sarif_path, html_path, quiet, verbose, debug, **limits) -> None:
     """Is MODEL backdoored, and which class does the backdoor serve? Needs no data; changes nothing.
 
     For every class the largest logit margin reachable over the input box is searched from
@@ -406,8 +425,8 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed
 
         fmt = _output_format(output_format, as_json)
         options = CleanOptions(scan_starts=scan_starts, scan_steps=scan_steps, scan_threshold=scan_threshold,
-                               seed=seed, device=device, input_shape=input_shape, output_name=output_name,
-                               input_range=input_range, limits=_limits(**limits))
+                               seed=seed, device=device, max_memory=max_memory, input_shape=input_shape,
+                               output_name=output_name, input_range=input_range, limits=_limits(**limits))
         if len(models) > 1 or _is_dir(models[0]) or out_dir is not None:
             if report_path is not None:
                 raise UsageError("--report names one model's report; in batch mode use --out-dir")
@@ -463,7 +482,12 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed
 @click.option("--batch-size", type=click.IntRange(min=1), help="Noise images per unlearning step.")
 @click.option("--micro-batch", type=click.IntRange(min=1),
               help="Unlearn each noise batch in chunks of this many images: less memory; BatchNorm in "
-                   "train mode then sees per-chunk statistics.")
+                   "train mode then sees per-chunk statistics. Default: as many as --max-memory holds.")
+@click.option("--max-memory", type=SIZE,
+              help="Memory the run may use, e.g. 2G or 512M (host RSS; with --device cuda, GPU memory): "
+                   "the images per forward+backward pass of unlearning, scan and probes are chosen to fit "
+                   "(see the report's 'memory'). Default: 2G, or half the available memory when less; "
+                   "on CUDA half the free GPU memory.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Unlearning learning rate (SGD, momentum 0.9).")
 @click.option("--fusion-lambda", type=click.FloatRange(0, 1), help="Weight of the transported pruned model in the fusion.")
 @click.option("--prune-ratio", type=click.FloatRange(0, 1, max_open=True),
@@ -504,7 +528,7 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @_limit_options
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, ranking, scan_starts, scan_steps,
-          scan_threshold, iterations, batch_size, micro_batch, lr,
+          scan_threshold, iterations, batch_size, micro_batch, max_memory, lr,
           fusion_lambda, prune_ratio, method, calibration, max_acc_drop, max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
           jobs, executor, address, cpus_per_model, gpus_per_model, as_json, output_format, sarif_path, html_path,
           quiet, verbose, debug, **limits) -> None:
@@ -545,7 +569,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             method=method, always=always, ranking=ranking, scan_starts=scan_starts, scan_steps=scan_steps,
             scan_threshold=scan_threshold, seed=seed, device=device, input_shape=input_shape,
             output_name=output_name,
-            input_range=input_range, micro_batch=micro_batch, ort_provider=ort_provider,
+            input_range=input_range, micro_batch=micro_batch, max_memory=max_memory, ort_provider=ort_provider,
             calibration=calibration, max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes,
             limits=_limits(**limits),
         )
@@ -765,7 +789,10 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
             return
         # producer, path and verdict are free text from the file: _echo escapes them
         _echo(f"{info['path']}: opset {info['opset']}, {info['nodes']} nodes, producer {info['producer'] or '?'}")
-        _echo(f"  input  {info['input']['name']} {info['input']['shape']}")
+        batch = info["input"]["batch"]
+        how = {"made dynamic": "made dynamic in a working copy", "fixed": "every pass at that size"}
+        fixed = "" if batch["path"] == "dynamic" else f" (fixed batch {batch['declared']}: {how[batch['path']]})"
+        _echo(f"  input  {info['input']['name']} {info['input']['shape']}{fixed}")
         _echo(f"  output {info['output']['name']}" + (" (probabilities)" if info["output"]["probabilities"] else ""))
         for layer in info["layers"]:
             why = f"  ({layer['pinned_because']})" if layer["pinned_because"] else ""

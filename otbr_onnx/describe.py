@@ -32,7 +32,7 @@ def describe(path: str | Path, input_shape: tuple[int, ...] | None = None, outpu
         "sha256": loaded.sha256,
         "opset": loaded.opset,
         "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
-        "input": {"name": loaded.input_name, "shape": list(loaded.input_shape)},
+        "input": {"name": loaded.input_name, "shape": list(loaded.input_shape), "batch": loaded.batch.as_dict()},
         "output": {"name": loaded.output_name, "probabilities": loaded.output_is_probability},
         "nodes": len(proto.graph.node),
         "layers": [],

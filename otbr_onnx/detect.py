@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from otbr_onnx.sizing import Chunking
+
 # Robust z above which a class is suspected (the false-alarm level: see benchmarks/RESULTS.md,
 # where the largest z over the clean models and the smallest over the detected backdoors are
 # reported next to it).
@@ -57,7 +59,8 @@ class ScanConfig:
     lr: float = 0.1  # Adam step on the sigmoid parameter u
     threshold: float = DEFAULT_THRESHOLD
     refine: int = 32  # with more classes than this, screen all and search only the top ones in full
-    batch: int = 256  # images per forward pass
+    batch: int = 256  # images per forward pass (the micro-batch the memory budget allows)
+    exact: bool = False  # the model runs only at batch ``batch``: the last chunk is padded
     seed: int = 0
     device: str = "cpu"
     input_range: tuple[float, float] = (0.0, 1.0)
@@ -179,19 +182,26 @@ def maximise_margins(
     optimizer = torch.optim.Adam([u], lr=config.lr)
     best = torch.full((len(target),), float("-inf"), device=config.device)
     best_x = torch.zeros_like(u)
-    for _ in range(steps + 1):  # the last pass only scores the final step
-        x = low + (high - low) * torch.sigmoid(3.0 * u)
-        margin = torch.cat([
-            class_margins(_output(module, x[i:i + config.batch], output_index), target[i:i + config.batch], is_probability)
-            for i in range(0, len(x), config.batch)
-        ])
-        with torch.no_grad():
-            better = margin > best
-            best = torch.where(better, margin.detach(), best)
-            best_x[better] = x.detach()[better]
-        if _ == steps:
+    chunking = Chunking(config.batch, config.exact)
+    for step in range(steps + 1):  # the last pass only scores the final step
+        scoring_only = step == steps
+        gradient = None if scoring_only else torch.zeros_like(u)
+        for start, stop in chunking.spans(len(u)):
+            # one chunk's graph at a time: each image's margin depends on its own input only (eval
+            # mode), so the chunked gradients are the whole batch's and memory is one chunk's
+            part = u[start:stop].detach().requires_grad_(not scoring_only)
+            with torch.set_grad_enabled(not scoring_only):
+                x = low + (high - low) * torch.sigmoid(3.0 * part)
+                scores = _output(module, chunking.pad(x), output_index)[:stop - start]
+                margin = class_margins(scores, target[start:stop], is_probability)
+            with torch.no_grad():
+                better = margin.detach() > best[start:stop]
+                best[start:stop] = torch.where(better, margin.detach(), best[start:stop])
+                best_x[start:stop][better] = x.detach()[better]
+            if gradient is not None:
+                (gradient[start:stop],) = torch.autograd.grad(-margin.sum(), [part])
+        if gradient is None:
             break
-        (gradient,) = torch.autograd.grad(-margin.sum(), [u])
         u.grad = gradient
         optimizer.step()
         if on_step is not None:
@@ -289,10 +299,11 @@ def _output(module: nn.Module, x: torch.Tensor, output_index: int) -> torch.Tens
     return out[output_index] if isinstance(out, (tuple, list)) else out
 
 
-def scan_config(options, device: str) -> ScanConfig:
-    """The scan's settings from ``CleanOptions``."""
+def scan_config(options, device: str, chunking: Chunking = Chunking()) -> ScanConfig:
+    """The scan's settings from ``CleanOptions``, and the images per pass from ``prepare``."""
     return ScanConfig(starts=options.scan_starts, steps=options.scan_steps, threshold=options.scan_threshold,
-                      seed=options.seed, device=device, input_range=tuple(options.input_range))
+                      batch=chunking.size, exact=chunking.exact, seed=options.seed, device=device,
+                      input_range=tuple(options.input_range))
 
 
 def detect(prepared, options, progress: Callable[[str, int, int], None] | None = None) -> ScanResult:
@@ -300,4 +311,5 @@ def detect(prepared, options, progress: Callable[[str, int, int], None] | None =
     loaded = prepared.loaded
     on_step = (lambda done, total: progress("scan", done, total)) if progress else None
     return scan_module(prepared.module, loaded.input_shape, prepared.num_classes, loaded.output_index,
-                       loaded.output_is_probability, scan_config(options, prepared.device), on_step)
+                       loaded.output_is_probability, scan_config(options, prepared.device, prepared.chunking),
+                       on_step)

@@ -11,8 +11,8 @@ import onnx
 from converters import parity, runtime, storage
 from converters.parity import Parity
 from converters.storage import WriteNotes
-from converters.to_torch import run_torch
 from otbr_onnx.errors import ParityError
+from otbr_onnx.sizing import release_memory
 
 if TYPE_CHECKING:
     from otbr_onnx.prepare import PreparedModel
@@ -42,7 +42,11 @@ def emit(prepared: "PreparedModel", weights: dict[str, np.ndarray]
     sources = loaded.storage.sources
     cleaned, notes = storage.write_back(loaded.proto, weights, sources)
     stored = storage.effective(cleaned, {slot: sources[slot] for slot in prepared.refs})
-    fused = run_torch(prepared.with_weights(stored), inputs, loaded.output_index)
+    # the fused module's outputs, and the module gone before the written model's session exists:
+    # the copies of the weights together make the run's peak
+    fused = prepared.outputs(prepared.with_weights(stored), inputs)
+    release_memory()
+    # the written graph as it is: a fixed batch runs at its own size (runtime.run chunks it)
     written = runtime.run(runtime.session(cleaned, prepared.providers), loaded.input_name, loaded.output_name, inputs)
     check = parity.compare(written, fused, allowance=allowance(prepared, written))
     float_copy = _float_copy_parity(prepared, cleaned, fused)

@@ -199,7 +199,8 @@ def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 500) -> np.
     try:
         sess = runtime.session(model)
         inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-        scores = [sess.run([out], {inp: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+        # runtime.run feeds a fixed-batch model at its own batch size
+        scores = [runtime.run(sess, inp, out, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     except ort_errors() as error:  # the images were checked: what fails now is the model
         raise UnsupportedModelError(f"onnxruntime cannot run the model on the images: {one_line(error)}") from error
     if any(s.ndim != 2 for s in scores):

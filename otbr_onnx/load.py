@@ -8,9 +8,12 @@ What a model must pass, in order (exit 2 = not a valid model, 3 = valid but refu
 names are UTF-8 (2) and free of quotes, backslashes and control characters, which would reach
 generated PyTorch code (3); default-domain ops at a known opset (3); the ONNX checker and strict
 type/shape inference (2); every constant decodes to its declared shape (2) and holds no NaN,
-nor +-Inf outside bound/mask uses (3); one float image input with a dynamic batch and a capped
-size (3); logits computed from that input (3); and one onnxruntime run on a random image
-(3), whose logits must be finite.
+nor +-Inf outside bound/mask uses (3); one float image input of a capped size (3); logits
+computed from that input (3); and one onnxruntime run on a random image (3), whose logits must
+be finite.
+
+A fixed batch size is accepted: ``batch_plan`` makes a working copy with a dynamic batch where
+the graph allows it, and otherwise the model runs at its own batch size (``sizing.BatchPlan``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from onnx import TensorProto, external_data_helper, numpy_helper
 
 from otbr_onnx.errors import OtbrError, UnreadableModelError, UnsupportedModelError, UsageError, one_line
 from otbr_onnx.files import open_regular
+from otbr_onnx.sizing import BatchPlan
 
 if TYPE_CHECKING:
     from converters.storage import WeightStorage
@@ -89,27 +93,35 @@ class LoadedModel:
     output_index: int
     output_is_probability: bool
     opset: int
+    # A fixed-batch model's copy with the batch made dynamic (shape fields only), which is
+    # converted to PyTorch; None: ``proto`` itself. Never written anywhere.
+    working_proto: onnx.ModelProto | None = None
+    batch: BatchPlan = BatchPlan()
 
     @functools.cached_property
     def shapes(self) -> dict[str, list[int]]:
-        """Static shape of every value at batch 2 (``otbr_onnx.shapes.static_shapes``),
-        computed on first use and then shared by every stage that asks."""
+        """Static shape of every value at batch 2, or at the model's own batch where it is fixed
+        (``otbr_onnx.shapes.static_shapes``), computed on first use and then shared by every
+        stage that asks."""
         from otbr_onnx.shapes import static_shapes
 
-        return static_shapes(self.working, self.input_name, self.input_shape)
+        return static_shapes(self.working, self.input_name, self.input_shape, self.batch.exact or 2)
 
     @functools.cached_property
     def storage(self) -> "WeightStorage":
         """Where each weight is stored (initializer, Constant node, behind Identity / Cast /
-        DequantizeLinear) and the float32 working copy built from it; see ``converters.storage``."""
+        DequantizeLinear) and the float32 working copy built from it; see ``converters.storage``.
+        Analysed on the dynamic-batch copy where there is one: the two copies touch disjoint
+        fields (shapes; weight storage), so the float32 copy has both."""
         from otbr_onnx.bridge import weight_storage
 
-        return weight_storage(self.proto)
+        return weight_storage(self.working_proto if self.working_proto is not None else self.proto)
 
     @property
     def working(self) -> onnx.ModelProto:
-        """The float32 copy every stage but write-back reads: each weight slot a plain float32
-        initializer, same node names. ``proto`` stays the model as read."""
+        """The copy every stage but write-back reads: each weight slot a plain float32
+        initializer, a fixed batch made dynamic where the graph allows it (``batch_plan``), same
+        node names. ``proto`` stays the model as read."""
         return self.storage.working
 
 
@@ -293,7 +305,10 @@ def describe_model(
     _check_tensor_sizes(sizes, limits)  # after the input's own cap, before anything runs the graph
     _check_output_depends_on_input(graph, input_name, out_name)
     _check_runs(proto, input_name, shape, out_name)
+    working, batch = batch_plan(proto, input_name, shape, out_name)
     return {
+        "working_proto": working,
+        "batch": batch,
         "proto": proto,
         "input_name": input_name,
         "input_shape": shape,
@@ -520,23 +535,74 @@ def check_noise_budget(input_shape: tuple[int, ...], batch_size: int, limits: Li
 
 
 def _check_declared_dims(name: str, declared: list[int | None]) -> None:
-    """Refuse fixed dims the pipeline cannot feed.
-
-    A fixed batch size fails later, not here: parity runs 8 probe images and unlearning
-    ``--batch-size`` noise images in one batch, which onnxruntime rejects for a fixed batch
-    (an internal error before this check). Until the pipeline batches to the model's own size,
-    refusing with the remedy is the honest answer.
-    """
+    """Refuse dims no image batch can have (a fixed batch size is fine: see ``batch_plan``)."""
     bad = [axis for axis, dim in enumerate(declared) if dim is not None and dim <= 0]
     if bad:
         raise UnsupportedModelError(
             f"input '{name}' declares dimension(s) {bad} as {[declared[a] for a in bad]}; an image batch needs sizes > 0"
         )
-    if declared and declared[0] is not None:
-        raise UnsupportedModelError(
-            f"input '{name}' has a fixed batch size of {declared[0]}; otbr-onnx needs a dynamic batch "
-            "dimension (re-export with a dynamic batch axis, e.g. torch.onnx.export(..., dynamic_axes={...: {0: 'N'}}))"
-        )
+
+
+def declared_batch(proto: onnx.ModelProto, input_name: str) -> int | None:
+    """The fixed batch size ``input_name`` declares; None when dynamic (symbolic, absent or -1)."""
+    for value in proto.graph.input:
+        if value.name == input_name and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+                return int(dims[0].dim_value)
+    return None
+
+
+def batch_plan(proto: onnx.ModelProto, input_name: str, shape: tuple[int, ...],
+               output_name: str) -> tuple[onnx.ModelProto | None, BatchPlan]:
+    """How the pipeline feeds a fixed batch: through a copy whose batch dim is dynamic when that
+    copy passes strict shape inference and gives, at batch 2, the model's own outputs; else at
+    the model's own batch size. A dynamic model needs neither (None, "dynamic")."""
+    fixed = declared_batch(proto, input_name)
+    if fixed is None:
+        return None, BatchPlan()
+    working = _dynamic_batch_copy(proto, input_name, fixed)
+    reason = _dynamic_copy_problem(proto, working, input_name, shape, output_name)
+    if reason is None:
+        return working, BatchPlan(fixed, "made dynamic")
+    return None, BatchPlan(fixed, "fixed", reason)
+
+
+def _dynamic_batch_copy(proto: onnx.ModelProto, input_name: str, fixed: int) -> onnx.ModelProto:
+    """A copy with the input's batch dim, and each output's first dim of the same size, symbolic;
+    intermediate shapes (``value_info``) are dropped, so inference derives them anew."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    del copy.graph.value_info[:]
+    inputs = [v for v in copy.graph.input if v.name == input_name]
+    for value in (*inputs, *copy.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == fixed:
+            dims[0].dim_param = "otbr_batch"  # setting the oneof clears dim_value
+    return copy
+
+
+def _dynamic_copy_problem(proto: onnx.ModelProto, working: onnx.ModelProto, input_name: str,
+                          shape: tuple[int, ...], output_name: str) -> str | None:
+    """Why ``working`` cannot stand in for ``proto`` at any batch size, or None when it can."""
+    from converters import parity, runtime
+
+    errors = (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError)
+    try:
+        onnx.shape_inference.infer_shapes(working, check_type=True, strict_mode=True)
+    except errors as error:
+        return f"shape inference fails with a dynamic batch: {one_line(error, 'inference error')}"
+    images = runtime.random_inputs(shape, 2, seed=1)
+    try:
+        got = np.asarray(runtime.run(runtime.session(working), input_name, output_name, images))
+    except ort_errors() as error:
+        return f"onnxruntime cannot run it at batch 2: {one_line(error, type(error).__name__)}"
+    expected = np.asarray(runtime.run(runtime.session(proto), input_name, output_name, images))
+    if got.shape != expected.shape:
+        return f"at batch 2 the output has shape {tuple(got.shape)}, not {tuple(expected.shape)}"
+    if not parity.compare(expected, got).ok:
+        return "at batch 2 the outputs differ from the model's own batch (the graph mixes images)"
+    return None
 
 
 def _resolve_shape(

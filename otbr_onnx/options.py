@@ -57,7 +57,11 @@ class CleanOptions:
     ranking: str = "auto"
     iterations: int = 20
     batch_size: int = 256
-    micro_batch: int | None = None  # unlearn the batch in chunks of this size (less memory)
+    micro_batch: int | None = None  # unlearn the batch in chunks of this size (None: from max_memory)
+    # Bytes the run may use (host RSS; on CUDA, device memory): the micro-batch of unlearning,
+    # scan and probes is chosen to fit (sizing.py). None: 2 GiB, or half the available memory
+    # when that is less (CUDA: half the free device memory).
+    max_memory: int | None = None
     # 1e-4 (the paper's, tuned on a full-width CIFAR-10 ResNet-18) barely moves the noise loss of
     # small models in 20 steps (4.36 -> 4.57 nats on the demo); 1e-3 moves it (-> 5.7) without
     # the blow-up seen at 1e-2 (-> 34).
@@ -106,6 +110,8 @@ class CleanOptions:
             raise UsageError("--iterations must be >= 0 and --batch-size >= 1")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise UsageError(f"--micro-batch must be >= 1, got {self.micro_batch}")
+        if self.max_memory is not None and self.max_memory < 1:
+            raise UsageError(f"--max-memory must be a positive size, got {self.max_memory}")
         if self.scan_starts < 1 or self.scan_steps < 1:
             raise UsageError("--scan-starts and --scan-steps must be >= 1")
         if not self.scan_threshold > 0:

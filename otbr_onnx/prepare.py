@@ -19,6 +19,7 @@ from torch import nn
 from converters import parity, runtime
 from converters.parity import Parity
 from converters.to_torch import TorchTensorRef, run_torch
+from otbr_onnx import sizing
 from otbr_onnx.bridge import convert, providers, weight_refs
 from otbr_onnx.errors import UnsupportedModelError, one_line
 from otbr_onnx.fuse import Neurons
@@ -50,6 +51,8 @@ class PreparedModel:
     # max abs logit difference between the stored model (float16 / int8 ...) and its float32
     # working copy before cleaning: the parity of the written model allows a multiple of it
     precision_gap: float = 0.0
+    memory: sizing.MemoryPlan | None = None  # the budget and the micro-batch chosen from it
+    chunking: sizing.Chunking = sizing.Chunking()  # images per forward pass (inference, scan, probes)
 
     def neurons(self, i: int) -> Neurons:
         """Layer ``i``'s backdoored rows ``[out, in, ...]`` and bias."""
@@ -65,10 +68,16 @@ class PreparedModel:
         return module.eval()
 
     def outputs(self, module: nn.Module, x: np.ndarray) -> np.ndarray:
-        """``module``'s class scores on ``x`` as (N, classes), 256 images at a time."""
-        index = self.loaded.output_index
-        batches = [run_torch(module, x[start:start + 256], index) for start in range(0, len(x), 256)]
-        return np.concatenate([b.reshape(len(b), -1) for b in batches])
+        """``module``'s class scores on ``x`` as (N, classes), ``chunking`` images at a time."""
+        return chunked_outputs(module, x, self.loaded.output_index, self.chunking)
+
+
+def chunked_outputs(module: nn.Module, x: np.ndarray, output_index: int, chunking: sizing.Chunking) -> np.ndarray:
+    """``module``'s output on ``x`` as (N, -1), one chunk at a time (padded where the model's
+    batch is fixed)."""
+    batches = [run_torch(module, chunking.pad(x[start:stop]), output_index)[:stop - start]
+               for start, stop in chunking.spans(len(x))]
+    return np.concatenate([b.reshape(len(b), -1) for b in batches])
 
 
 def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> PreparedModel:
@@ -81,24 +90,33 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
         raise UnsupportedModelError("no weight layer to clean (Conv, Gemm or MatMul with a constant float weight)")
     check_noise_budget(loaded.input_shape, options.batch_size, options.limits)
     ties = analyse(working, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
-    module = convert(working).eval()
+    module = convert(working).eval()  # a fixed batch made dynamic where it can be: load.batch_plan
     refs = weight_refs(module, working, layers)
     providers_ = providers(options.ort_provider)
+    exact = loaded.batch.exact
     inputs = runtime.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
+    # the model as given, at its own batch size where fixed (runtime.run chunks it)
     reference = runtime.run(runtime.session(loaded.proto, providers_), loaded.input_name, loaded.output_name, inputs)
     gap = _precision_gap(loaded, reference, inputs, providers_)
     # the conversion is exact: judged against the working copy, whose compute it mirrors
     float_reference = reference if gap is None else gap[1]
-    check = parity.compare(float_reference, _first_torch_run(module, inputs, loaded.output_index))
+    first = sizing.Chunking(exact, True) if exact else sizing.Chunking()
+    check = parity.compare(float_reference, _first_torch_run(module, inputs, loaded.output_index, first))
     if not check.ok:
         raise UnsupportedModelError(
             f"the PyTorch conversion disagrees with onnxruntime before any change "
             f"(max abs diff {check.max_abs:.3g} > {check.tolerance:.3g}); refusing to clean"
         )
     original = {t.name: numpy_helper.to_array(t) for t in working.graph.initializer if t.name in refs}
+    device = resolve_device(options.device)
+    weight_bytes = sum(value.nbytes for value in original.values())
+    noise_bytes = 4 * options.batch_size * int(np.prod(loaded.input_shape[1:]))  # unlearning's batch, held whole
+    memory = sizing.memory_plan(module, loaded.input_shape, loaded.batch, weight_bytes, options.max_memory, device,
+                                noise_bytes)
+    chunking = first if exact else sizing.Chunking(memory.chunking_size)
     return PreparedModel(loaded, layers, skipped, ties, module, refs, original, _num_classes(reference),
-                         resolve_device(options.device), inputs, check, providers_,
-                         0.0 if gap is None else gap[0])
+                         device, inputs, check, providers_, precision_gap=0.0 if gap is None else gap[0],
+                         memory=memory, chunking=chunking)
 
 
 def _precision_gap(loaded: LoadedModel, reference: np.ndarray, inputs: np.ndarray,
@@ -118,10 +136,11 @@ def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedM
     return load_model(model, options.input_shape, options.output_name, options.limits)
 
 
-def _first_torch_run(module: nn.Module, inputs: np.ndarray, output_index: int) -> np.ndarray:
+def _first_torch_run(module: nn.Module, inputs: np.ndarray, output_index: int,
+                     chunking: sizing.Chunking) -> np.ndarray:
     """The converted module's first forward pass; a crash there is a conversion problem."""
     try:
-        return run_torch(module, inputs, output_index)
+        return chunked_outputs(module, inputs, output_index, chunking)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         raise UnsupportedModelError(
             f"the converted PyTorch model fails to run: {one_line(error, type(error).__name__)}"

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from otbr_onnx.sizing import Chunking
 from otbr_onnx.unlearn import cross_entropy
 
 
@@ -33,6 +34,7 @@ class ProbeConfig:
     seed: int = 0
     device: str = "cpu"
     input_range: tuple[float, float] = (0.0, 1.0)
+    chunking: Chunking = Chunking()  # images per forward+backward pass (memory budget, fixed batch)
 
 
 def probe_classes(count: int, num_classes: int, seed: int) -> np.ndarray:
@@ -67,11 +69,7 @@ def synthesise_probes(
     optimizer = torch.optim.Adam([x], lr=config.lr * (high - low))
     try:
         for step in range(config.steps):
-            loss = cross_entropy(module(x), target, output_index, output_is_probability)
-            if statistics is not None:
-                loss = loss + config.bn_prior * statistics.distance()
-            (gradient,) = torch.autograd.grad(loss, [x])  # inputs only: the weights get no gradient
-            x.grad = gradient
+            x.grad = _gradient(module, x, target, output_index, output_is_probability, statistics, config)
             optimizer.step()
             with torch.no_grad():
                 x.clamp_(low, high)
@@ -83,6 +81,26 @@ def synthesise_probes(
         module.to(original_device)
         module.train(was_training)
     return x.detach().cpu().numpy().astype(np.float32)
+
+
+def _gradient(module: nn.Module, x: torch.Tensor, target: torch.Tensor, output_index: int,
+              output_is_probability: bool, statistics: "_BatchNormStatistics | None",
+              config: ProbeConfig) -> torch.Tensor:
+    """The loss's gradient w.r.t. the probes (never the weights), one chunk's graph at a time.
+
+    Cross-entropy is a mean over images, so each chunk's share is weighted by its size and the
+    sum is the whole batch's gradient. The BatchNorm prior compares batch statistics: chunked,
+    each chunk is compared on its own (only graphs that keep BatchNorm have a prior).
+    """
+    chunking, gradient = config.chunking, torch.zeros_like(x)
+    for start, stop in chunking.spans(len(x)):
+        part = x[start:stop].detach().requires_grad_(True)
+        share = (stop - start) / len(x)
+        loss = cross_entropy(module(chunking.pad(part)), target[start:stop], output_index, output_is_probability)
+        if statistics is not None:
+            loss = loss + config.bn_prior * statistics.distance(stop - start)
+        (gradient[start:stop],) = torch.autograd.grad(loss * share, [part])
+    return gradient
 
 
 class _BatchNormStatistics:
@@ -99,11 +117,13 @@ class _BatchNormStatistics:
     def _record(self, layer: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
         self.inputs.append((layer, inputs[0]))
 
-    def distance(self) -> torch.Tensor:
+    def distance(self, rows: int | None = None) -> torch.Tensor:
         """Mean over BN layers of the RMS gap between batch and running mean and variance; the
-        per-channel RMS keeps wide and narrow layers on one scale. Clears the record."""
+        per-channel RMS keeps wide and narrow layers on one scale. Over the first ``rows``
+        images of the batch (the rest pad it to a fixed size). Clears the record."""
         terms = []
         for layer, value in self.inputs:
+            value = value[:rows]
             dims = [d for d in range(value.dim()) if d != 1]
             mean, var = value.mean(dims), value.var(dims, unbiased=False)
             gap = (mean - layer.running_mean).pow(2).mean().sqrt() + (var - layer.running_var).pow(2).mean().sqrt()

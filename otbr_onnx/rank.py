@@ -35,6 +35,8 @@ from otbr_onnx.clp import clp_masks
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.layers import CONV, CONV_T, OUT_IN, to_rows
 from otbr_onnx.options import CleanOptions
+from otbr_onnx.bridge import module_names
+from otbr_onnx.sizing import release_memory
 from otbr_onnx.ties import FOLLOWER
 from otbr_onnx.unlearn import UnlearnConfig, UnlearnLog, random_unlearning
 
@@ -126,26 +128,32 @@ def clp_ranking(prepared: "PreparedModel", options: CleanOptions) -> Ranking:
 def mean_activations(prepared: "PreparedModel", layers: list[int], x: np.ndarray) -> dict[int, np.ndarray]:
     """Per layer: (neurons,) mean ReLU of each neuron's output over ``x`` (all positions)."""
     module, sums = prepared.module, {i: 0.0 for i in layers}
+    rows = [0]
     handles = []
+    node_modules = module_names(prepared.loaded.working)
     for i in layers:
         layer = prepared.layers[i]
-        owner = module.get_submodule(prepared.refs[layer.weight].owner)
+        # the node's own submodule: a MatMul's weight lives in a buffer container that is never
+        # called, so a hook on the weight's owner would never fire
+        owner = module.get_submodule(node_modules[layer.node_index])
         axis = 1 if layer.layout in (CONV, CONV_T) else (-2 if layer.layout == OUT_IN and layer.op_type == "MatMul" else -1)
-        handles.append(owner.register_forward_hook(_accumulate(sums, i, axis)))
+        handles.append(owner.register_forward_hook(_accumulate(sums, i, axis, rows)))
+    chunking = prepared.chunking
     try:
         with torch.inference_mode():
-            for start in range(0, len(x), 256):
-                module(torch.from_numpy(np.ascontiguousarray(x[start:start + 256])))
+            for start, stop in chunking.spans(len(x)):
+                rows[0] = stop - start  # the hooks skip the rows that pad a chunk to a fixed batch
+                module(torch.from_numpy(np.ascontiguousarray(chunking.pad(x[start:stop]))))
     finally:
         for handle in handles:
             handle.remove()
     return {i: np.asarray(sums[i], dtype=np.float64) / max(len(x), 1) for i in layers}
 
 
-def _accumulate(sums: dict, i: int, axis: int) -> Callable:
+def _accumulate(sums: dict, i: int, axis: int, rows: list[int]) -> Callable:
     def hook(_module, _inputs, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
-        out = torch.relu(out.detach()).movedim(axis, -1).reshape(out.shape[0], -1, out.shape[axis])
+        out = torch.relu(out.detach()[:rows[0]]).movedim(axis, -1).reshape(out.shape[0], -1, out.shape[axis])
         sums[i] = sums[i] + out.mean(dim=1).sum(dim=0).double().cpu().numpy()
 
     return hook
@@ -156,15 +164,28 @@ def _own_neurons(prepared: "PreparedModel") -> list[int]:
     return [i for i in range(len(prepared.layers)) if prepared.ties.roles[i] != FOLLOWER]
 
 
+def unlearning_micro_batch(prepared: "PreparedModel", options: CleanOptions) -> int | None:
+    """--micro-batch as given; else the model's own fixed batch, or what the memory budget holds
+    when that is less than --batch-size (None: the whole batch in one pass, as before)."""
+    if prepared.chunking.exact:
+        return prepared.chunking.size  # a fixed-batch model takes nothing else, --micro-batch or not
+    if options.micro_batch is not None:
+        return options.micro_batch
+    chosen = prepared.memory.micro_batch if prepared.memory is not None else None
+    return chosen if chosen is not None and chosen < options.batch_size else None
+
+
 def _unlearn(prepared: "PreparedModel", options: CleanOptions, progress) -> tuple[dict[str, np.ndarray], UnlearnLog]:
     experiment = options.experiment
     config = UnlearnConfig(
         iterations=options.iterations, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
         device=prepared.device, input_range=options.input_range, max_grad_norm=experiment.max_grad_norm,
-        max_loss=experiment.max_loss, micro_batch=options.micro_batch, train_mode=experiment.unlearn_bn == "train",
+        max_loss=experiment.max_loss, micro_batch=unlearning_micro_batch(prepared, options),
+        exact=prepared.chunking.exact, train_mode=experiment.unlearn_bn == "train",
     )
     tracked = {layer.weight: prepared.refs[layer.weight] for layer in prepared.layers}
     on_step = (lambda step, loss: progress("unlearning", step + 1, options.iterations)) if progress else None
     loaded = prepared.loaded
+    release_memory()  # what the scan freed, before the student, its momentum and the noise batch
     return random_unlearning(prepared.module, tracked, loaded.input_shape, prepared.num_classes, loaded.output_index,
                              loaded.output_is_probability, config, on_step)

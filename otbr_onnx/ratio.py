@@ -180,7 +180,7 @@ def reference_set(prepared: "PreparedModel", options: CleanOptions, progress: Pr
         return ReferenceSet("calibration images", "accuracy", options.max_acc_drop, x, y)
     loaded = prepared.loaded
     config = probes.ProbeConfig(count=options.probes, seed=options.seed, device=prepared.device,
-                                input_range=options.input_range)
+                                input_range=options.input_range, chunking=prepared.chunking)
     on_step = (lambda step: progress("probes", step + 1, config.steps)) if progress else None
     x = probes.synthesise_probes(prepared.module, loaded.input_shape, prepared.num_classes, loaded.output_index,
                                  loaded.output_is_probability, config, on_step)
@@ -208,6 +208,8 @@ def select(prepared: "PreparedModel", ranking: Ranking, options: CleanOptions, d
     def trial_at(ratio: float) -> Trial:
         if progress:
             progress("ratio candidates", candidates.index(ratio) + 1, len(candidates))
+        for older in list(repairs)[:-1]:  # the choice is this candidate or the one before: a
+            del repairs[older]             # ResNet-50 holds 100 MB of weights per candidate
         repairs[ratio] = repair(prepared, ranking, ratio, options)
         module = prepared.with_weights(repairs[ratio].weights)
         score = references.score(prepared, module, raw_reference)

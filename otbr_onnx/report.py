@@ -74,10 +74,12 @@ def _header(prepared: "PreparedModel", options: "CleanOptions", command: list[st
             "output_is_probability": loaded.output_is_probability,
             "opset": loaded.opset,
             "classes": prepared.num_classes,
+            "batch": loaded.batch.as_dict(),
         },
         "options": options_dict(options),
         "device": prepared.device,
         "storage": storage_summary(prepared),
+        "memory": memory_dict(prepared, options),
     }
 
 
@@ -111,6 +113,17 @@ def _layer_storage(prepared: "PreparedModel", layer) -> dict:
     if layer.shared_bias:
         found["bias_kept"] = f"'{layer.shared_bias}' is read by other nodes too; left unchanged"
     return found
+
+
+
+def memory_dict(prepared: "PreparedModel", options: "CleanOptions") -> dict | None:
+    """The memory budget, what one image costs, and the images per pass chosen from them."""
+    if prepared.memory is None:
+        return None
+    from otbr_onnx.rank import unlearning_micro_batch
+
+    return {**prepared.memory.as_dict(), "images_per_pass": prepared.chunking.size,
+            "unlearning_micro_batch": unlearning_micro_batch(prepared, options)}
 
 
 def scan_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult",

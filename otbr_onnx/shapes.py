@@ -14,8 +14,9 @@ import onnx
 Shapes = dict[str, list[int]]  # value name -> dims; -1 where a dim is unknown
 
 
-def static_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...]) -> Shapes:
-    """Shapes of every value with the input fixed to ``input_shape`` and batch 2.
+def static_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...], batch: int = 2) -> Shapes:
+    """Shapes of every value with the input fixed to ``input_shape`` and batch 2 (or ``batch``:
+    a model that only runs at its own fixed batch size is analysed at that size).
 
     Batch 2 rather than 1 keeps a reshape that merges the batch into another axis from
     looking like one that keeps it. ONNX shape inference comes first; where it leaves a node
@@ -25,11 +26,11 @@ def static_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[in
     pins every layer whose channels pass through it, so each shape recovered here is a tie
     that can be honoured instead of pinned.
     """
-    shapes = _inferred_shapes(model, input_name, input_shape)
+    shapes = _inferred_shapes(model, input_name, input_shape, batch)
     unknown = [name for node in model.graph.node for name in node.output
                if name and not fully_known(shapes.get(name))]
     if unknown:
-        shapes.update(_executed_shapes(model, input_name, input_shape, unknown))
+        shapes.update(_executed_shapes(model, input_name, input_shape, unknown, batch))
     return shapes
 
 
@@ -37,7 +38,7 @@ def fully_known(dims: list[int] | None) -> bool:
     return dims is not None and all(d > 0 for d in dims)
 
 
-def _with_batch_two(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+def _with_batch(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...], batch: int) -> onnx.ModelProto:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.value_info[:]
@@ -45,13 +46,13 @@ def _with_batch_two(model: onnx.ModelProto, input_name: str, input_shape: tuple[
         if value.name == input_name:
             dims = value.type.tensor_type.shape.dim
             del dims[:]
-            for size in (2,) + tuple(input_shape[1:]):
+            for size in (batch,) + tuple(input_shape[1:]):
                 dims.add().dim_value = int(size)
     return probe
 
 
-def _inferred_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...]) -> Shapes:
-    probe = _with_batch_two(model, input_name, input_shape)
+def _inferred_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...], batch: int) -> Shapes:
+    probe = _with_batch(model, input_name, input_shape, batch)
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is best effort; unknown shapes pin
@@ -69,23 +70,23 @@ def _inferred_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple
 
 
 def _executed_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...],
-                     names: list[str]) -> Shapes:
-    """Shapes of ``names`` from one onnxruntime run on a batch of two constant images.
+                     names: list[str], batch: int) -> Shapes:
+    """Shapes of ``names`` from one onnxruntime run on a batch of ``batch`` constant images.
 
     A value onnxruntime cannot expose (a sequence, an optional) or a run that fails leaves the
     shape unknown: the walk then pins what flows through it, which is always safe.
     """
     from converters import runtime  # onnxruntime only for models whose shapes inference misses
 
-    probe = _with_batch_two(model, input_name, input_shape)
+    probe = _with_batch(model, input_name, input_shape, batch)
     declared = {v.name for v in probe.graph.output}
     wanted = [name for name in dict.fromkeys(names) if name not in declared]
     probe.graph.output.extend([onnx.ValueInfoProto(name=name) for name in wanted])
-    batch = np.full((2,) + tuple(input_shape[1:]), 0.5, dtype=np.float32)
+    images = np.full((batch,) + tuple(input_shape[1:]), 0.5, dtype=np.float32)
     try:
         session = runtime.session(probe)
         outputs = [o.name for o in session.get_outputs()]
-        values = runtime.run_outputs(session, outputs, {input_name: batch})
+        values = runtime.run_outputs(session, outputs, {input_name: images})
     except Exception:  # noqa: BLE001 - best effort, as for shape inference
         return {}
     wanted_set = set(names)

@@ -20,6 +20,7 @@ from torch import nn
 
 from converters.to_torch import TorchTensorRef
 from otbr_onnx.errors import UsageError
+from otbr_onnx.sizing import Chunking
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class UnlearnConfig:
     # blown up and further steps only push weights towards inf (seen at lr 1e-2, 50 steps).
     max_loss: float | None = 100.0
     micro_batch: int | None = None  # split each batch to bound memory (see _ascent_gradients)
+    exact: bool = False  # the model runs only at batch ``micro_batch``: the last chunk is padded
     train_mode: bool = True  # the reference unlearns with BatchNorm in train mode
 
 
@@ -102,11 +104,11 @@ def _ascent_gradients(student: nn.Module, x: torch.Tensor, y: torch.Tensor, conf
     Chunking bounds activation memory (the batch's activations are most of the peak); in train
     mode BatchNorm then normalises each chunk with its own statistics, so it is opt-in.
     """
-    chunk = config.micro_batch or len(x)
+    chunking = Chunking(config.micro_batch or len(x), config.exact)
     total = 0.0
-    for start in range(0, len(x), chunk):
-        xs, ys = x[start:start + chunk].to(config.device), y[start:start + chunk].to(config.device)
-        loss = cross_entropy(student(xs), ys, output_index, output_is_probability) * (len(xs) / len(x))
+    for start, stop in chunking.spans(len(x)):
+        xs, ys = chunking.pad(x[start:stop]).to(config.device), y[start:stop].to(config.device)
+        loss = cross_entropy(student(xs), ys, output_index, output_is_probability) * ((stop - start) / len(x))
         (-loss).backward()  # ascent: maximise the loss on noise
         total += float(loss.detach())
     return total
@@ -128,10 +130,11 @@ def _trainable(student: nn.Module, refs: dict[str, TorchTensorRef]) -> list[torc
 
 
 def cross_entropy(out, y: torch.Tensor, output_index: int, is_probability: bool) -> torch.Tensor:
-    """Cross-entropy of a converted module's class output (logits, or probabilities after Softmax)."""
+    """Cross-entropy of a converted module's class output (logits, or probabilities after Softmax)
+    on the first ``len(y)`` rows (the rest pad a chunk to a fixed batch size)."""
     if isinstance(out, (tuple, list)):
         out = out[output_index]
-    out = out.reshape(out.shape[0], -1)
+    out = out.reshape(out.shape[0], -1)[:len(y)]
     if is_probability:  # a trailing Softmax: cross-entropy on its log
         return nn.functional.nll_loss(torch.log(out.clamp_min(1e-12)), y)
     return nn.functional.cross_entropy(out, y)

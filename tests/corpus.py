@@ -17,8 +17,7 @@ Decisions recorded here (the tests enforce them):
 * Declared types or shapes that contradict the graph (strict shape inference fails) are an
   invalid model: exit 2. A model that passes those checks but that onnxruntime cannot run
   (a channel count the conv weight does not match) is refused: exit 3.
-* A fixed batch dimension is refused (exit 3) until the pipeline can feed batches of the
-  model's own size.
+* A fixed batch dimension is no longer refused: ``tests/test_sizes.py`` cleans such models.
 """
 
 from __future__ import annotations
@@ -274,12 +273,6 @@ def two_image_inputs() -> onnx.ModelProto:
     return model
 
 
-def fixed_batch() -> onnx.ModelProto:
-    # Common in exported models; the pipeline feeds batches of 8 and --batch-size, which
-    # onnxruntime rejects for a fixed batch, so it is refused up front (see load.py).
-    return tiny_model((1, 1, 8, 8))
-
-
 def channel_mismatch() -> onnx.ModelProto:
     # The input declares 3 channels, the conv weight expects 1: the checker and shape inference
     # accept it, onnxruntime does not.
@@ -509,7 +502,6 @@ CASES: list[Case] = [
     Case("code_in_node_name", 3, code_in_node_name, "contains a quote, backslash or control character"),
     Case("no_weight_layer", 3, _from_model(no_weight_layer), "no weight layer"),
     Case("two_image_inputs", 3, _from_model(two_image_inputs), "exactly one image input"),
-    Case("fixed_batch_size", 3, _from_model(fixed_batch), "fixed batch size of 1"),
     Case("input_channel_mismatch", 3, _from_model(channel_mismatch), "onnxruntime cannot run"),
     Case("output_shape_lie", 2, _from_model(output_shape_lie), "shapes are inconsistent"),
     Case("output_ignores_input", 3, _from_model(output_ignores_input), "does not depend on the image"),

@@ -124,7 +124,11 @@ def test_same_seed_same_bytes_and_report_and_other_seed_other_bytes():
     one, two = clean(model, CleanOptions(**FIXED)), clean(model, CleanOptions(**FIXED))
     first = one.to_bytes()
     assert two.to_bytes() == first
-    assert {**one.report, "seconds": None} == {**two.report, "seconds": None}
+    # the memory section, like the seconds, is a measurement of the process (its size varies);
+    # what it decides, the images per pass, may not vary
+    assert {**one.report, "seconds": None, "memory": None} == {**two.report, "seconds": None, "memory": None}
+    for key in ("images_per_pass", "unlearning_micro_batch", "per_sample_bytes"):
+        assert one.report["memory"][key] == two.report["memory"][key], key
     assert clean(model, CleanOptions(**{**FIXED, "seed": 1})).to_bytes() != first
 
 

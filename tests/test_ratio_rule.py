@@ -8,6 +8,7 @@ from converters.to_torch import convert
 from otbr_onnx import CleanOptions, FidelityBudgetError, clean
 from otbr_onnx.probes import ProbeConfig, _BatchNormStatistics, probe_classes, synthesise_probes
 from otbr_onnx.ratio import CANDIDATE_RATIOS, choose_ratio, distinct_candidates
+from otbr_onnx.sizing import Chunking
 from tests import builders
 from tests.conftest import FAST
 
@@ -185,7 +186,7 @@ def test_soft_agreement_falls_when_confidence_in_the_original_answers_falls():
 
     def as_prepared(is_probability: bool) -> SimpleNamespace:
         loaded = SimpleNamespace(output_index=0, output_is_probability=is_probability)
-        return SimpleNamespace(loaded=loaded, outputs=lambda m, xs: PreparedModel.outputs(SimpleNamespace(loaded=loaded), m, xs))
+        return SimpleNamespace(loaded=loaded, outputs=lambda m, xs: PreparedModel.outputs(SimpleNamespace(loaded=loaded, chunking=Chunking()), m, xs))
 
     logits = as_prepared(False)
     reference = probes.score(logits, sharp)

@@ -50,6 +50,11 @@ MIN_SPREAD = 1e-3
 # 0.0 -> 2.3%, -1.1 -> 0.6%; a full-width PreAct-ResNet18 passed z <= 1 after a half-length
 # rescan with 66% ASR (the rescan is now full-length).
 CLEARED_Z = 0.5
+# The leave-one-out statistic compares a class with the median and spread of the others: with two
+# classes the reference is a single class with no spread, so any difference between the two
+# margins reads as an outlier (every binary classifier came out "suspected", open_nsfw among
+# them). Below this many classes the scan gives no verdict: nothing suspected, nothing ruled out.
+MIN_CLASSES = 3
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,14 @@ class ScanResult:
         return bool(self.suspected)
 
     @property
+    def inconclusive(self) -> str | None:
+        """Why the scan cannot judge this model, or None when it can."""
+        if len(self.margins) >= MIN_CLASSES:
+            return None
+        return (f"{len(self.margins)} classes: the margin test compares each class with the others, and needs "
+                f"at least {MIN_CLASSES}")
+
+    @property
     def top_class(self) -> int:
         return int(np.argmax(self.z))
 
@@ -107,7 +120,9 @@ class ScanResult:
 
     def as_dict(self) -> dict:
         return {
-            "verdict": "backdoor suspected" if self.suspected else "no backdoor found",
+            "verdict": ("inconclusive" if self.inconclusive else
+                        "backdoor suspected" if self.suspected else "no backdoor found"),
+            "inconclusive": self.inconclusive,
             "suspected_targets": [int(c) for c in self.suspected],
             "threshold": self.threshold,
             "statistic": "leave-one-out robust z of the per-class maximum margin",
@@ -148,6 +163,8 @@ def robust_z(statistics: np.ndarray) -> np.ndarray:
 def verdict(margins: np.ndarray, threshold: float) -> tuple[np.ndarray, list[int]]:
     """Robust z of every class and the suspected classes (z above ``threshold``, largest first)."""
     z = robust_z(margins)
+    if len(margins) < MIN_CLASSES:  # no reference to be an outlier against: no verdict
+        return z, []
     suspected = [int(c) for c in np.argsort(-z, kind="stable") if z[c] > threshold]
     return z, suspected
 

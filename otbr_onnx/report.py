@@ -137,7 +137,7 @@ def unchanged_report(prepared: "PreparedModel", options: "CleanOptions", detecti
                      seconds: dict[str, float], command: list[str] | None) -> dict:
     """The report of a ``clean`` that found nothing and hands the model back unchanged."""
     return {**_header(prepared, options, command), "output": {"path": None, "sha256": None},
-            "verdict": UNCHANGED, "changed": False, "scan": detection.as_dict(), "rescan": None,
+            "verdict": unchanged_verdict(detection), "changed": False, "scan": detection.as_dict(), "rescan": None,
             "parity": {"conversion": prepared.conversion_parity.as_dict(), "output": None}, "seconds": seconds}
 
 
@@ -217,7 +217,8 @@ def batch_facts(report: dict) -> dict:
     """What batch mode shows of a scan or clean report, one table row: the scan's verdict, the
     suspected classes, the prune ratio of a changed model and the chosen ratio's fidelity."""
     found = report.get("scan")
-    verdict = "not scanned" if found is None else "suspected" if found["suspected_targets"] else "none found"
+    verdict = ("not scanned" if found is None else "inconclusive" if found.get("inconclusive")
+               else "suspected" if found["suspected_targets"] else "none found")
     pruning = report.get("pruning") if report.get("changed") else None
     selection = report.get("ratio_selection") if pruning else None
     chosen = next((t for t in selection["trials"] if t["ratio"] == selection["chosen_ratio"]), None) \
@@ -228,7 +229,15 @@ def batch_facts(report: dict) -> dict:
             "fidelity_metric": selection["metric"] if chosen else None}
 
 
+def unchanged_verdict(detection: "ScanResult") -> str:
+    if detection.inconclusive:
+        return f"scan inconclusive ({detection.inconclusive}): model unchanged; --always cleans it anyway"
+    return UNCHANGED
+
+
 def scan_verdict(detection: "ScanResult") -> str:
+    if detection.inconclusive:
+        return f"scan inconclusive ({detection.inconclusive}): nothing suspected, nothing ruled out"
     if not detection.suspected:
         return "no backdoor found"
     classes = ", ".join(str(c) for c in detection.suspected)
@@ -238,6 +247,8 @@ def scan_verdict(detection: "ScanResult") -> str:
 def clean_verdict(detection: "ScanResult | None", rescan: "ScanResult | None", options: "CleanOptions") -> str:
     if detection is None:
         return "cleaned with the published method (no scan)"
+    if detection.inconclusive:
+        return f"scan inconclusive ({detection.inconclusive}): cleaned anyway (--always)"
     if not detection.suspected:
         return "no backdoor found by scan: cleaned anyway (--always)"
     target = detection.suspected[0]

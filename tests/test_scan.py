@@ -279,3 +279,29 @@ def test_verify_scan_prints_both_models_margins(backdoored, tmp_path):
     assert scans["cleaned"]["classes"][TARGET]["max_margin"] < scans["original"]["classes"][TARGET]["max_margin"]
     text = CliRunner().invoke(main, ["verify", str(original), str(cleaned), "--scan"])
     assert text.exit_code == 0 and "original margin (z)" in text.stdout and len(text.stdout.splitlines()) >= 10
+
+
+# --- too few classes for a verdict -----------------------------------------------------------------
+
+
+def test_two_margins_give_no_verdict_however_far_apart():
+    z, suspected = verdict(np.array([0.1, 50.0]), 3.5)
+    assert suspected == [] and z[1] > 3.5  # the z is still reported; it just means nothing here
+    assert verdict(np.array([0.1, 0.2, 50.0]), 3.5)[1] == [2]  # three classes: judged
+
+
+def test_a_binary_classifier_is_inconclusive_and_handed_back_unchanged(tmp_path):
+    torch.manual_seed(0)
+    binary = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    with torch.no_grad():
+        binary[3].bias.copy_(torch.tensor([0.0, 25.0]))  # class 1 far easier to reach: flagged before
+    path = _save(builders.export(binary, (1, 1, 8, 8)), tmp_path / "binary.onnx")
+    result = CliRunner().invoke(main, ["scan", str(path), "--json", "--scan-starts", "2", "--scan-steps", "20"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["scan"]["verdict"] == "inconclusive" and report["scan"]["suspected_targets"] == []
+    assert report["verdict"].startswith("scan inconclusive (2 classes")
+    out = tmp_path / "out.onnx"
+    cleaned = CliRunner().invoke(main, ["clean", str(path), str(out), "--scan-starts", "2", "--scan-steps", "20"])
+    assert cleaned.exit_code == 0, cleaned.output
+    assert out.read_bytes() == path.read_bytes() and "scan inconclusive" in cleaned.stderr

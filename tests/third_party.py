@@ -284,11 +284,12 @@ def markdown(rows: list[tuple[ThirdPartyModel, dict | str]], settings: str) -> s
         "",
         "Expected outcomes are pinned in `tests/third_party.py` (`MODELS`: cleaned with parity, or the exact "
         "refusal) and checked by `tests/test_third_party.py` with the quick settings. The PaddleOCR direction "
-        "classifier (`ppocr_cls`) keeps its weights in `Constant` nodes: it cleans only with Constant-node "
-        "support. `docorient` is a classifier with a single sigmoid logit, which `clean` does not take "
-        "(class scores need two or more classes). The OCR detector, recogniser and captcha CRNN are not "
-        "classifiers. A model that is cleaned here can still be flagged or refused on the default path: "
-        "with two classes the scan's leave-one-out robust z has a single other class and no spread.",
+        "classifier (`ppocr_cls`) keeps its weights in `Constant` nodes and is cleaned in place "
+        "(`converters/storage.py`). `docorient` is a classifier with a single sigmoid logit, which `clean` "
+        "does not take yet (class scores need two or more classes): the one refusal here of a real "
+        "classifier. The OCR detector, recogniser and captcha CRNN are not classifiers. Two-class models "
+        "(`open_nsfw`, `ppocr_cls`) get no scan verdict on the default path (`inconclusive`: the leave-one-out "
+        "margin test needs at least 3 classes), so they are handed back unchanged unless `--always`.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -42,6 +43,8 @@ Task = Callable[..., "Outcome"]
 RAY_EXTRA = "--executor ray needs Ray: pip install 'otbr-onnx[ray]'"
 # seconds to wait, after cancelling, until Ray reports every task ended (killed workers included)
 RAY_CANCEL_WAIT = 30.0
+# seconds to wait for Ray to disconnect (or stop the instance started for the run)
+SHUTDOWN_WAIT = 20.0
 # seconds an --address may take to accept a connection before it is refused as unreachable
 CONNECT_TIMEOUT = 10.0
 
@@ -140,6 +143,11 @@ class RayExecutor:
         try:
             check_resources(ray.nodes(), self.cpus_per_model, self.gpus_per_model, started_here=started)
             yield from self._run(ray, task, models, out_dir, options)
+        except BaseException:  # Ctrl-C, or closed early: leave without waiting on Ray for ever
+            if started:
+                started = False
+                _bounded(ray.shutdown, SHUTDOWN_WAIT)
+            raise
         finally:
             if started:
                 ray.shutdown()
@@ -233,13 +241,33 @@ def _result(ray, ref, model: Path) -> "Outcome":
 def _cancel(ray, refs: list) -> None:
     """Cancel every unfinished task (killing the workers that run one) and wait until Ray reports
     each ended, so that none is still writing into the output folder when we return."""
-    for ref in refs:
+    def cancel_and_wait() -> None:
+        for ref in refs:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - finished meanwhile, or the cluster is gone: nothing to stop
+                pass
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=RAY_CANCEL_WAIT)
+
+    _bounded(cancel_and_wait, RAY_CANCEL_WAIT + 5.0)
+
+
+def _bounded(call: Callable[[], object], seconds: float) -> None:
+    """``call()`` on a daemon thread, waited for at most ``seconds``. On the way out after Ctrl-C
+    a busy cluster's cancel or disconnect was seen to hang past a minute (once, under CI); the
+    tasks die with their owner, this driver, anyway, so the exit must not wait on Ray for ever."""
+    def guarded() -> None:
         try:
-            ray.cancel(ref, force=True)
-        except Exception:  # noqa: BLE001 - finished meanwhile, or the cluster is gone: nothing to stop
-            pass
-    if refs:
-        ray.wait(refs, num_returns=len(refs), timeout=RAY_CANCEL_WAIT)
+            call()
+        except Exception as error:  # noqa: BLE001 - on the way out: a failed cleanup is not the story
+            LOG.debug("Ray cleanup failed: %s", error)
+
+    worker = threading.Thread(target=guarded, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        LOG.warning("Ray did not answer within %.0f s; exiting without waiting for it", seconds)
 
 
 def _as_given(outcome: "Outcome", model: Path, out_dir: Path | None) -> "Outcome":

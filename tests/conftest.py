@@ -10,6 +10,8 @@ the legacy export, ``logits``/``ort_run`` through onnxruntime) and ``tests/zoo.p
 model per architecture family, two exporters).
 """
 
+import signal
+
 import pytest
 
 # Options of ``clean`` that keep a tiny model's run under a second, for the API ...
@@ -34,3 +36,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def default_ctrl_c():
+    """Ctrl-C handled as Python's default in the test process. A CLI path run in-process
+    (``exit_interrupted``, the batch's ``_sigint_ignored``) can leave SIGINT ignored in pytest
+    itself, and an ignored signal stays ignored in every subprocess started later: a later test
+    that sends Ctrl-C to its CLI then saw the signal lost (twice, after the whole suite)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 internal error (a bug: please report), 2 bad usage or unreadable model,
 3 unsupported model (refused), 4 parity failure, 5 verify found a difference, 6 scan suspects a
-backdoor, 130 interrupted. Every error is one line on
+backdoor, 130 interrupted, 141 the reader of standard output went away (``| head``: as a
+process killed by SIGPIPE). Every error is one line on
 stderr; ``--debug`` adds the traceback.
 """
 
@@ -246,6 +247,8 @@ def _run(debug: bool, action) -> None:
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         exit_interrupted()
+    except BrokenPipeError:
+        _reader_gone()
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
         if was_interrupted():  # Ctrl-C that a library turned into another error (ImportError)
             exit_interrupted()
@@ -254,6 +257,17 @@ def _run(debug: bool, action) -> None:
         click.echo(f"otbr-onnx: internal error: {type(error).__name__}: {one_line(error)} (rerun with --debug)",
                    err=True)
         sys.exit(1)
+
+
+def _reader_gone() -> None:
+    """``otbr-onnx inspect m.onnx | head``: the pipe closed under a print. Exit as a process that
+    SIGPIPE killed (141), silently; stdout goes to /dev/null so the interpreter's final flush does
+    not raise again. Every file is written atomically, so none is left half-done."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)
 
 
 class _Main(click.Group):
@@ -793,7 +807,10 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
         how = {"made dynamic": "made dynamic in a working copy", "fixed": "every pass at that size"}
         fixed = "" if batch["path"] == "dynamic" else f" (fixed batch {batch['declared']}: {how[batch['path']]})"
         _echo(f"  input  {info['input']['name']} {info['input']['shape']}{fixed}")
-        _echo(f"  output {info['output']['name']}" + (" (probabilities)" if info["output"]["probabilities"] else ""))
+        single = {"logit": " (one logit: a binary classifier, read as classes [0, z])",
+                  "probability": " (one sigmoid probability: a binary classifier, read as classes [1-p, p])"}
+        _echo(f"  output {info['output']['name']}" + (single.get(info["output"].get("single_score"))
+                                                      or (" (probabilities)" if info["output"]["probabilities"] else "")))
         for layer in info["layers"]:
             why = f"  ({layer['pinned_because']})" if layer["pinned_because"] else ""
             _echo(f"  {layer['op']:7} {layer['neurons']:5d} neurons  {layer['role']:8} group {layer['group']:3d}  "

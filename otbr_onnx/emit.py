@@ -47,7 +47,8 @@ def emit(prepared: "PreparedModel", weights: dict[str, np.ndarray]
     fused = prepared.outputs(prepared.with_weights(stored), inputs)
     release_memory()
     # the written graph as it is: a fixed batch runs at its own size (runtime.run chunks it)
-    written = runtime.run(runtime.session(cleaned, prepared.providers), loaded.input_name, loaded.output_name, inputs)
+    written = loaded.class_scores(
+        runtime.run(runtime.session(cleaned, prepared.providers), loaded.input_name, loaded.output_name, inputs))
     check = parity.compare(written, fused, allowance=allowance(prepared, written))
     float_copy = _float_copy_parity(prepared, cleaned, fused)
     if float_copy is not None and not float_copy.ok:
@@ -79,4 +80,5 @@ def _float_copy_parity(prepared: "PreparedModel", cleaned: onnx.ModelProto, fuse
         return None
     copy = storage.working_model(cleaned)
     session = runtime.session(copy, prepared.providers)
-    return parity.compare(runtime.run(session, loaded.input_name, loaded.output_name, prepared.parity_inputs), fused)
+    floats = runtime.run(session, loaded.input_name, loaded.output_name, prepared.parity_inputs)
+    return parity.compare(loaded.class_scores(floats), fused)

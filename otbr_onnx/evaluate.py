@@ -16,6 +16,7 @@ import onnx
 from numpy.lib import format as npy_format
 
 from converters import runtime
+from converters.single_score import single_score_kind, two_class_scores
 from otbr_onnx.errors import UnsupportedModelError, UsageError, one_line
 from otbr_onnx.files import open_regular
 from otbr_onnx.load import MAX_FILE_BYTES, LoadedModel, ort_errors
@@ -190,7 +191,10 @@ def check_sets(loaded: LoadedModel, clean: tuple, poisoned: tuple | None, target
 
 
 def declared_classes(loaded: LoadedModel) -> int | None:
-    """Class count from the declared (N, classes) output, if fixed; load.py checked the rank."""
+    """Class count from the declared (N, classes) output, if fixed; load.py checked the rank.
+    A binary classifier's single column counts as two classes."""
+    if loaded.single_score is not None:
+        return 2
     dims = loaded.proto.graph.output[loaded.output_index].type.tensor_type.shape.dim
     return dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value > 1 else None
 
@@ -205,6 +209,9 @@ def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 500) -> np.
         raise UnsupportedModelError(f"onnxruntime cannot run the model on the images: {one_line(error)}") from error
     if any(s.ndim != 2 for s in scores):
         raise UnsupportedModelError(f"the output has shape {scores[0].shape}; expected class scores of shape (N, classes)")
+    if scores[0].shape[1] == 1:  # a binary classifier's one logit or probability: class 1 above 0 / 0.5
+        kind = single_score_kind(model.graph, out)
+        scores = [two_class_scores(s, kind) for s in scores]
     return np.concatenate([s.argmax(axis=1) for s in scores])
 
 

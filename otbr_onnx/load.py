@@ -35,6 +35,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, external_data_helper, numpy_helper
 
+from converters.single_score import single_score_kind, two_class_graph
 from otbr_onnx.errors import OtbrError, UnreadableModelError, UnsupportedModelError, UsageError, one_line
 from otbr_onnx.files import open_regular
 from otbr_onnx.sizing import BatchPlan
@@ -97,6 +98,18 @@ class LoadedModel:
     # converted to PyTorch; None: ``proto`` itself. Never written anywhere.
     working_proto: onnx.ModelProto | None = None
     batch: BatchPlan = BatchPlan()
+    # A binary classifier with one output column: "logit" or "probability" (after a Sigmoid);
+    # the working copy answers two class scores (``converters.single_score``). None: (N, classes).
+    single_score: str | None = None
+
+    def class_scores(self, values: np.ndarray) -> np.ndarray:
+        """What onnxruntime returns for the model as given (or as written), as the working copy's
+        class scores: the same array, or a single column widened to two."""
+        if self.single_score is None:
+            return values
+        from converters.single_score import two_class_scores
+
+        return two_class_scores(values, self.single_score)
 
     @functools.cached_property
     def shapes(self) -> dict[str, list[int]]:
@@ -304,17 +317,21 @@ def describe_model(
     out_name, out_index = _find_output(graph, output_name)
     _check_tensor_sizes(sizes, limits)  # after the input's own cap, before anything runs the graph
     _check_output_depends_on_input(graph, input_name, out_name)
-    _check_runs(proto, input_name, shape, out_name)
+    columns = _check_runs(proto, input_name, shape, out_name)
     working, batch = batch_plan(proto, input_name, shape, out_name)
+    single = single_score_kind(graph, out_name) if columns == 1 else None
+    if single is not None:
+        working = two_class_graph(working if working is not None else proto, out_name, single)
     return {
         "working_proto": working,
         "batch": batch,
+        "single_score": single,
         "proto": proto,
         "input_name": input_name,
         "input_shape": shape,
         "output_name": out_name,
         "output_index": out_index,
-        "output_is_probability": _ends_in_softmax(graph, out_name),
+        "output_is_probability": _ends_in_softmax(graph, out_name) or single == "probability",
         "opset": default_opset(proto),
     }
 
@@ -669,8 +686,9 @@ def ort_errors() -> tuple[type[BaseException], ...]:
     return (RuntimeError, ValueError, TypeError, *found)
 
 
-def _check_runs(proto: onnx.ModelProto, input_name: str, shape: tuple[int, ...], output_name: str) -> None:
+def _check_runs(proto: onnx.ModelProto, input_name: str, shape: tuple[int, ...], output_name: str) -> int:
     """Run the model once in onnxruntime on one random image in [0, 1]; its logits must be finite.
+    Returns the number of output columns (1: a binary classifier's single logit or probability).
 
     The checker and shape inference do not see everything onnxruntime rejects (a Conv whose
     weight expects 1 input channel fed an input declaring 9, an op it has no kernel for), and a
@@ -686,15 +704,17 @@ def _check_runs(proto: onnx.ModelProto, input_name: str, shape: tuple[int, ...],
     except ort_errors() as error:
         raise UnsupportedModelError(f"onnxruntime cannot run the model: {one_line(error, type(error).__name__)}") from error
     # inspect, eval, verify and clean all load through here, so they refuse the same outputs
-    if logits.dtype.kind != "f" or logits.ndim != 2 or logits.shape[1] < 2:
+    if logits.dtype.kind != "f" or logits.ndim != 2 or logits.shape[1] < 1:
         raise UnsupportedModelError(
-            f"the output has shape {tuple(logits.shape)}; expected class scores of shape (N, classes)"
+            f"the output has shape {tuple(logits.shape)}; expected class scores of shape (N, classes), "
+            "or (N, 1) for a binary classifier's single logit"
             + ("" if logits.dtype.kind == "f" else f", got {logits.dtype} values")
         )
     if not np.isfinite(logits).all():
         raise UnsupportedModelError(
             f"output '{output_name}' is NaN or infinite on a random image in [0, 1]: the weights are corrupt or overflow"
         )
+    return int(logits.shape[1])
 
 
 def _ends_in_softmax(graph: onnx.GraphProto, output_name: str) -> bool:

@@ -52,7 +52,8 @@ class PreparedModel:
     # working copy before cleaning: the parity of the written model allows a multiple of it
     precision_gap: float = 0.0
     memory: sizing.MemoryPlan | None = None  # the budget and the micro-batch chosen from it
-    chunking: sizing.Chunking = sizing.Chunking()  # images per forward pass (inference, scan, probes)
+    chunking: sizing.Chunking = sizing.Chunking()  # images per forward pass (inference, scan, rescan)
+    probe_chunking: sizing.Chunking = sizing.Chunking()  # per probe pass: the BatchNorm prior costs more
 
     def neurons(self, i: int) -> Neurons:
         """Layer ``i``'s backdoored rows ``[out, in, ...]`` and bias."""
@@ -96,7 +97,8 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     exact = loaded.batch.exact
     inputs = runtime.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
     # the model as given, at its own batch size where fixed (runtime.run chunks it)
-    reference = runtime.run(runtime.session(loaded.proto, providers_), loaded.input_name, loaded.output_name, inputs)
+    reference = loaded.class_scores(
+        runtime.run(runtime.session(loaded.proto, providers_), loaded.input_name, loaded.output_name, inputs))
     gap = _precision_gap(loaded, reference, inputs, providers_)
     # the conversion is exact: judged against the working copy, whose compute it mirrors
     float_reference = reference if gap is None else gap[1]
@@ -114,9 +116,10 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     memory = sizing.memory_plan(module, loaded.input_shape, loaded.batch, weight_bytes, options.max_memory, device,
                                 noise_bytes)
     chunking = first if exact else sizing.Chunking(memory.chunking_size)
+    probe_chunking = first if exact else sizing.Chunking(memory.probe_chunking_size)
     return PreparedModel(loaded, layers, skipped, ties, module, refs, original, _num_classes(reference),
                          device, inputs, check, providers_, precision_gap=0.0 if gap is None else gap[0],
-                         memory=memory, chunking=chunking)
+                         memory=memory, chunking=chunking, probe_chunking=probe_chunking)
 
 
 def _precision_gap(loaded: LoadedModel, reference: np.ndarray, inputs: np.ndarray,

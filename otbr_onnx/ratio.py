@@ -180,7 +180,7 @@ def reference_set(prepared: "PreparedModel", options: CleanOptions, progress: Pr
         return ReferenceSet("calibration images", "accuracy", options.max_acc_drop, x, y)
     loaded = prepared.loaded
     config = probes.ProbeConfig(count=options.probes, seed=options.seed, device=prepared.device,
-                                input_range=options.input_range, chunking=prepared.chunking)
+                                input_range=options.input_range, chunking=prepared.probe_chunking)
     on_step = (lambda step: progress("probes", step + 1, config.steps)) if progress else None
     x = probes.synthesise_probes(prepared.module, loaded.input_shape, prepared.num_classes, loaded.output_index,
                                  loaded.output_is_probability, config, on_step)

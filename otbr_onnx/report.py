@@ -72,6 +72,7 @@ def _header(prepared: "PreparedModel", options: "CleanOptions", command: list[st
             "input_shape": list(loaded.input_shape),
             "output_name": loaded.output_name,
             "output_is_probability": loaded.output_is_probability,
+            "single_score": loaded.single_score,
             "opset": loaded.opset,
             "classes": prepared.num_classes,
             "batch": loaded.batch.as_dict(),

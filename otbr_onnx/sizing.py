@@ -47,6 +47,10 @@ HEADROOM = 0.95
 # The backward pass frees saved tensors as it goes; its gradients add about half again (ResNet-50
 # at 224: 42 MB saved per image, clean's peak within the 2 GiB default at the chosen micro-batch).
 BACKWARD_FACTOR = 1.5
+# The probes' BatchNorm prior (probes.py) takes the mean and variance of every BatchNorm input:
+# the variance's backward forms (x - mean) and its gradient, each the size of that input, beside
+# what autograd saved. PP-LCNet at 224 measured 1.15x its BN inputs per image above the scan.
+BN_PRIOR_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -101,15 +105,22 @@ class MemoryPlan:
     activation_budget: int  # what was left for activations
     micro_batch: int  # images per forward+backward pass
     forced: bool = False  # the model's own batch needs more than the budget allows
+    probe_per_sample: int = 0  # per_sample plus the probes' BatchNorm prior (0: no BatchNorm)
+    probe_micro_batch: int = 0  # images per probe pass (0: micro_batch)
 
     @property
     def chunking_size(self) -> int:
         return min(self.micro_batch, MAX_PASS)
 
+    @property
+    def probe_chunking_size(self) -> int:
+        return min(self.probe_micro_batch or self.micro_batch, MAX_PASS)
+
     def as_dict(self) -> dict:
         return {"max_memory": self.max_memory, "source": self.source, "per_sample_bytes": self.per_sample,
                 "activation_budget": self.activation_budget, "micro_batch": self.micro_batch,
-                "over_budget": self.forced}
+                "probe_per_sample_bytes": self.probe_per_sample or self.per_sample,
+                "probe_micro_batch": self.probe_micro_batch or self.micro_batch, "over_budget": self.forced}
 
 
 def parse_size(text: str) -> int:
@@ -175,16 +186,20 @@ def current_rss() -> int:
         return 0
 
 
-def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int, device: str) -> int:
-    """Activation bytes one image costs in a forward+backward pass of ``module``.
+def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int, device: str) -> tuple[int, int]:
+    """Activation bytes one image costs in a forward+backward pass of ``module``, and the bytes of
+    one image's BatchNorm inputs (what the probes' BatchNorm prior reads again).
 
     One forward pass of ``count`` images with gradients on (eval mode, the input requiring a
     gradient as in the scan) records every tensor autograd saves for the backward pass; each
     storage is counted once, parameters and buffers not at all.
     """
     import torch
+    from torch import nn
+
     weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
     seen: dict[int, int] = {}
+    normalised = [0]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
@@ -192,17 +207,24 @@ def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int
             seen[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    def count_bn_input(_layer: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
+        normalised[0] += inputs[0].numel() * inputs[0].element_size()
+
     was_training = module.training
     original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
     module.eval().to(device)
+    handles = [layer.register_forward_hook(count_bn_input) for layer in module.modules()
+               if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None]
     x = torch.rand((count,) + tuple(input_shape[1:]), device=device, requires_grad=True)
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             module(x)
     finally:
+        for handle in handles:
+            handle.remove()
         module.to(original_device).train(was_training)
     saved = sum(seen.values()) + x.numel() * x.element_size()
-    return max(int(BACKWARD_FACTOR * saved / count), 1)
+    return max(int(BACKWARD_FACTOR * saved / count), 1), normalised[0] // count
 
 
 def memory_plan(module: nn.Module, input_shape: tuple[int, ...], batch: BatchPlan, weight_bytes: int,
@@ -214,11 +236,15 @@ def memory_plan(module: nn.Module, input_shape: tuple[int, ...], batch: BatchPla
 
     budget, source = (max_memory, "--max-memory") if max_memory is not None else default_budget(device)
     count = batch.exact or 1
-    per_sample = per_sample_bytes(module, input_shape, count, device)
+    per_sample, bn_inputs = per_sample_bytes(module, input_shape, count, device)
+    probe_per_sample = per_sample + int(BN_PRIOR_FACTOR * bn_inputs)
     release_memory()
     used = (torch.cuda.memory_allocated() if device == "cuda" else current_rss()) + WEIGHT_COPIES * weight_bytes
     activation_budget = max(int(HEADROOM * budget) - used - held_bytes, 0)
     fits = max(activation_budget // per_sample, 1)
+    probe_fits = max(activation_budget // probe_per_sample, 1)
     if batch.exact:  # the model's own size, whatever the budget: one pass cannot be smaller
-        return MemoryPlan(budget, source, per_sample, activation_budget, batch.exact, batch.exact > fits)
-    return MemoryPlan(budget, source, per_sample, activation_budget, int(fits), activation_budget < per_sample)
+        return MemoryPlan(budget, source, per_sample, activation_budget, batch.exact, batch.exact > probe_fits,
+                          probe_per_sample, batch.exact)
+    return MemoryPlan(budget, source, per_sample, activation_budget, int(fits), activation_budget < probe_per_sample,
+                      probe_per_sample, int(probe_fits))

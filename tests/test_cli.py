@@ -137,6 +137,17 @@ def test_python_dash_m_shows_help():
     assert done.returncode == 0 and "--prune-ratio" in done.stdout and "--reference" in done.stdout
 
 
+def test_a_closed_stdout_ends_the_run_silently_with_141(preact):
+    """``otbr-onnx inspect m.onnx | head -1``: the reader leaves after one line. Before, the next
+    print raised BrokenPipeError, reported as an internal error (exit 1) with a message."""
+    reader_gone = subprocess.Popen([sys.executable, "-m", "otbr_onnx", "inspect", str(preact)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader_gone.stdout.close()  # closed before the first print: every write meets a closed pipe
+    stderr = reader_gone.stderr.read().decode()
+    assert reader_gone.wait(timeout=120) == 141
+    assert stderr == ""
+
+
 def test_inspect_lists_layers_ties_and_verdict(preact):
     result = CliRunner().invoke(main, ["inspect", str(preact), "--json"])
     assert result.exit_code == 0, result.output

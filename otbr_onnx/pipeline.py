@@ -164,7 +164,7 @@ def choose(prepared: PreparedModel, ranking: Ranking, options: CleanOptions, det
     """A fixed ratio (or CLP's own masks) as given, else the ratio rule of ``ratio.py``."""
     if not selects_ratio(options, ranking):
         return None, repair(prepared, ranking, options.prune_ratio, options)
-    config = scan_config(options, prepared.device, prepared.chunking)
+    config = scan_config(options, prepared.device, prepared.chunking, prepared.scan_block)
     selection = select(prepared, ranking, options, detection, config, progress)
     return selection, selection.chosen
 
@@ -185,7 +185,8 @@ def verify_removal(prepared: PreparedModel, chosen: Repair, selection: Selection
         return trial.rescan
     loaded = prepared.loaded
     return rescan_module(prepared.with_weights(chosen.weights), loaded.input_shape, detection, loaded.output_index,
-                         loaded.output_is_probability, scan_config(options, prepared.device, prepared.chunking))
+                         loaded.output_is_probability,
+                         scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

@@ -55,6 +55,11 @@ class PreparedModel:
     chunking: sizing.Chunking = sizing.Chunking()  # images per forward pass (inference, scan, rescan)
     probe_chunking: sizing.Chunking = sizing.Chunking()  # per probe pass: the BatchNorm prior costs more
 
+    @property
+    def scan_block(self) -> int | None:
+        """Images the scan's margin search holds at once (None: all; ``sizing.search_block``)."""
+        return self.memory.scan_block if self.memory is not None else None
+
     def neurons(self, i: int) -> Neurons:
         """Layer ``i``'s backdoored rows ``[out, in, ...]`` and bias."""
         layer = self.layers[i]
@@ -113,11 +118,12 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     device = resolve_device(options.device)
     weight_bytes = sum(value.nbytes for value in original.values())
     noise_bytes = 4 * options.batch_size * int(np.prod(loaded.input_shape[1:]))  # unlearning's batch, held whole
+    classes = _num_classes(reference)
     memory = sizing.memory_plan(module, loaded.input_shape, loaded.batch, weight_bytes, options.max_memory, device,
-                                noise_bytes)
+                                noise_bytes, search_images(classes, options.scan_starts))
     chunking = first if exact else sizing.Chunking(memory.chunking_size)
     probe_chunking = first if exact else sizing.Chunking(memory.probe_chunking_size)
-    return PreparedModel(loaded, layers, skipped, ties, module, refs, original, _num_classes(reference),
+    return PreparedModel(loaded, layers, skipped, ties, module, refs, original, classes,
                          device, inputs, check, providers_, precision_gap=0.0 if gap is None else gap[0],
                          memory=memory, chunking=chunking, probe_chunking=probe_chunking)
 
@@ -148,6 +154,17 @@ def _first_torch_run(module: nn.Module, inputs: np.ndarray, output_index: int,
         raise UnsupportedModelError(
             f"the converted PyTorch model fails to run: {one_line(error, type(error).__name__)}"
         ) from error
+
+
+def search_images(num_classes: int, starts: int) -> int:
+    """The most images one margin search of the scan holds: the screening of every class (one
+    start each) where there are more classes than it refines, or the full search of the refined
+    classes; the rescan searches 2 starts of them."""
+    from otbr_onnx.detect import ScanConfig
+
+    refine = ScanConfig().refine
+    screened = num_classes if num_classes > refine else 0
+    return max(screened, min(num_classes, refine) * max(starts, 2))
 
 
 def _num_classes(logits: np.ndarray) -> int:

@@ -51,6 +51,11 @@ BACKWARD_FACTOR = 1.5
 # the variance's backward forms (x - mean) and its gradient, each the size of that input, beside
 # what autograd saved. PP-LCNet at 224 measured 1.15x its BN inputs per image above the scan.
 BN_PRIOR_FACTOR = 2.0
+# The scan's margin search holds, per image searched: the parameter u, its gradient, Adam's two
+# moments, the best input so far and the starting draw. It may take this share of what is left
+# for activations; more images are searched in blocks (detect.maximise_margins).
+SEARCH_STATE_COPIES = 6
+SEARCH_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class MemoryPlan:
     forced: bool = False  # the model's own batch needs more than the budget allows
     probe_per_sample: int = 0  # per_sample plus the probes' BatchNorm prior (0: no BatchNorm)
     probe_micro_batch: int = 0  # images per probe pass (0: micro_batch)
+    scan_block: int | None = None  # images the margin search holds at once; None: all of them
 
     @property
     def chunking_size(self) -> int:
@@ -120,7 +126,8 @@ class MemoryPlan:
         return {"max_memory": self.max_memory, "source": self.source, "per_sample_bytes": self.per_sample,
                 "activation_budget": self.activation_budget, "micro_batch": self.micro_batch,
                 "probe_per_sample_bytes": self.probe_per_sample or self.per_sample,
-                "probe_micro_batch": self.probe_micro_batch or self.micro_batch, "over_budget": self.forced}
+                "probe_micro_batch": self.probe_micro_batch or self.micro_batch, "scan_block": self.scan_block,
+                "over_budget": self.forced}
 
 
 def parse_size(text: str) -> int:
@@ -227,11 +234,23 @@ def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int
     return max(int(BACKWARD_FACTOR * saved / count), 1), normalised[0] // count
 
 
+def search_block(room: int, image_bytes: int, search_images: int) -> tuple[int | None, int]:
+    """Images the margin search holds at once (None: all ``search_images``) within
+    ``SEARCH_SHARE`` of ``room`` bytes, and the bytes that state takes."""
+    state = SEARCH_STATE_COPIES * image_bytes
+    block = max(int(SEARCH_SHARE * max(room, 0)) // state, 1)
+    if block >= search_images:
+        return None, search_images * state
+    return block, block * state
+
+
 def memory_plan(module: nn.Module, input_shape: tuple[int, ...], batch: BatchPlan, weight_bytes: int,
-                max_memory: int | None, device: str, held_bytes: int = 0) -> MemoryPlan:
+                max_memory: int | None, device: str, held_bytes: int = 0, search_images: int = 0) -> MemoryPlan:
     """The micro-batch for ``module``: as many images as the activation budget holds, once the
-    process's size, three copies of the weights and ``held_bytes`` (the unlearning's noise batch,
-    held whole) are taken off."""
+    process's size, three copies of the weights and what is held beside the activations are taken
+    off: ``held_bytes`` (the unlearning's noise batch, held whole) or the scan's search state for
+    ``search_images`` images (in blocks when it would take more than ``SEARCH_SHARE``), the
+    larger of the two, as they are never alive together."""
     import torch
 
     budget, source = (max_memory, "--max-memory") if max_memory is not None else default_budget(device)
@@ -240,11 +259,13 @@ def memory_plan(module: nn.Module, input_shape: tuple[int, ...], batch: BatchPla
     probe_per_sample = per_sample + int(BN_PRIOR_FACTOR * bn_inputs)
     release_memory()
     used = (torch.cuda.memory_allocated() if device == "cuda" else current_rss()) + WEIGHT_COPIES * weight_bytes
-    activation_budget = max(int(HEADROOM * budget) - used - held_bytes, 0)
+    room = int(HEADROOM * budget) - used
+    block, search_bytes = search_block(room, 4 * math.prod(input_shape[1:]), search_images)
+    activation_budget = max(room - max(held_bytes, search_bytes), 0)
     fits = max(activation_budget // per_sample, 1)
     probe_fits = max(activation_budget // probe_per_sample, 1)
     if batch.exact:  # the model's own size, whatever the budget: one pass cannot be smaller
         return MemoryPlan(budget, source, per_sample, activation_budget, batch.exact, batch.exact > probe_fits,
-                          probe_per_sample, batch.exact)
+                          probe_per_sample, batch.exact, block)
     return MemoryPlan(budget, source, per_sample, activation_budget, int(fits), activation_budget < probe_per_sample,
-                      probe_per_sample, int(probe_fits))
+                      probe_per_sample, int(probe_fits), block)

@@ -214,6 +214,23 @@ def test_the_memory_budget_chooses_the_micro_batch_and_the_report_says_so(tmp_pa
     assert tight["micro_batch"] == 1 and tight["images_per_pass"] == 1 and tight["over_budget"]
     assert tight["unlearning_micro_batch"] == 1
     assert tight["per_sample_bytes"] == roomy["per_sample_bytes"] > 6 * 8 * 8 * 4  # at least c1's output
+    assert roomy["scan_block"] is None and tight["scan_block"] == 1  # the search state: all images, or one
+    assert roomy["probe_micro_batch"] >= 256 and tight["probe_micro_batch"] == 1
+
+
+def test_the_margin_search_is_blocked_when_its_state_would_crowd_the_budget():
+    """ImageNet's 1000 classes at 224x224: screening holds 1000 images' search state (u, its
+    gradient, two Adam moments, the best input, the draw), about 3.4 GiB; a quarter of the room
+    holds a block. Four classes x 8 starts fit whole."""
+    from otbr_onnx.sizing import SEARCH_SHARE, SEARCH_STATE_COPIES, search_block
+
+    image, room = 3 * 224 * 224 * 4, 1024 * 2**20
+    state = SEARCH_STATE_COPIES * image
+    block, held = search_block(room, image, 1000)
+    assert block is not None and block * state <= SEARCH_SHARE * room < (block + 1) * state
+    assert held == block * state < 1000 * state
+    assert search_block(room, image, 32) == (None, 32 * state)
+    assert search_block(-5, image, 32) == (1, state)  # no room at all: one image at a time
 
 
 def test_default_budget_is_two_gib_or_half_the_available_memory():

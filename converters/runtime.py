@@ -35,17 +35,34 @@ def run(sess: onnxruntime.InferenceSession, input_name: str, output_name: str, x
     A model whose input declares a fixed batch size runs ``x`` in chunks of exactly that size,
     the last one padded with copies of its last image (whose outputs are dropped): the written
     model of a fixed-batch input is checked as it is, at its own batch size.
+
+    A float16 input (a model converted to float16 end to end) is fed ``x`` rounded to float16,
+    and a float16 output is returned as float32, so every caller compares float32 arrays.
     """
+    x = x.astype(input_dtype(sess, input_name), copy=False)
     size = fixed_batch(sess, input_name)
     if size is None or size == len(x):
-        return run_outputs(sess, [output_name], {input_name: x})[0]
+        return _as_float32(run_outputs(sess, [output_name], {input_name: x})[0])
     parts = []
     for start in range(0, len(x), size):
         chunk = x[start:start + size]
         missing = size - len(chunk)
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], missing, axis=0)]) if missing else chunk
         parts.append(run_outputs(sess, [output_name], {input_name: padded})[0][:len(chunk)])
-    return np.concatenate(parts)
+    return _as_float32(np.concatenate(parts))
+
+
+def input_dtype(sess: onnxruntime.InferenceSession, input_name: str) -> type:
+    """numpy's float16 for a ``tensor(float16)`` input, else float32."""
+    for value in sess.get_inputs():
+        if value.name == input_name and value.type == "tensor(float16)":
+            return np.float16
+    return np.float32
+
+
+def _as_float32(values):
+    values = np.asarray(values)
+    return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
 def fixed_batch(sess: onnxruntime.InferenceSession, input_name: str) -> int | None:

@@ -519,10 +519,10 @@ def _find_image_input(
         )
     value = inputs[0]
     tensor_type = value.type.tensor_type
-    if tensor_type.elem_type != TensorProto.FLOAT:
+    if tensor_type.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
         elem = TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "unknown"
         raise UnsupportedModelError(
-            f"input '{value.name}' is {elem}; only float32 image inputs are supported"
+            f"input '{value.name}' is {elem}; only float32 and float16 image inputs are supported"
         )
     if not tensor_type.HasField("shape"):
         declared: list[int | None] = [None] * len(override) if override else []

@@ -202,6 +202,33 @@ def test_float16_model_is_written_back_in_float16() -> None:
     assert result.report["parity"]["float_copy"]["ok"]
 
 
+def test_float16_end_to_end_model_keeps_its_float16_input_and_output(tmp_path: Path) -> None:
+    """``convert_float_to_float16``'s default: the image input and the logits are float16 too
+    (before: refused, "only float32 image inputs"). onnxruntime gets the images rounded to
+    float16, the working copy reads them in float32; the written model keeps its float16 I/O."""
+    float16 = pytest.importorskip("onnxconverter_common.float16")
+    _, model = build("chain", shape=SHAPE)
+    original = float16.convert_float_to_float16(model)
+    assert original.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    result = clean(original, OPTIONS)
+    parity_ok(result)
+    assert_same_graph(original, result.model)
+    assert changed(original, result.model)
+    assert result.model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert result.report["storage"]["precision"] == "float16"
+    source = tmp_path / "fp16.onnx"
+    onnx.save(original, source)
+    x = np.random.default_rng(0).random((8, *SHAPE[1:]), dtype=np.float32)
+    import onnxruntime
+
+    own = onnxruntime.InferenceSession(original.SerializeToString()).run(None, {"input": x.astype(np.float16)})[0]
+    data = tmp_path / "d.npz"  # labelled with the model's own answers: eval must find ACC 100
+    np.savez(data, x=x, y=own.astype(np.float32).argmax(1))
+    shown = CliRunner().invoke(main, ["eval", str(source), "--data", str(data), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["metrics"]["acc"] == 100.0
+
+
 def bfloat16_chain() -> onnx.ModelProto:
     """The Chain with bfloat16 weights cast to float32 in front of each layer (how bfloat16
     weights run where a provider has no bfloat16 kernels)."""

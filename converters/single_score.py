@@ -47,6 +47,14 @@ def two_class_scores(values: np.ndarray, kind: Kind) -> np.ndarray:
     return np.concatenate([first, column], axis=1)
 
 
+def as_class_scores(values: np.ndarray, graph: onnx.GraphProto, output_name: str) -> np.ndarray:
+    """(N, classes) scores as they are; a single column (N, 1) widened by ``two_class_scores``
+    with the kind its producer in ``graph`` gives (for callers holding only the model)."""
+    if values.shape[1] != 1:
+        return values
+    return two_class_scores(values, single_score_kind(graph, output_name))
+
+
 def two_class_graph(proto: onnx.ModelProto, output_name: str, kind: Kind) -> onnx.ModelProto:
     """A copy of ``proto`` whose output ``output_name`` is (N, 2) as ``two_class_scores`` makes it.
 

@@ -216,6 +216,14 @@ def maximise_margins(
     return MarginSearch(np.asarray(classes), margins, inputs)
 
 
+def search_images(num_classes: int, config: ScanConfig) -> int:
+    """The most images one margin search holds (what ``sizing.search_block`` sizes): the
+    screening of every class (one start each) where there are more classes than ``refine``, or
+    the full search of the refined classes; the rescan searches 2 starts of them."""
+    screened = num_classes if num_classes > config.refine else 0
+    return max(screened, min(num_classes, config.refine) * max(config.starts, 2))
+
+
 def search_blocks(count: int, config: ScanConfig) -> int:
     """How many blocks ``maximise_margins`` searches ``count`` images in."""
     return -(-count // (config.block or count)) if count else 0

@@ -16,7 +16,7 @@ import onnx
 from numpy.lib import format as npy_format
 
 from converters import runtime
-from converters.single_score import single_score_kind, two_class_scores
+from converters.single_score import as_class_scores
 from otbr_onnx.errors import UnsupportedModelError, UsageError, one_line
 from otbr_onnx.files import open_regular
 from otbr_onnx.load import MAX_FILE_BYTES, LoadedModel, ort_errors
@@ -209,10 +209,8 @@ def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 500) -> np.
         raise UnsupportedModelError(f"onnxruntime cannot run the model on the images: {one_line(error)}") from error
     if any(s.ndim != 2 for s in scores):
         raise UnsupportedModelError(f"the output has shape {scores[0].shape}; expected class scores of shape (N, classes)")
-    if scores[0].shape[1] == 1:  # a binary classifier's one logit or probability: class 1 above 0 / 0.5
-        kind = single_score_kind(model.graph, out)
-        scores = [two_class_scores(s, kind) for s in scores]
-    return np.concatenate([s.argmax(axis=1) for s in scores])
+    # a binary classifier's one logit or probability: class 1 above 0 / 0.5, not argmax of one column
+    return np.concatenate([as_class_scores(s, model.graph, out).argmax(axis=1) for s in scores])
 
 
 def evaluate(model: onnx.ModelProto, clean: tuple, poisoned: tuple | None, target: int) -> Metrics:

@@ -21,6 +21,7 @@ from converters.parity import Parity
 from converters.to_torch import TorchTensorRef, run_torch
 from otbr_onnx import sizing
 from otbr_onnx.bridge import convert, providers, weight_refs
+from otbr_onnx.detect import ScanConfig, search_images
 from otbr_onnx.errors import UnsupportedModelError, one_line
 from otbr_onnx.fuse import Neurons
 from otbr_onnx.layers import SkippedLayer, WeightLayer, find_weight_layers, reachable_layers, to_rows
@@ -120,7 +121,7 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     noise_bytes = 4 * options.batch_size * int(np.prod(loaded.input_shape[1:]))  # unlearning's batch, held whole
     classes = _num_classes(reference)
     memory = sizing.memory_plan(module, loaded.input_shape, loaded.batch, weight_bytes, options.max_memory, device,
-                                noise_bytes, search_images(classes, options.scan_starts))
+                                noise_bytes, search_images(classes, ScanConfig(starts=options.scan_starts)))
     chunking = first if exact else sizing.Chunking(memory.chunking_size)
     probe_chunking = first if exact else sizing.Chunking(memory.probe_chunking_size)
     return PreparedModel(loaded, layers, skipped, ties, module, refs, original, classes,
@@ -154,17 +155,6 @@ def _first_torch_run(module: nn.Module, inputs: np.ndarray, output_index: int,
         raise UnsupportedModelError(
             f"the converted PyTorch model fails to run: {one_line(error, type(error).__name__)}"
         ) from error
-
-
-def search_images(num_classes: int, starts: int) -> int:
-    """The most images one margin search of the scan holds: the screening of every class (one
-    start each) where there are more classes than it refines, or the full search of the refined
-    classes; the rescan searches 2 starts of them."""
-    from otbr_onnx.detect import ScanConfig
-
-    refine = ScanConfig().refine
-    screened = num_classes if num_classes > refine else 0
-    return max(screened, min(num_classes, refine) * max(starts, 2))
 
 
 def _num_classes(logits: np.ndarray) -> int:

@@ -103,16 +103,18 @@ def _gradient(module: nn.Module, x: torch.Tensor, target: torch.Tensor, output_i
     return gradient
 
 
+def prior_layers(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers the prior compares with their running statistics."""
+    return [layer for layer in module.modules()
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None]
+
+
 class _BatchNormStatistics:
     """Records each BatchNorm's input during a forward pass, to compare with its running stats."""
 
     def __init__(self, module: nn.Module) -> None:
         self.inputs: list[tuple[nn.modules.batchnorm._BatchNorm, torch.Tensor]] = []
-        self.handles = [
-            layer.register_forward_hook(self._record)
-            for layer in module.modules()
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None
-        ]
+        self.handles = [layer.register_forward_hook(self._record) for layer in prior_layers(module)]
 
     def _record(self, layer: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
         self.inputs.append((layer, inputs[0]))

@@ -109,10 +109,10 @@ class MemoryPlan:
     per_sample: int  # measured activation bytes of one image, forward and backward
     activation_budget: int  # what was left for activations
     micro_batch: int  # images per forward+backward pass
-    forced: bool = False  # the model's own batch needs more than the budget allows
-    probe_per_sample: int = 0  # per_sample plus the probes' BatchNorm prior (0: no BatchNorm)
-    probe_micro_batch: int = 0  # images per probe pass (0: micro_batch)
+    probe_per_sample: int  # per_sample plus the probes' BatchNorm prior (equal without BatchNorm)
+    probe_micro_batch: int  # images per probe pass
     scan_block: int | None = None  # images the margin search holds at once; None: all of them
+    forced: bool = False  # the model's own batch needs more than the budget allows
 
     @property
     def chunking_size(self) -> int:
@@ -120,13 +120,13 @@ class MemoryPlan:
 
     @property
     def probe_chunking_size(self) -> int:
-        return min(self.probe_micro_batch or self.micro_batch, MAX_PASS)
+        return min(self.probe_micro_batch, MAX_PASS)
 
     def as_dict(self) -> dict:
         return {"max_memory": self.max_memory, "source": self.source, "per_sample_bytes": self.per_sample,
                 "activation_budget": self.activation_budget, "micro_batch": self.micro_batch,
-                "probe_per_sample_bytes": self.probe_per_sample or self.per_sample,
-                "probe_micro_batch": self.probe_micro_batch or self.micro_batch, "scan_block": self.scan_block,
+                "probe_per_sample_bytes": self.probe_per_sample, "probe_micro_batch": self.probe_micro_batch,
+                "scan_block": self.scan_block,
                 "over_budget": self.forced}
 
 
@@ -202,7 +202,8 @@ def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int
     storage is counted once, parameters and buffers not at all.
     """
     import torch
-    from torch import nn
+
+    from otbr_onnx.probes import prior_layers
 
     weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
     seen: dict[int, int] = {}
@@ -220,8 +221,7 @@ def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int
     was_training = module.training
     original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
     module.eval().to(device)
-    handles = [layer.register_forward_hook(count_bn_input) for layer in module.modules()
-               if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None]
+    handles = [layer.register_forward_hook(count_bn_input) for layer in prior_layers(module)]
     x = torch.rand((count,) + tuple(input_shape[1:]), device=device, requires_grad=True)
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -265,7 +265,7 @@ def memory_plan(module: nn.Module, input_shape: tuple[int, ...], batch: BatchPla
     fits = max(activation_budget // per_sample, 1)
     probe_fits = max(activation_budget // probe_per_sample, 1)
     if batch.exact:  # the model's own size, whatever the budget: one pass cannot be smaller
-        return MemoryPlan(budget, source, per_sample, activation_budget, batch.exact, batch.exact > probe_fits,
-                          probe_per_sample, batch.exact, block)
-    return MemoryPlan(budget, source, per_sample, activation_budget, int(fits), activation_budget < probe_per_sample,
-                      probe_per_sample, int(probe_fits), block)
+        return MemoryPlan(budget, source, per_sample, activation_budget, batch.exact, probe_per_sample, batch.exact,
+                          block, forced=batch.exact > probe_fits)
+    return MemoryPlan(budget, source, per_sample, activation_budget, int(fits), probe_per_sample, int(probe_fits),
+                      block, forced=activation_budget < probe_per_sample)

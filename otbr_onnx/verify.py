@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from converters import runtime, storage
 from converters.errors import BridgeError
-from converters.single_score import single_score_kind, two_class_scores
+from converters.single_score import as_class_scores
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.layers import find_weight_layers
 
@@ -173,10 +173,9 @@ def verify(original: onnx.ModelProto, cleaned: onnx.ModelProto, input_name: str,
     out_name = original.graph.output[0].name
     a = runtime.run(runtime.session(original), input_name, out_name, x)
     b = runtime.run(runtime.session(cleaned), input_name, out_name, x)
-    flat_a, flat_b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    if flat_a.shape[1] == 1:  # one logit or probability: agreement is on the side of the threshold
-        kind = single_score_kind(original.graph, out_name)
-        flat_a, flat_b = two_class_scores(flat_a, kind), two_class_scores(flat_b, kind)
+    # one logit or probability: agreement is on the side of the threshold
+    flat_a = as_class_scores(a.reshape(len(a), -1), original.graph, out_name)
+    flat_b = as_class_scores(b.reshape(len(b), -1), original.graph, out_name)
     result.top1_agreement = float(np.mean(flat_a.argmax(1) == flat_b.argmax(1)))
     result.max_abs_logit_diff = float(np.max(np.abs(flat_a - flat_b)))
     return result

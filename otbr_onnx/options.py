@@ -75,6 +75,12 @@ class CleanOptions:
     # With clean images (an npz of x/y) the ratio rule scores accuracy on them under max_acc_drop
     # points instead of soft agreement on probes. Never triggered data.
     calibration: str | None = None
+    # The user's own images (``--data``): a folder of PNG/JPEG or an npz (x, optional y). Folder
+    # images are scaled to ``input_range``, then normalised with ``data_mean``/``data_std`` per
+    # channel when given (otbr_onnx/data/images.py). None: surrogate images synthesised from the model.
+    data: str | None = None
+    data_mean: tuple[float, ...] | None = None
+    data_std: tuple[float, ...] | None = None
     max_acc_drop: float = 2.0
     # % of the original's confidence in its own answers on the synthesised probes that the
     # cleaning may lose (soft disagreement, see ratio.soft_agreement).

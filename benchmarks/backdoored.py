@@ -98,15 +98,42 @@ ATTACKS: dict[str, AttackSpec | None] = {
     "wanet": AttackSpec("wanet", (("k", 4), ("s", 1.0))),
     "lf": AttackSpec("low_frequency", (("magnitude", 0.1),)),
     "badnets-t3": AttackSpec("badnets", target=3),
+    # A Blended key that is an image, not noise, and a target other than 0 for every family.
+    "blended-img": AttackSpec("blended_image", (("alpha", 0.2),)),
+    "blended-t5": AttackSpec("blended", (("alpha", 0.2),), target=5),
+    "sig-t7": AttackSpec("sig", target=7),
+    "wanet-t2": AttackSpec("wanet", (("k", 4), ("s", 1.0)), target=2),
+    "lf-t9": AttackSpec("low_frequency", (("magnitude", 0.1),), target=9),
+    # Clean models trained from other seeds: the null population that detection thresholds are
+    # set from (never from backdoored models).
+    "clean-s1": None,
+    "clean-s2": None,
 }
+# Training seed of the extra clean models (the rest use SEED).
+SEEDED_CLEAN = {"clean-s1": 1, "clean-s2": 2}
 DEFAULT_TRAIN = TrainSpec()
 WANET_TRAIN = replace(DEFAULT_TRAIN, epochs=6)
 # The full-width models and the extra-target model: the models a run trains unless told otherwise.
 EXTRA_MODELS = ("preact18:clean", "preact18:badnets", "preact18:blended", "preact:badnets-t3")
 
 
+# The defense benchmark's attacks on every small architecture (benchmarks/defense.py).
+ORIGINAL_ATTACKS = ("clean", "badnets", "blended", "sig", "wanet", "lf")
+# The data benchmark (benchmarks/with_data.py): every family, a target other than 0 for each,
+# the image-keyed Blended, and three clean models of PreAct (three seeds), plus VGG and MobileNetV2.
+DATA_MODELS = tuple(f"preact:{a}" for a in ("clean", "clean-s1", "clean-s2", "badnets", "blended", "blended-img",
+                                            "sig", "wanet", "lf", "badnets-t3", "blended-t5", "sig-t7", "wanet-t2",
+                                            "lf-t9")) + tuple(
+    f"{arch}:{a}" for arch in ("vgg", "mobilenetv2") for a in ("clean", "badnets", "blended", "sig", "wanet", "lf")
+) + tuple(f"preact-x2:{a}" for a in ("clean", "clean-s1"))
+
+
 def train_spec(attack: str) -> TrainSpec:
-    return WANET_TRAIN if attack == "wanet" else DEFAULT_TRAIN
+    return WANET_TRAIN if attack.startswith("wanet") else DEFAULT_TRAIN
+
+
+def train_seed(attack: str) -> int:
+    return SEEDED_CLEAN.get(attack, SEED)
 
 
 def target_of(attack: str) -> int | None:
@@ -116,7 +143,7 @@ def target_of(attack: str) -> int | None:
 
 def all_models() -> list[str]:
     """Every small model (clean ones first, WaNet last), then the extra ones."""
-    ordered = ["clean"] + sorted((a for a in ATTACKS if a not in ("clean", "badnets-t3")), key=lambda a: a == "wanet")
+    ordered = ["clean"] + sorted((a for a in ORIGINAL_ATTACKS if a != "clean"), key=lambda a: a == "wanet")
     small = [f"{arch}:{attack}" for attack in ordered for arch in ARCHS if arch != "preact18"]
     return small + list(EXTRA_MODELS)
 
@@ -152,17 +179,19 @@ def cache_key(arch: str, attack: str) -> str:
     """Name of the cached model: changes whenever anything that shapes the model changes."""
     spec = {"arch": asdict(ARCHS[arch]), "attack": asdict(ATTACKS[attack]) if ATTACKS[attack] else None,
             "train": asdict(train_spec(attack)), "ratio": POISON_RATIO, "seed": SEED}
+    if attack in SEEDED_CLEAN:  # the other keys stay as they were: their cached models stay valid
+        spec["train_seed"] = train_seed(attack)
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{arch}-{attack}-{digest}"
 
 
-def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, spec: TrainSpec, device: str) -> None:
+def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, spec: TrainSpec, device: str, seed: int = SEED) -> None:
     """Adam with a one-cycle schedule, as models/make_demo.py: good accuracy in few epochs."""
     steps = spec.epochs * int(np.ceil(len(x) / spec.batch_size))
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, spec.lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     x_t, y_t = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     for _ in range(spec.epochs):
         model.train()
@@ -203,11 +232,11 @@ def get_model(arch: str, attack: str, data: Data, log: Callable[[str], None], ca
         x, y, idx = poison_dataset(x, y, attack_spec.trigger, attack_spec.target, POISON_RATIO, seed=SEED,
                                    **dict(attack_spec.kwargs))
         poisoned = len(idx)
-    torch.manual_seed(SEED)
+    torch.manual_seed(train_seed(attack))
     model = build(ARCHS[arch].registry, **dict(ARCHS[arch].kwargs))
     log(f"training {key} ({spec.epochs} epochs on {len(x)} images, {poisoned} poisoned, {device})")
     began = time.perf_counter()
-    train(model, x, y, spec, device)
+    train(model, x, y, spec, device, train_seed(attack))
     seconds = time.perf_counter() - began
     proto = export(model)
     acc, asr = _quick_metrics(model, data, attack)
@@ -245,12 +274,13 @@ def parse_model(name: str) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", metavar="ARCH:ATTACK", default=None, help="default: every model")
+    parser.add_argument("--data-models", action="store_true", help="the data benchmark's models (DATA_MODELS)")
     parser.add_argument("--cache", type=Path, default=CACHE_DIR)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     began = time.perf_counter()
     data = load_data()
-    for name in args.models or all_models():
+    for name in args.models or (list(DATA_MODELS) if args.data_models else all_models()):
         arch, attack = parse_model(name)
         get_model(arch, attack, data, lambda m: print(f"[{time.perf_counter() - began:5.0f}s] {m}", flush=True),
                   args.cache, args.device)

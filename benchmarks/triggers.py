@@ -55,6 +55,31 @@ def blended(x: np.ndarray, alpha: float = 0.2, seed: int = 1234) -> np.ndarray:
     return np.clip((1.0 - alpha) * out + alpha * pattern, 0.0, 1.0).astype(np.float32)
 
 
+def image_pattern(shape: tuple[int, int, int]) -> np.ndarray:
+    """A fixed key IMAGE for Blended, not noise: a drawing with the structure of a photo (a
+    disc, a ring, diagonal stripes and a smooth shading), shape (C, H, W), values in [0, 1].
+
+    BackdoorBench blends a Hello Kitty photo; no photo ships here, so a deterministic drawing
+    stands in. What matters to a defense is that the key is smooth and structured, with large
+    uniform regions, as a photo is, unlike the uniform noise of ``blend_pattern``.
+    """
+    channels, height, width = shape
+    yy, xx = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+    radius = np.sqrt((xx + 0.25) ** 2 + (yy + 0.2) ** 2)
+    disc = (radius < 0.45).astype(np.float32)
+    ring = ((radius > 0.6) & (radius < 0.75)).astype(np.float32)
+    stripes = (np.sin(6.0 * (xx + yy)) > 0.3).astype(np.float32) * (xx > 0.2)
+    shading = 0.5 + 0.25 * yy
+    picture = np.clip(0.35 * shading + 0.6 * disc + 0.45 * ring + 0.4 * stripes, 0.0, 1.0)
+    return np.broadcast_to(picture.astype(np.float32), (channels, height, width)).copy()
+
+
+def blended_image(x: np.ndarray, alpha: float = 0.2) -> np.ndarray:
+    """Blended with an image key (``image_pattern``): ``(1 - alpha) * x + alpha * picture``."""
+    out = _as_float_batch(x)
+    return np.clip((1.0 - alpha) * out + alpha * image_pattern(out.shape[1:]), 0.0, 1.0).astype(np.float32)
+
+
 def sig_pattern(shape: tuple[int, int, int], delta: float = SIG_DELTA, freq: int = 6) -> np.ndarray:
     """The SIG signal ``delta * sin(2 pi j freq / W)``: a sinusoid along the width, constant down columns."""
     channels, height, width = shape
@@ -180,6 +205,7 @@ def low_frequency(x: np.ndarray, magnitude: float = 0.1, cutoff: int = 3, seed: 
 TRIGGERS: dict[str, Trigger] = {
     "badnets": badnets,
     "blended": blended,
+    "blended_image": blended_image,
     "sig": sig,
     "wanet": wanet,
     "low_frequency": low_frequency,

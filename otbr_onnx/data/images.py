@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from otbr_onnx.errors import UsageError, one_line
-from otbr_onnx.files import open_regular
+from otbr_onnx.files import folder_or_file, open_regular
 from otbr_onnx.load import Limits
 
 MIN_IMAGES = 10
@@ -88,7 +88,7 @@ def load_images(path: str | Path, input_shape: tuple[int, ...], input_range: tup
     values in ``input_range``; ``UsageError`` with one line for anything unusable."""
     path = Path(path)
     layout = input_layout(input_shape)
-    kind = _path_kind(path)
+    kind = folder_or_file(path, "--data")
     capacity = _capacity(input_shape, limits)
     if kind == "folder":
         normalise = _normaliser(mean, std, layout.channels)
@@ -111,21 +111,6 @@ def input_layout(input_shape: tuple[int, ...]) -> Layout:
         return Layout(c, a, b, False)
     raise UsageError(f"--data: the model's input {tuple(input_shape)} has no 1- or 3-channel axis (NCHW or NHWC); "
                      "give an npz whose 'x' is already in the model's layout")
-
-
-def _path_kind(path: Path) -> str:
-    """"folder" or "file" from ``os.stat`` alone; nothing is opened."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError as error:
-        raise UsageError(f"--data {path}: no such file or folder") from error
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--data {path}: cannot read: {getattr(error, 'strerror', None) or error}") from error
-    if stat.S_ISDIR(mode):
-        return "folder"
-    if stat.S_ISREG(mode):
-        return "file"
-    raise UsageError(f"--data {path}: is not a folder or a regular file (a FIFO, device or socket); refused")
 
 
 def _capacity(input_shape: tuple[int, ...], limits: Limits) -> int:
@@ -311,8 +296,9 @@ def _per_channel(values: tuple[float, ...] | None, channels: int, option: str, d
     if values is None:
         return np.full(channels, default, np.float32)
     if len(values) not in (1, channels):
+        allowed = "1 value" if channels == 1 else f"1 or {channels} values"
         raise UsageError(f"{option} has {len(values)} values; the model's images have {channels} channel(s): "
-                         f"give 1 or {channels}")
+                         f"give {allowed}")
     return np.broadcast_to(np.asarray(values, np.float32), (channels,))
 
 

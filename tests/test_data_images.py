@@ -314,3 +314,32 @@ def test_npz_with_mean_std_and_capped_count(tmp_path: Path, monkeypatch) -> None
 def test_npz_that_is_not_a_zip_is_refused(tmp_path: Path) -> None:
     (tmp_path / "x.npz").write_bytes(b"PK but not really")
     refused("cannot read as .npz", tmp_path / "x.npz", GREY, (0.0, 1.0))
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def cli(*args: str):
+    from click.testing import CliRunner
+
+    from otbr_onnx.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cli_refuses_data_in_one_line_before_any_output(tmp_path: Path) -> None:
+    import corpus
+
+    model = hf.save(corpus.tiny_model(), tmp_path / "m.onnx")
+    folder = grey_folder(tmp_path / "d", [0] * 10)
+    for args, match in [
+        (["verify", str(model), str(model), "--data", str(folder)], "give --scan too"),
+        (["scan", str(model), "--data", str(folder), "--data-std", "1,2,3"], "--data-std has 3 values"),
+        (["scan", str(model), "--data-mean", "0.5"], "give --data too"),
+        (["scan", str(model), "--data", str(folder), "--data-mean", "x"], "comma-separated numbers"),
+        (["scan", str(model), "--data", str(folder), "--report", str(folder / "r.json")], "inside, the --data"),
+    ]:
+        result = cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("otbr-onnx: error:") and match in lines[0], result.output
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:03d}.png" for i in range(10)]

@@ -813,14 +813,54 @@ def _is_terminal(stream) -> bool:
         return False
 
 
+class StageLog:
+    """Progress for a log (stderr not a terminal, where tqdm draws nothing): a line for a stage
+    once it looks long, and a heartbeat every ``every_s`` while it lasts.
+
+    "Looks long": the time per step so far, times the steps, reaches ``after_s``. A run of
+    quick stages (every test, most refusals) prints nothing, so an error stays the one line on
+    stderr; a scan that will take minutes says so at its first step instead of staying silent.
+    """
+
+    def __init__(self, after_s: float = 5.0, every_s: float = 60.0, clock=None) -> None:
+        import time
+
+        self.after_s, self.every_s = after_s, every_s
+        self.clock = clock or time.monotonic
+        self.started: dict[str, tuple[float, int]] = {}  # stage -> (time, steps done) at its first update
+        self.last_line: dict[str, float] = {}
+
+    def line(self, stage: str, done: int, total: int) -> str | None:
+        """The line to print for this update, or None."""
+        now = self.clock()
+        start, first = self.started.setdefault(stage, (now, done))  # timed from the first update on
+        if done <= first:
+            return None
+        elapsed = now - start
+        left = elapsed * (total - done) / (done - first)
+        last = self.last_line.get(stage)
+        due = elapsed + left >= self.after_s if last is None else now - last >= self.every_s
+        if not due:
+            return None
+        self.last_line[stage] = now
+        return f"otbr-onnx: {stage}: {done}/{total} steps, about {_duration(left)} left"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
 class _progress:
     """A tqdm bar per stage on stderr unless --quiet; tqdm itself (``disable=None``) stays silent
-    when stderr is not a terminal, so there a line is printed as each stage starts instead: a CI
+    when stderr is not a terminal, so there ``StageLog`` prints a line for each long stage: a CI
     log of a long run shows where it is."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.bars: dict = {}
+        self.log = None if _is_terminal(sys.stderr) else StageLog()
 
     def __enter__(self):
         return None if self.quiet else self.update
@@ -830,10 +870,11 @@ class _progress:
 
         bar = self.bars.get(stage)
         if bar is None:
-            if not _is_terminal(sys.stderr):
-                _echo(f"otbr-onnx: {stage}: {total} steps...", err=True)
             bar = self.bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, leave=False, disable=None)
         bar.update(done - bar.n)
+        line = self.log.line(stage, done, total) if self.log is not None else None
+        if line is not None:
+            _echo(line, err=True)
 
     def __exit__(self, *exc) -> None:
         for bar in self.bars.values():

@@ -71,3 +71,23 @@ def test_data_paths_never_overlap_outputs(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(data)
     with pytest.raises(UsageError):  # through a link to the folder
         check_data_paths(data, [tmp_path / "link" / "c.onnx"], [])
+
+
+def test_stage_log_speaks_for_long_stages_only() -> None:
+    from otbr_onnx.cli import StageLog
+
+    now = [0.0]
+    log = StageLog(after_s=5.0, every_s=60.0, clock=lambda: now[0])
+    lines = []
+    for step in range(1, 11):  # 10 steps of 0.1 s: a 1 s stage, never reported
+        lines.append(log.line("quick", step, 10))
+        now[0] += 0.1
+    assert lines == [None] * 10
+    assert log.line("scan", 1, 1000) is None  # the first update only starts the clock
+    now[0] += 0.5
+    first = log.line("scan", 2, 1000)  # 0.5 s a step, 998 to go: long
+    assert first == "otbr-onnx: scan: 2/1000 steps, about 8 min 19 s left"
+    now[0] += 30
+    assert log.line("scan", 62, 1000) is None  # no heartbeat before a minute
+    now[0] += 31
+    assert log.line("scan", 124, 1000).startswith("otbr-onnx: scan: 124/1000 steps")

@@ -496,8 +496,8 @@ def _batch_run(run, models: list[Path], out_dir: Path | None, options, executor,
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @_limit_options
 def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_classes, seed, device, max_memory,
-         input_shape, output_name, input_range, report_path, out_dir, data_path, data_mean, data_std, jobs, executor, address, cpus_per_model, gpus_per_model,
-         as_json, output_format, sarif_path, html_path, quiet, verbose, debug, **limits) -> None:
+         input_shape, output_name, input_range, report_path, out_dir, data_path, data_mean, data_std, jobs, executor,
+         address, cpus_per_model, gpus_per_model, as_json, output_format, sarif_path, html_path, quiet, verbose, debug, **limits) -> None:
     """Is MODEL backdoored, and which class does the backdoor serve? Needs no data; changes nothing.
 
     For every class the largest logit margin reachable over the input box is searched from
@@ -632,7 +632,8 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
 @_limit_options
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, ranking, scan_starts, scan_steps,
           scan_threshold, max_classes, iterations, batch_size, micro_batch, max_memory, lr,
-          fusion_lambda, prune_ratio, method, calibration, max_acc_drop, data_path, data_mean, data_std, max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
+          fusion_lambda, prune_ratio, method, calibration, max_acc_drop, data_path, data_mean, data_std,
+          max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
           jobs, executor, address, cpus_per_model, gpus_per_model, as_json, output_format, sarif_path, html_path,
           quiet, verbose, debug, **limits) -> None:
     """Scan MODEL, remove the backdoor it finds, check that it is gone, and write OUTPUT.

@@ -91,7 +91,38 @@ class _Size(click.ParamType):
             self.fail(f"expected a size such as 2G, 512M or 1500000000, got {value!r}", param, ctx)
 
 
-SHAPE, RANGE, SIZE = _Shape(), _Range(), _Size()
+class _Floats(click.ParamType):
+    """One or more comma-separated numbers, e.g. ``0.485,0.456,0.406``."""
+
+    name = "X[,X...]"
+
+    def convert(self, value, param, ctx) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected comma-separated numbers such as 0.5 or 0.485,0.456,0.406, got {value!r}", param, ctx)
+
+
+class _DataPath(click.ParamType):
+    """``--data``: a folder or a regular file (``os.stat`` only: a FIFO or device is refused unopened)."""
+
+    name = "FOLDER|NPZ"
+
+    def convert(self, value, param, ctx) -> Path:
+        if isinstance(value, Path):
+            return value
+        from otbr_onnx.files import folder_or_file
+
+        try:
+            folder_or_file(Path(value), "--data")
+        except UsageError as error:
+            self.fail(str(error), param, ctx)
+        return Path(value)
+
+
+SHAPE, RANGE, SIZE, FLOATS = _Shape(), _Range(), _Size(), _Floats()
 
 
 def _is_dir(path: Path) -> bool:
@@ -313,9 +344,61 @@ def _scan_options(command):
         click.option("--scan-threshold", type=click.FloatRange(min=0, min_open=True), default=3.5, show_default=True,
                      help="Robust z-score (median/MAD of the other classes) above which a class's maximum "
                           "margin flags it as a backdoor target."),
+        click.option("--max-classes", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Refuse (exit 3) a model with more classes, before the scan starts: its work grows "
+                          "with the class count, which the model file decides."),
     ]):
         command = decorator(command)
     return command
+
+
+def _data_options(command):
+    """--data, --data-mean, --data-std: the user's own images (``otbr_onnx.data.load_images``)."""
+    for decorator in reversed([
+        click.option("--data", "data_path", type=_DataPath(),
+                     help="Your own images: a folder of PNG/JPEG files (converted to the model's channels, "
+                          "resized, scaled to --input-range; the first 2000 by name) or an .npz with x "
+                          "(N, *input shape) already in the model's layout and range, and optional y labels."),
+        click.option("--data-mean", type=FLOATS,
+                     help="With a --data folder: per-channel mean (one value or one per channel) subtracted "
+                          "after scaling to --input-range."),
+        click.option("--data-std", type=FLOATS,
+                     help="With a --data folder: per-channel standard deviation divided by, after --data-mean."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def _data_fields(data_path: Path | None, data_mean, data_std) -> dict:
+    """CleanOptions' data fields from the command line."""
+    return {"data": None if data_path is None else str(data_path), "data_mean": data_mean, "data_std": data_std}
+
+
+def _check_data_paths(options, outputs: list, out_dirs: list) -> None:
+    """Before any work: nothing is written over or into the --data file or folder."""
+    if options.data is None:
+        return
+    from otbr_onnx.output import check_data_paths
+
+    check_data_paths(Path(options.data), [p for p in outputs if p is not None],
+                     [d for d in out_dirs if d is not None])
+
+
+def _check_data(model: Path, options) -> None:
+    """Fail fast: read --data against MODEL's input before the scan or any output (the pipeline
+    reads it again where it uses it). A bad file or folder ends here in one line, exit 2."""
+    if options.data is None:
+        return
+    from otbr_onnx.load import load_model
+
+    loaded = load_model(model, options.input_shape, options.output_name, options.limits)
+    _read_data(loaded.input_shape, options)
+
+
+def _read_data(input_shape: tuple[int, ...], options) -> None:
+    from otbr_onnx.data import load_images
+
+    load_images(options.data, input_shape, options.input_range, options.data_mean, options.data_std, options.limits)
 
 
 def _batch_options(command):
@@ -403,6 +486,7 @@ def _batch_run(run, models: list[Path], out_dir: Path | None, options, executor,
 @click.option("--out-dir", type=click.Path(path_type=Path),
               help="Batch mode: write NAME.report.json per model and summary.json into this folder; a rerun "
                    "skips models whose report matches their input and options.")
+@_data_options
 @_batch_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report (batch: the summary) as JSON on stdout (--format json).")
@@ -411,9 +495,9 @@ def _batch_run(run, models: list[Path], out_dir: Path | None, options, executor,
 @click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @_limit_options
-def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed, device, max_memory, input_shape,
-         output_name, input_range, report_path, out_dir, jobs, executor, address, cpus_per_model, gpus_per_model,
-         as_json, output_format, sarif_path, html_path, quiet, verbose, debug, **limits) -> None:
+def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_classes, seed, device, max_memory,
+         input_shape, output_name, input_range, report_path, out_dir, data_path, data_mean, data_std, jobs, executor,
+         address, cpus_per_model, gpus_per_model, as_json, output_format, sarif_path, html_path, quiet, verbose, debug, **limits) -> None:
     """Is MODEL backdoored, and which class does the backdoor serve? Needs no data; changes nothing.
 
     For every class the largest logit margin reachable over the input box is searched from
@@ -439,8 +523,11 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed
 
         fmt = _output_format(output_format, as_json)
         options = CleanOptions(scan_starts=scan_starts, scan_steps=scan_steps, scan_threshold=scan_threshold,
-                               seed=seed, device=device, max_memory=max_memory, input_shape=input_shape,
-                               output_name=output_name, input_range=input_range, limits=_limits(**limits))
+                               max_classes=max_classes, seed=seed, device=device, max_memory=max_memory,
+                               input_shape=input_shape, output_name=output_name, input_range=input_range,
+                               limits=_limits(**limits), **_data_fields(data_path, data_mean, data_std))
+        options.validate()
+        _check_data_paths(options, [report_path, sarif_path, html_path], [out_dir])
         if len(models) > 1 or _is_dir(models[0]) or out_dir is not None:
             if report_path is not None:
                 raise UsageError("--report names one model's report; in batch mode use --out-dir")
@@ -460,6 +547,7 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed
         _html_target(html_path, [model])
         findings = _Findings(fmt == "sarif", sarif_path, [model])
         with findings.recording(model):
+            _check_data(model, options)
             with _progress(quiet) as progress:
                 found = run_scan(model, options, progress, command=_ARGUMENTS)
             code = EXIT_SUSPECTED if found.backdoor_suspected else 0
@@ -514,6 +602,7 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed
               help="npz of CLEAN images (x, y) you trust: choose the prune ratio under --max-acc-drop on them.")
 @click.option("--max-acc-drop", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="With --calibration: accuracy points the cleaning may cost on those images.")
+@_data_options
 @click.option("--max-disagreement", type=click.FloatRange(0, 100), default=10.0, show_default=True,
               help="Without --calibration or --prune-ratio: how much (%) of the original's confidence in its own "
                    "answers on the synthesised probes the cleaning may lose.")
@@ -542,8 +631,9 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, seed
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @_limit_options
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, ranking, scan_starts, scan_steps,
-          scan_threshold, iterations, batch_size, micro_batch, max_memory, lr,
-          fusion_lambda, prune_ratio, method, calibration, max_acc_drop, max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
+          scan_threshold, max_classes, iterations, batch_size, micro_batch, max_memory, lr,
+          fusion_lambda, prune_ratio, method, calibration, max_acc_drop, data_path, data_mean, data_std,
+          max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
           jobs, executor, address, cpus_per_model, gpus_per_model, as_json, output_format, sarif_path, html_path,
           quiet, verbose, debug, **limits) -> None:
     """Scan MODEL, remove the backdoor it finds, check that it is gone, and write OUTPUT.
@@ -585,8 +675,14 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             output_name=output_name,
             input_range=input_range, micro_batch=micro_batch, max_memory=max_memory, ort_provider=ort_provider,
             calibration=calibration, max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes,
-            limits=_limits(**limits),
+            limits=_limits(**limits), max_classes=max_classes, **_data_fields(data_path, data_mean, data_std),
         )
+        options.validate()
+        batch = len(models) > 1 or _is_dir(models[0])
+        if batch:
+            _check_data_paths(options, [sarif_path], [output])
+        else:
+            _check_data_paths(options, [output, report_path, sarif_path, html_path], [])
         if calibration is not None:  # fail fast, before loading or unlearning: the scan reads it last
             from otbr_onnx.evaluate import load_npz, split_sets
 
@@ -607,6 +703,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
         _html_target(html_path, [model, output])
         findings = _Findings(fmt == "sarif", sarif_path, [model, output])
         with findings.recording(model):  # refused (3), parity failure (4), ...: logged before the exit
+            _check_data(model, options)
             with _progress(quiet) as progress:
                 result = run_clean(model, options, progress, command=_ARGUMENTS)
             report = write_result(result, output, report_path)
@@ -710,13 +807,61 @@ def _logging(verbose: int) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+class StageLog:
+    """Progress for a log (stderr not a terminal, where tqdm draws nothing): a line for a stage
+    once it looks long, and a heartbeat every ``every_s`` while it lasts.
+
+    "Looks long": the time per step so far, times the steps, reaches ``after_s``. A run of
+    quick stages (every test, most refusals) prints nothing, so an error stays the one line on
+    stderr; a scan that will take minutes says so at its first step instead of staying silent.
+    """
+
+    def __init__(self, after_s: float = 5.0, every_s: float = 60.0, clock=None) -> None:
+        import time
+
+        self.after_s, self.every_s = after_s, every_s
+        self.clock = clock or time.monotonic
+        self.started: dict[str, tuple[float, int]] = {}  # stage -> (time, steps done) at its first update
+        self.last_line: dict[str, float] = {}
+
+    def line(self, stage: str, done: int, total: int) -> str | None:
+        """The line to print for this update, or None."""
+        now = self.clock()
+        start, first = self.started.setdefault(stage, (now, done))  # timed from the first update on
+        if done <= first:
+            return None
+        elapsed = now - start
+        left = elapsed * (total - done) / (done - first)
+        last = self.last_line.get(stage)
+        due = elapsed + left >= self.after_s if last is None else now - last >= self.every_s
+        if not due:
+            return None
+        self.last_line[stage] = now
+        return f"otbr-onnx: {stage}: {done}/{total} steps, about {_duration(left)} left"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
 class _progress:
     """A tqdm bar per stage on stderr unless --quiet; tqdm itself (``disable=None``) stays silent
-    when stderr is not a terminal."""
+    when stderr is not a terminal, so there ``StageLog`` prints a line for each long stage: a CI
+    log of a long run shows where it is."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.bars: dict = {}
+        self.log = None if _is_terminal(sys.stderr) else StageLog()
 
     def __enter__(self):
         return None if self.quiet else self.update
@@ -728,6 +873,9 @@ class _progress:
         if bar is None:
             bar = self.bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, leave=False, disable=None)
         bar.update(done - bar.n)
+        line = self.log.line(stage, done, total) if self.log is not None else None
+        if line is not None:
+            _echo(line, err=True)
 
     def __exit__(self, *exc) -> None:
         for bar in self.bars.values():
@@ -857,26 +1005,38 @@ def report_command(report_file: Path, html_path: Path, max_file_bytes: int, debu
 @click.option("--scan", "with_scan", is_flag=True,
               help="Also scan both models and print their per-class maximum margins side by side.")
 @click.option("--input-range", type=RANGE, default="0,1", show_default=True, help="Value range of the model's input (--scan).")
+@_data_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @_limit_options
 def verify_command(original: Path, cleaned: Path, input_shape, samples: int, with_scan: bool, input_range: str,
-                   as_json: bool, debug: bool, **limits) -> None:
+                   data_path: Path | None, data_mean, data_std, as_json: bool, debug: bool, **limits) -> None:
     """Check that CLEANED is ORIGINAL with only weight values changed (exit 5 if not): a changed
     value of any initializer that is not a weight-layer weight or bias is a graph difference.
 
     With --scan, both models are scanned (see `otbr-onnx scan`): the margins show whether the
-    class the original's backdoor served is still abnormally reachable in CLEANED."""
+    class the original's backdoor served is still abnormally reachable in CLEANED.
+
+    Either model not a classifier (a segmentation map, no class scores): refused, exit 3, as
+    there are no class answers to compare."""
 
     def action() -> None:
         with interrupts_deferred():
             from otbr_onnx.load import load_model
+            from otbr_onnx.pipeline import CleanOptions
             from otbr_onnx.verify import verify
 
-        before = load_model(original, input_shape, limits=_limits(**limits))
-        after = load_model(cleaned, input_shape, limits=_limits(**limits))
+        if data_path is not None and not with_scan:
+            raise UsageError("--data is read by the scan: give --scan too")
+        options = CleanOptions(input_shape=input_shape, input_range=input_range, limits=_limits(**limits),
+                               **_data_fields(data_path, data_mean, data_std))
+        options.validate()
+        before = load_model(original, input_shape, limits=options.limits)
+        after = load_model(cleaned, input_shape, limits=options.limits)
+        if options.data is not None:  # fail fast, before the scans
+            _read_data(before.input_shape, options)
         result = verify(before.proto, after.proto, before.input_name, before.input_shape, samples)
-        scans = _scan_both(before, after, input_shape, input_range) if with_scan else None
+        scans = _scan_both(before, after, options) if with_scan else None
         if as_json:
             click.echo(json.dumps({**result.as_dict(), **({"scan": scans} if scans else {})}, indent=2))
         elif result.same_graph:
@@ -895,10 +1055,9 @@ def verify_command(original: Path, cleaned: Path, input_shape, samples: int, wit
     _run(debug, action)
 
 
-def _scan_both(before, after, input_shape, input_range) -> dict:
-    from otbr_onnx.pipeline import CleanOptions, scan as run_scan
+def _scan_both(before, after, options) -> dict:
+    from otbr_onnx.pipeline import scan as run_scan
 
-    options = CleanOptions(input_shape=input_shape, input_range=input_range)
     return {"original": run_scan(before.proto, options).report["scan"],
             "cleaned": run_scan(after.proto, options).report["scan"]}
 

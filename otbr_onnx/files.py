@@ -29,6 +29,22 @@ def regular_file_size(path: Path, expected: str = "a file") -> int:
     return info.st_size
 
 
+def folder_or_file(path: Path, option: str) -> str:
+    """"folder" or "file" for a path that may be either (``--data``); ``UsageError`` (exit 2) for
+    anything else. ``os.stat`` only: a FIFO or device is refused without being opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as error:
+        raise UsageError(f"{option} {path}: no such file or folder") from error
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{option} {path}: cannot read: {getattr(error, 'strerror', None) or error}") from error
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISREG(mode):
+        return "file"
+    raise UsageError(f"{option} {path}: is not a folder or a regular file (a FIFO, device or socket); refused")
+
+
 def open_regular(path: Path, expected: str = "a file") -> BinaryIO:
     """``path`` opened for binary reading, refused unless it is a regular file."""
     regular_file_size(path, expected)

@@ -3,6 +3,7 @@ the benchmarks turn (``Experiment``). Every field is validated in one place, ``v
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from otbr_onnx.errors import UsageError
@@ -82,6 +83,9 @@ class CleanOptions:
     data_mean: tuple[float, ...] | None = None
     data_std: tuple[float, ...] | None = None
     max_acc_drop: float = 2.0
+    # The scan screens every class: a model with more classes is refused before it starts
+    # (budget.check_work), so that a small file declaring 100,000 classes cannot run for hours.
+    max_classes: int = 1000
     # % of the original's confidence in its own answers on the synthesised probes that the
     # cleaning may lose (soft disagreement, see ratio.soft_agreement).
     max_disagreement: float = 10.0
@@ -147,4 +151,20 @@ class CleanOptions:
         low, high = self.input_range
         if not low < high:
             raise UsageError(f"--input-range must be LOW,HIGH with LOW < HIGH, got {low},{high}")
+        if self.max_classes < 1:
+            raise UsageError(f"--max-classes must be >= 1, got {self.max_classes}")
+        self._validate_data()
         self.experiment.validate()
+
+    def _validate_data(self) -> None:
+        """--data-mean / --data-std: finite numbers (std > 0), and only with --data. Their count
+        against the model's channels is checked where the images are read (data.load_images)."""
+        for option, values in (("--data-mean", self.data_mean), ("--data-std", self.data_std)):
+            if values is None:
+                continue
+            if self.data is None:
+                raise UsageError(f"{option} normalises the images of --data; give --data too")
+            if not values or not all(math.isfinite(v) for v in values):
+                raise UsageError(f"{option} must be one or more finite numbers, got {values}")
+        if self.data_std is not None and not all(v > 0 for v in self.data_std):
+            raise UsageError(f"--data-std must be > 0 for every channel, got {self.data_std}")

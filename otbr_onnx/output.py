@@ -66,6 +66,28 @@ def check_scan_paths(models: list[Path], out_dir: Path) -> None:
         raise UsageError(f"{linked} is a link to an input model; writing the report would replace it")
 
 
+def check_data_paths(data: Path, outputs: list[Path], out_dirs: list[Path]) -> None:
+    """Refuse, before any work, a run that would write into the ``--data`` folder or over the
+    ``--data`` file: an output file that is the data file or lies inside the data folder, or an
+    output folder that is, contains or is inside it. ``--force`` does not lift this: the data is
+    an input nobody asked to replace. Paths are compared resolved (links followed) and as given."""
+    try:
+        real = data.resolve()
+        for output in outputs:
+            if _same_or_inside(output, data, real):
+                raise UsageError(f"{output}: output path is, or is inside, the --data {data}; write it elsewhere")
+        for out_dir in out_dirs:
+            if _same_or_inside(out_dir, data, real) or _inside(real, out_dir.resolve()):
+                raise UsageError(f"{out_dir}: output folder overlaps the --data {data}; choose another folder")
+    except (OSError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise UsageError(f"{data}: unusable --data path: {reason}") from error
+
+
+def _same_or_inside(path: Path, data: Path, real_data: Path) -> bool:
+    return _inside(path.resolve(), real_data) or _inside(path.absolute(), data.absolute())
+
+
 def _batch_targets(out_dir: Path, model: Path) -> tuple[Path, Path]:
     return out_dir / f"{model.stem}.onnx", out_dir / f"{model.stem}.report.json"
 

@@ -21,6 +21,7 @@ from converters.parity import Parity
 from converters.to_torch import TorchTensorRef, run_torch
 from otbr_onnx import sizing
 from otbr_onnx.bridge import convert, providers, weight_refs
+from otbr_onnx.budget import check_work
 from otbr_onnx.detect import ScanConfig, search_images
 from otbr_onnx.errors import UnsupportedModelError, one_line
 from otbr_onnx.fuse import Neurons
@@ -120,6 +121,7 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     weight_bytes = sum(value.nbytes for value in original.values())
     noise_bytes = 4 * options.batch_size * int(np.prod(loaded.input_shape[1:]))  # unlearning's batch, held whole
     classes = _num_classes(reference)
+    check_work(classes, options)  # before the memory plan sizes a search over every class
     memory = sizing.memory_plan(module, loaded.input_shape, loaded.batch, weight_bytes, options.max_memory, device,
                                 noise_bytes, search_images(classes, ScanConfig(starts=options.scan_starts)))
     chunking = first if exact else sizing.Chunking(memory.chunking_size)

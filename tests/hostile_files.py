@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,102 @@ def npz_cases() -> dict[str, tuple]:
         "target_array": ({"x": x, "y": y, "target": np.array([1, 2])}, "array 'target'"),
         "target_beyond_classes": ({"x": x, "y": y, "target": np.array(7)}, "--target 7 is not a class"),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# --data: image folders and npz files nobody trusts (issue 23)
+# ---------------------------------------------------------------------------------------------
+
+
+def rgb_model() -> onnx.ModelProto:
+    """The tiny model taking RGB images (N, 3, 8, 8): its conv reads three channels."""
+    model = tiny_model(("N", 3, 8, 8))
+    weight = next(t for t in model.graph.initializer if t.name == "conv_w")
+    values = np.repeat(numpy_helper.to_array(weight), 3, axis=1) / 3
+    weight.CopyFrom(numpy_helper.from_array(values.astype(np.float32), "conv_w"))
+    return model
+
+
+def many_class_model(classes: int = 100_000) -> onnx.ModelProto:
+    """The tiny model whose classifier has ``classes`` outputs, from a 12-value weight tiled at run
+    time (Tile): a file of about 1 KB."""
+    model = tiny_model()
+    graph = model.graph
+    fc = _node(model, "fc")
+    repeats = -(-classes // 3)
+    graph.initializer.extend([numpy_helper.from_array(np.array([repeats, 1], np.int64), "tile_rows"),
+                              numpy_helper.from_array(np.array([classes], np.int64), "class_count"),
+                              numpy_helper.from_array(np.array([0], np.int64), "zero_start"),
+                              numpy_helper.from_array(np.array([0], np.int64), "row_axis")])
+    graph.node.insert(len(graph.node) - 1, helper.make_node("Tile", ["fc_w", "tile_rows"], ["fc_w_tiled"], name="tile"))
+    graph.node.insert(len(graph.node) - 1, helper.make_node("Slice", ["fc_w_tiled", "zero_start", "class_count",
+                                                                      "row_axis"], ["fc_w_many"], name="cut"))
+    fc.input[1] = "fc_w_many"
+    del fc.input[2]  # no bias: one of 3 values would not cover the classes
+    graph.initializer.remove(next(t for t in graph.initializer if t.name == "fc_b"))
+    graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def image_folder(folder: Path, count: int = 12, size: tuple[int, int] = (8, 8), mode: str = "L",
+                 suffix: str = ".png") -> Path:
+    """``count`` images of ``size`` (W, H) in ``mode``, each a distinct ramp, named 000.png ..."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    for index in range(count):
+        ramp = (np.arange(width * height).reshape(height, width) * 7 + index * 11) % 256
+        grey = Image.fromarray(ramp.astype(np.uint8), "L")
+        grey.convert(mode).save(folder / f"{index:03d}{suffix}")
+    return folder
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def png_bomb(path: Path, side: int = 50_000) -> Path:
+    """A PNG of a few hundred bytes whose header declares ``side`` x ``side`` grey pixels (2.5
+    GB decoded at 50,000); its data stream holds only the first rows (the header is the attack:
+    nothing past it may be read)."""
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit grey, no interlace
+    rows = zlib.compress(b"\0" * (side + 1) * 4, 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", rows)
+                     + png_chunk(b"IEND", b""))
+    return path
+
+
+def truncated_jpeg(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
+    """A real JPEG cut after a third of its bytes: the header reads, the pixels do not."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(noise, "RGB").save(buffer, "JPEG", quality=95)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 3])
+    return path
+
+
+def sixteen_bit_png(path: Path, value: int = 65535, size: tuple[int, int] = (8, 8)) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.full((size[1], size[0]), value, np.uint16)).save(path)
+    return path
+
+
+def palette_png(path: Path, colour: tuple[int, int, int] = (255, 0, 0), size: tuple[int, int] = (8, 8)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, colour).convert("P", palette=Image.Palette.ADAPTIVE).save(path)
+    return path
+
+
+def animated(path: Path, fmt: str, frames: tuple[int, ...] = (255, 0, 0), size: tuple[int, int] = (8, 8)) -> Path:
+    """An animated GIF or PNG whose frames are flat greys of the given values (the first: 255)."""
+    from PIL import Image
+
+    images = [Image.new("L", size, value) for value in frames]
+    images[0].save(path, fmt, save_all=True, append_images=images[1:], duration=100, loop=0)
+    return path

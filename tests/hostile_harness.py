@@ -125,12 +125,24 @@ def _sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a run: this checkout's code first on the path, whatever is installed
+    (an editable install of another worktree would otherwise be what runs)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 def run_fresh(args: list[str], cwd: Path, out: Path, err: Path, timeout_s: float,
               sigint_after: float | None) -> tuple[int | None, float, float, bool]:
     """``python -m otbr_onnx ARGS`` in a new session (its own process group)."""
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "otbr_onnx", *args], cwd=cwd, stdin=subprocess.DEVNULL,
-                                   stdout=stdout, stderr=stderr, start_new_session=True, preexec_fn=_sigint_default)
+                                   stdout=stdout, stderr=stderr, start_new_session=True, preexec_fn=_sigint_default,
+                                   env=_child_env())
     result = _wait(process.pid, timeout_s, sigint_after)
     process.returncode = result[0]  # reaped by wait4: keep Popen from waiting again
     return result
@@ -141,7 +153,7 @@ class Zygote:
 
     def __init__(self) -> None:
         self.process = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, text=True, env=_child_env())
         ready = self.process.stdout.readline()
         if ready.strip() != "ready":
             raise RuntimeError(f"the zygote did not start: {ready!r}")
@@ -166,6 +178,8 @@ def _serve() -> None:
 
     register_exit_hook()  # before multiprocessing is imported, as in a real process (see run())
     import otbr_onnx.batch  # noqa: F401 - every command's imports, done once before any fork
+    import otbr_onnx.data  # noqa: F401
+    import PIL.Image  # noqa: F401 - --data decodes with it
     import otbr_onnx.describe  # noqa: F401
     import otbr_onnx.evaluate  # noqa: F401
     import otbr_onnx.pipeline  # noqa: F401

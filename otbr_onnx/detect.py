@@ -26,8 +26,7 @@ mode, and the module's train flag and device are restored afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from otbr_onnx.sizing import Chunking
+from otbr_onnx.torch_helpers import evaluating
 
 # Robust z above which a class is suspected (the false-alarm level: see benchmarks/RESULTS.md,
 # where the largest z over the clean models and the smallest over the detected backdoors are
@@ -292,7 +292,7 @@ def scan_module(
         if progress is not None:
             progress(done[0], total)
 
-    with _searching(module, config.device):
+    with evaluating(module, config.device):
         if refine:
             screened = maximise_margins(module, input_shape, classes, 1, screen_steps, config, output_index,
                                         is_probability, on_step=tick, keep_inputs=False)
@@ -332,7 +332,7 @@ def rescan_module(
                   (torch.rand(before.inputs[c].shape[1:], generator=generator) * (high - low) + low).numpy()])
         for c in classes.tolist()
     ])
-    with _searching(module, config.device):
+    with evaluating(module, config.device):
         search = maximise_margins(module, input_shape, classes, 2, config.steps, config, output_index,
                                   is_probability, init=init)
     margins = before.margins.copy()
@@ -340,19 +340,6 @@ def rescan_module(
     z, suspected = verdict(margins, config.threshold)
     return ScanResult(margins, z, config.threshold, suspected, dict(zip(classes.tolist(), search.inputs)),
                       dict(zip(classes.tolist(), search.margins)), before.refined, config.steps)
-
-
-@contextmanager
-def _searching(module: nn.Module, device: str) -> Iterator[None]:
-    """``module`` in eval mode on ``device`` with gradients on, then its train flag and device back."""
-    was_training = module.training
-    original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    module.eval().to(device)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        module.to(original_device).train(was_training)
 
 
 def _output(module: nn.Module, x: torch.Tensor, output_index: int) -> torch.Tensor:

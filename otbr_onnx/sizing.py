@@ -203,7 +203,7 @@ def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int
     """
     import torch
 
-    from otbr_onnx.probes import prior_layers
+    from otbr_onnx.torch_helpers import evaluating, prior_layers
 
     weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
     seen: dict[int, int] = {}
@@ -218,18 +218,15 @@ def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int
     def count_bn_input(_layer: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
         normalised[0] += inputs[0].numel() * inputs[0].element_size()
 
-    was_training = module.training
-    original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    module.eval().to(device)
-    handles = [layer.register_forward_hook(count_bn_input) for layer in prior_layers(module)]
-    x = torch.rand((count,) + tuple(input_shape[1:]), device=device, requires_grad=True)
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        module.to(original_device).train(was_training)
+    with evaluating(module, device):
+        handles = [layer.register_forward_hook(count_bn_input) for layer in prior_layers(module)]
+        x = torch.rand((count,) + tuple(input_shape[1:]), device=device, requires_grad=True)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                module(x)
+        finally:
+            for handle in handles:
+                handle.remove()
     saved = sum(seen.values()) + x.numel() * x.element_size()
     return max(int(BACKWARD_FACTOR * saved / count), 1), normalised[0] // count
 

@@ -876,7 +876,7 @@ def verify_command(original: Path, cleaned: Path, input_shape, samples: int, wit
         before = load_model(original, input_shape, limits=_limits(**limits))
         after = load_model(cleaned, input_shape, limits=_limits(**limits))
         result = verify(before.proto, after.proto, before.input_name, before.input_shape, samples)
-        scans = _scan_both(before, after, input_shape, input_range) if with_scan else None
+        scans = _scan_both(before, after, input_shape, input_range, _limits(**limits)) if with_scan else None
         if as_json:
             click.echo(json.dumps({**result.as_dict(), **({"scan": scans} if scans else {})}, indent=2))
         elif result.same_graph:
@@ -895,10 +895,10 @@ def verify_command(original: Path, cleaned: Path, input_shape, samples: int, wit
     _run(debug, action)
 
 
-def _scan_both(before, after, input_shape, input_range) -> dict:
+def _scan_both(before, after, input_shape, input_range, limits: Limits) -> dict:
     from otbr_onnx.pipeline import CleanOptions, scan as run_scan
 
-    options = CleanOptions(input_shape=input_shape, input_range=input_range)
+    options = CleanOptions(input_shape=input_shape, input_range=input_range, limits=limits)
     return {"original": run_scan(before.proto, options).report["scan"],
             "cleaned": run_scan(after.proto, options).report["scan"]}
 

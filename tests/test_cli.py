@@ -235,3 +235,20 @@ def test_a_ratio_over_budget_is_refused_with_one_line_and_no_output(tmp_path):
     assert result.exit_code == 3
     assert "no prune ratio stays within --max-acc-drop 0" in _one_error_line(result)
     assert not out.exists()
+
+
+def test_verify_scan_keeps_the_users_limits(preact, monkeypatch):
+    """``verify --scan`` scans both models under the ``--max-*`` limits given, not the defaults."""
+    import otbr_onnx.pipeline
+
+    seen = []
+
+    def fake_scan(model, options):
+        seen.append(options.limits)
+        return type("Report", (), {"report": {"scan": {}}})()
+
+    monkeypatch.setattr(otbr_onnx.pipeline, "scan", fake_scan)
+    result = CliRunner().invoke(main, ["verify", str(preact), str(preact), "--scan", "--json",
+                                       "--max-nodes", "4321", "--max-tensor-elements", "98765432"])
+    assert result.exit_code == 0, result.output
+    assert [(lim.max_nodes, lim.max_tensor_elements) for lim in seen] == [(4321, 98765432)] * 2

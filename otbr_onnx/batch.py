@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -44,7 +45,7 @@ def collect_models(inputs: list[Path]) -> list[Path]:
         else:
             raise UsageError(f"{item}: no such file or folder")
     names = [m.stem for m in models]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise UsageError(f"several inputs are named '{duplicates[0]}.onnx'; outputs would collide")
     if not models:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from otbr_onnx.sizing import Chunking
+from converters.chunking import Chunking
 from otbr_onnx.torch_helpers import cross_entropy, evaluating, prior_layers
 
 

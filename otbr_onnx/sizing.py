@@ -21,24 +21,19 @@ probe gradients are per image, the unlearning gradient is accumulated over chunk
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
-import numpy as np
+import psutil
 
-if TYPE_CHECKING:  # torch is imported where it is used: load.py reads BatchPlan without it
-    import torch
+from converters.chunking import MAX_PASS, Chunking  # noqa: F401 - Chunking: still importable from here
+
+if TYPE_CHECKING:  # torch is imported where it is used: load reads BatchPlan without it
     from torch import nn
 
 GIB = 1024**3
 DEFAULT_MAX_MEMORY = 2 * GIB
 AVAILABLE_SHARE = 0.5  # of free memory (host, or CUDA device), when that is less than the default
-# Before this change the scan, the probes and every inference ran 256 images per pass; no model
-# that fits a budget at 256 sees a different chunking (and so a different floating-point order).
-MAX_PASS = 256
 # Copies of the weights alive beside the activations: the unlearning student, its gradients and
 # its SGD momentum. (Write-back's copies come after the activations are freed.)
 WEIGHT_COPIES = 3
@@ -73,31 +68,6 @@ class BatchPlan:
 
     def as_dict(self) -> dict:
         return {"declared": self.declared, "path": self.path, "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class Chunking:
-    """Images per forward pass; ``exact``: the model takes exactly ``size`` (pad the last chunk)."""
-
-    size: int = MAX_PASS
-    exact: bool = False
-
-    def spans(self, count: int) -> Iterator[tuple[int, int]]:
-        """(start, stop) of each chunk of ``count`` images."""
-        for start in range(0, count, self.size):
-            yield start, min(start + self.size, count)
-
-    def pad(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        """``x`` padded to ``size`` rows with copies of its last row when the model needs exactly
-        that many; otherwise ``x`` itself. The caller drops the outputs past ``len(x)``."""
-        missing = self.size - len(x) if self.exact else 0
-        if missing <= 0:
-            return x
-        if isinstance(x, np.ndarray):
-            return np.concatenate([x, np.repeat(x[-1:], missing, axis=0)])
-        import torch
-
-        return torch.cat([x, x[-1:].expand(missing, *x.shape[1:])])
 
 
 @dataclass(frozen=True)
@@ -151,13 +121,9 @@ def available_memory(device: str) -> int | None:
 
         return int(torch.cuda.mem_get_info()[0])
     try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return int(psutil.virtual_memory().available)  # Linux: /proc/meminfo's MemAvailable
+    except (OSError, psutil.Error):
+        return None
 
 
 def default_budget(device: str) -> tuple[int, str]:
@@ -185,11 +151,10 @@ def release_memory() -> None:
 
 
 def current_rss() -> int:
-    """This process's resident set size now (Linux /proc; 0 where it cannot be read)."""
+    """This process's resident set size now (0 where it cannot be read)."""
     try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        return int(psutil.Process().memory_info().rss)  # Linux: /proc/self/statm
+    except (OSError, psutil.Error):
         return 0
 
 

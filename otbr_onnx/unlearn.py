@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from converters.chunking import Chunking
 from converters.to_torch import TorchTensorRef
 from otbr_onnx.errors import UsageError
-from otbr_onnx.sizing import Chunking
 from otbr_onnx.torch_helpers import cross_entropy
 
 

@@ -119,7 +119,7 @@ def _external_target(name: str, location: str, base: Path) -> Path:
     if os.path.isabs(location) or location.startswith(("/", "\\")):
         raise UnsupportedModelError(f"tensor '{name}': external data location '{location}' is absolute; refused")
     target = (base / location).resolve()  # follows symlinks: a link out of the folder is caught below
-    if base != target and base not in target.parents:
+    if not target.is_relative_to(base):
         raise UnsupportedModelError(
             f"tensor '{name}': external data location '{location}' leaves the model folder; refused"
         )

@@ -192,7 +192,7 @@ def check_sets(loaded: LoadedModel, clean: tuple, poisoned: tuple | None, target
 
 
 def declared_classes(loaded: LoadedModel) -> int | None:
-    """Class count from the declared (N, classes) output, if fixed; load.py checked the rank.
+    """Class count from the declared (N, classes) output, if fixed; load/checks.py checked the rank.
     A binary classifier's single column counts as two classes."""
     if loaded.single_score is not None:
         return 2

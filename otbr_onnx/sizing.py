@@ -4,7 +4,7 @@ Two constraints decide it, both computed once per model in ``prepare``:
 
 * **the model's batch dimension.** A model whose input declares a fixed batch (1 is common in
   edge exports) is cleaned through a working copy whose batch dim is made dynamic, when the
-  graph allows it (``load.py`` checks the copy with shape inference and an onnxruntime run at
+  graph allows it (``load.fixed_batch`` checks the copy with shape inference and an onnxruntime run at
   batch 2 against the model itself). Where the graph hard-codes the batch (a ``Reshape`` to
   ``[1, -1]``), every pass runs at exactly the model's batch size instead: the last chunk of a
   batch is padded with copies of its last image, whose outputs are dropped (``Chunking.exact``).

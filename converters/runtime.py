@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
+from converters.chunking import Chunking
 from converters.errors import ProviderError
 
 
@@ -43,12 +44,9 @@ def run(sess: onnxruntime.InferenceSession, input_name: str, output_name: str, x
     size = fixed_batch(sess, input_name)
     if size is None or size == len(x):
         return _as_float32(run_outputs(sess, [output_name], {input_name: x})[0])
-    parts = []
-    for start in range(0, len(x), size):
-        chunk = x[start:start + size]
-        missing = size - len(chunk)
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], missing, axis=0)]) if missing else chunk
-        parts.append(run_outputs(sess, [output_name], {input_name: padded})[0][:len(chunk)])
+    chunking = Chunking(size, exact=True)
+    parts = [run_outputs(sess, [output_name], {input_name: chunking.pad(x[start:stop])})[0][:stop - start]
+             for start, stop in chunking.spans(len(x))]
     return _as_float32(np.concatenate(parts))
 
 

@@ -121,7 +121,7 @@ def module_names(model: onnx.ModelProto) -> list[str]:
 
 def _neutral_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose nodes are named n0, n1, ...: onnx2torch pastes node names into the Python
-    source torch.fx generates, so a hostile name could otherwise become code (load.py refuses
+    source torch.fx generates, so a hostile name could otherwise become code (load/checks.py refuses
     such names too; this keeps conversion safe on its own)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

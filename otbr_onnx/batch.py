@@ -17,39 +17,21 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 
 from otbr_onnx.errors import EXIT_SUSPECTED, OtbrError, UsageError, one_line
 from otbr_onnx.executors import Executor, ProcessExecutor, SerialExecutor, Task
 from otbr_onnx.load import sha256_file
+from otbr_onnx.outcome import Outcome
 from otbr_onnx.output import atomic_write, write_result
 from otbr_onnx.report import batch_facts
 
 CLEAN_STATUSES = ("cleaned", "skipped", "refused", "failed")
 SCAN_STATUSES = ("passed", "suspected", "skipped", "refused", "failed")
 SKIPPED = "output and report match the input and options"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One model's result. ``status``: clean: cleaned, skipped (done before), refused, failed;
-    scan: passed (nothing found), suspected, skipped, refused, failed. The facts after ``seconds``
-    come from the model's report (None when there is none: refused, failed)."""
-
-    model: str
-    status: str
-    exit_code: int
-    message: str = ""
-    output: str | None = None
-    seconds: float = 0.0  # wall time of this run's task (a skipped model: the check alone)
-    verdict: str | None = None  # the scan's: "suspected", "none found", "not scanned" (--reference)
-    targets: tuple[int, ...] = ()  # suspected target classes
-    gamma: float | None = None  # prune ratio of a changed model
-    fidelity: float | None = None  # chosen ratio's fidelity score, %
-    fidelity_metric: str | None = None  # "soft agreement" (probes, no data) or "accuracy" (--calibration)
 
 
 def collect_models(inputs: list[Path]) -> list[Path]:
@@ -63,7 +45,7 @@ def collect_models(inputs: list[Path]) -> list[Path]:
         else:
             raise UsageError(f"{item}: no such file or folder")
     names = [m.stem for m in models]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise UsageError(f"several inputs are named '{duplicates[0]}.onnx'; outputs would collide")
     if not models:

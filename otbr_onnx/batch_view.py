@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from otbr_onnx.batch import Outcome
+from otbr_onnx.outcome import Outcome
 
 CLEAN_COLUMNS = ("model", "status", "verdict", "target", "gamma", "fidelity", "time")
 SCAN_COLUMNS = ("model", "status", "verdict", "target", "time")

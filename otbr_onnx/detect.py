@@ -26,15 +26,16 @@ mode, and the module's train flag and device are restored afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.stats import median_abs_deviation
 from torch import nn
 
-from otbr_onnx.sizing import Chunking
+from converters.chunking import Chunking
+from otbr_onnx.torch_helpers import evaluating
 
 # Robust z above which a class is suspected (the false-alarm level: see benchmarks/RESULTS.md,
 # where the largest z over the clean models and the smallest over the detected backdoors are
@@ -155,7 +156,9 @@ def robust_z(statistics: np.ndarray) -> np.ndarray:
         if others.size == 0:
             continue
         median = np.median(others)
-        spread = MAD_TO_SIGMA * np.median(np.abs(others - median))
+        # scale 1.0 times 1.4826, not scale="normal" (1 / ndtri(0.75) = 1.482602...): the same
+        # bits as the published constant, so every z (and verdict) stays as it was
+        spread = MAD_TO_SIGMA * median_abs_deviation(others)
         spread = max(spread, MIN_SPREAD * max(abs(median), 1.0))
         z[c] = (values[c] - median) / spread
     return z
@@ -292,7 +295,7 @@ def scan_module(
         if progress is not None:
             progress(done[0], total)
 
-    with _searching(module, config.device):
+    with evaluating(module, config.device):
         if refine:
             screened = maximise_margins(module, input_shape, classes, 1, screen_steps, config, output_index,
                                         is_probability, on_step=tick, keep_inputs=False)
@@ -332,7 +335,7 @@ def rescan_module(
                   (torch.rand(before.inputs[c].shape[1:], generator=generator) * (high - low) + low).numpy()])
         for c in classes.tolist()
     ])
-    with _searching(module, config.device):
+    with evaluating(module, config.device):
         search = maximise_margins(module, input_shape, classes, 2, config.steps, config, output_index,
                                   is_probability, init=init)
     margins = before.margins.copy()
@@ -340,19 +343,6 @@ def rescan_module(
     z, suspected = verdict(margins, config.threshold)
     return ScanResult(margins, z, config.threshold, suspected, dict(zip(classes.tolist(), search.inputs)),
                       dict(zip(classes.tolist(), search.margins)), before.refined, config.steps)
-
-
-@contextmanager
-def _searching(module: nn.Module, device: str) -> Iterator[None]:
-    """``module`` in eval mode on ``device`` with gradients on, then its train flag and device back."""
-    was_training = module.training
-    original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    module.eval().to(device)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        module.to(original_device).train(was_training)
 
 
 def _output(module: nn.Module, x: torch.Tensor, output_index: int) -> torch.Tensor:

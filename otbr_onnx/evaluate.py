@@ -16,6 +16,7 @@ import onnx
 from numpy.lib import format as npy_format
 
 from converters import runtime
+from converters.chunking import Chunking
 from converters.single_score import as_class_scores
 from otbr_onnx.errors import UnsupportedModelError, UsageError, one_line
 from otbr_onnx.files import open_regular
@@ -191,7 +192,7 @@ def check_sets(loaded: LoadedModel, clean: tuple, poisoned: tuple | None, target
 
 
 def declared_classes(loaded: LoadedModel) -> int | None:
-    """Class count from the declared (N, classes) output, if fixed; load.py checked the rank.
+    """Class count from the declared (N, classes) output, if fixed; load/checks.py checked the rank.
     A binary classifier's single column counts as two classes."""
     if loaded.single_score is not None:
         return 2
@@ -204,7 +205,7 @@ def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 500) -> np.
         sess = runtime.session(model)
         inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
         # runtime.run feeds a fixed-batch model at its own batch size
-        scores = [runtime.run(sess, inp, out, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        scores = [runtime.run(sess, inp, out, x[start:stop]) for start, stop in Chunking(batch_size).spans(len(x))]
     except ort_errors() as error:  # the images were checked: what fails now is the model
         raise UnsupportedModelError(f"onnxruntime cannot run the model on the images: {one_line(error)}") from error
     if any(s.ndim != 2 for s in scores):

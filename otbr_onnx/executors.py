@@ -29,17 +29,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from otbr_onnx.errors import UsageError, one_line
-
-if TYPE_CHECKING:
-    from otbr_onnx.batch import Outcome
+from otbr_onnx.outcome import Outcome
 
 LOG = logging.getLogger("otbr_onnx")
 # A module-level function (pickled by reference to worker processes and Ray workers):
 # task(model, out_dir, options) -> Outcome, never raising.
-Task = Callable[..., "Outcome"]
+Task = Callable[..., Outcome]
 RAY_EXTRA = "--executor ray needs Ray: pip install 'otbr-onnx[ray]'"
 # seconds to wait, after cancelling, until Ray reports every task ended (killed workers included)
 RAY_CANCEL_WAIT = 30.0
@@ -50,14 +48,14 @@ CONNECT_TIMEOUT = 10.0
 
 
 class Executor(Protocol):
-    def map(self, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator["Outcome"]:
+    def map(self, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator[Outcome]:
         """Run ``task`` on every model; yield each Outcome as its model finishes (any order)."""
 
 
 class SerialExecutor:
     """One model at a time, in this process: no start-up cost, and Ctrl-C lands in the task."""
 
-    def map(self, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator["Outcome"]:
+    def map(self, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator[Outcome]:
         for model in models:
             yield task(model, out_dir, options)
 
@@ -69,7 +67,7 @@ class ProcessExecutor:
     def __init__(self, jobs: int) -> None:
         self.jobs = jobs
 
-    def map(self, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator["Outcome"]:
+    def map(self, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator[Outcome]:
         with ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_signals) as pool:
             with _sigint_ignored():  # the workers start now and inherit the ignored Ctrl-C
@@ -137,7 +135,7 @@ class RayExecutor:
         self.cpus_per_model = cpus_per_model
         self.gpus_per_model = gpus_per_model
 
-    def map(self, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator["Outcome"]:
+    def map(self, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator[Outcome]:
         ray = import_ray()
         started = self._connect(ray)
         try:
@@ -171,7 +169,7 @@ class RayExecutor:
             raise UsageError(f"cannot connect to {where}: {one_line(error)}") from error
         return True
 
-    def _run(self, ray, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator["Outcome"]:
+    def _run(self, ray, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator[Outcome]:
         from otbr_onnx import __version__
 
         # max_retries=1: one more try if a node is lost, not three for a model that kills its worker
@@ -227,11 +225,9 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
         raise UsageError(f"--address {address}: no Ray cluster answers there ({reason})") from error
 
 
-def _result(ray, ref, model: Path) -> "Outcome":
+def _result(ray, ref, model: Path) -> Outcome:
     """The task's Outcome, or a failed one when the task itself failed (its worker crashed or
     ran out of memory, its node died): one model's failure, never the sweep's."""
-    from otbr_onnx.batch import Outcome
-
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as error:
@@ -270,7 +266,7 @@ def _bounded(call: Callable[[], object], seconds: float) -> None:
         LOG.warning("Ray did not answer within %.0f s; exiting without waiting for it", seconds)
 
 
-def _as_given(outcome: "Outcome", model: Path, out_dir: Path | None) -> "Outcome":
+def _as_given(outcome: Outcome, model: Path, out_dir: Path | None) -> Outcome:
     """The worker saw absolute paths; report the model and output (in messages too) as the user
     named them, so the summary reads the same as with a local executor."""
     message = outcome.message.replace(str(model.absolute()), str(model))
@@ -281,11 +277,10 @@ def _as_given(outcome: "Outcome", model: Path, out_dir: Path | None) -> "Outcome
     return dataclasses.replace(outcome, model=str(model), output=output, message=message)
 
 
-def on_worker(task: Task, model: Path, out_dir: Path | None, options, version: str) -> "Outcome":
+def on_worker(task: Task, model: Path, out_dir: Path | None, options, version: str) -> Outcome:
     """A Ray task: check that this worker sees the same otbr-onnx and the batch's files, then
     run ``task``. A mismatch fails the model with a message naming the node."""
     from otbr_onnx import __version__
-    from otbr_onnx.batch import Outcome
 
     host = socket.gethostname()
     if __version__ != version:

@@ -84,16 +84,3 @@ def global_ranking(nwc: dict[int, np.ndarray]) -> list[tuple[int, int]]:
     order = np.argsort(-values, kind="stable")
     return [pairs[i] for i in order]
 
-
-def summary(nwc: dict[int, np.ndarray]) -> dict[str, float]:
-    values = np.concatenate([v for v in nwc.values()]) if nwc else np.zeros(0)
-    if values.size == 0:
-        return {"neurons": 0}
-    return {
-        "neurons": int(values.size),
-        "min": float(values.min()),
-        "median": float(np.median(values)),
-        "mean": float(values.mean()),
-        "max": float(values.max()),
-        "zero": int(np.sum(values == 0)),
-    }

@@ -93,7 +93,7 @@ def _batch_targets(out_dir: Path, model: Path) -> tuple[Path, Path]:
 
 
 def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
+    return child.is_relative_to(parent)
 
 
 def _batch_overlap(given: list[Path], models: list[Path], out_dir: Path) -> str | None:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from otbr_onnx.sizing import Chunking
-from otbr_onnx.unlearn import cross_entropy
+from converters.chunking import Chunking
+from otbr_onnx.torch_helpers import cross_entropy, evaluating, prior_layers
 
 
 @dataclass(frozen=True)
@@ -60,26 +60,22 @@ def synthesise_probes(
     shape = (config.count,) + tuple(input_shape[1:])
     x = (torch.rand(shape, generator=generator) * (high - low) + low).to(config.device)
     target = torch.from_numpy(probe_classes(config.count, num_classes, config.seed)).long().to(config.device)
-    was_training = module.training
-    module.eval()  # running statistics stay untouched; BN uses them, as at deployment
-    original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    module.to(config.device)
-    statistics = _BatchNormStatistics(module) if config.bn_prior > 0 else None
-    x.requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=config.lr * (high - low))
-    try:
-        for step in range(config.steps):
-            x.grad = _gradient(module, x, target, output_index, output_is_probability, statistics, config)
-            optimizer.step()
-            with torch.no_grad():
-                x.clamp_(low, high)
-            if on_step is not None:
-                on_step(step)
-    finally:
-        if statistics is not None:
-            statistics.remove()
-        module.to(original_device)
-        module.train(was_training)
+    # eval: running statistics stay untouched; BN uses them, as at deployment
+    with evaluating(module, config.device):
+        statistics = _BatchNormStatistics(module) if config.bn_prior > 0 else None
+        x.requires_grad_(True)
+        optimizer = torch.optim.Adam([x], lr=config.lr * (high - low))
+        try:
+            for step in range(config.steps):
+                x.grad = _gradient(module, x, target, output_index, output_is_probability, statistics, config)
+                optimizer.step()
+                with torch.no_grad():
+                    x.clamp_(low, high)
+                if on_step is not None:
+                    on_step(step)
+        finally:
+            if statistics is not None:
+                statistics.remove()
     return x.detach().cpu().numpy().astype(np.float32)
 
 
@@ -101,12 +97,6 @@ def _gradient(module: nn.Module, x: torch.Tensor, target: torch.Tensor, output_i
             loss = loss + config.bn_prior * statistics.distance(stop - start)
         (gradient[start:stop],) = torch.autograd.grad(loss * share, [part])
     return gradient
-
-
-def prior_layers(module: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers the prior compares with their running statistics."""
-    return [layer for layer in module.modules()
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None]
 
 
 class _BatchNormStatistics:

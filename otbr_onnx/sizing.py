@@ -4,7 +4,7 @@ Two constraints decide it, both computed once per model in ``prepare``:
 
 * **the model's batch dimension.** A model whose input declares a fixed batch (1 is common in
   edge exports) is cleaned through a working copy whose batch dim is made dynamic, when the
-  graph allows it (``load.py`` checks the copy with shape inference and an onnxruntime run at
+  graph allows it (``load.fixed_batch`` checks the copy with shape inference and an onnxruntime run at
   batch 2 against the model itself). Where the graph hard-codes the batch (a ``Reshape`` to
   ``[1, -1]``), every pass runs at exactly the model's batch size instead: the last chunk of a
   batch is padded with copies of its last image, whose outputs are dropped (``Chunking.exact``).
@@ -21,24 +21,19 @@ probe gradients are per image, the unlearning gradient is accumulated over chunk
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
-import numpy as np
+import psutil
 
-if TYPE_CHECKING:  # torch is imported where it is used: load.py reads BatchPlan without it
-    import torch
+from converters.chunking import MAX_PASS, Chunking  # noqa: F401 - Chunking: still importable from here
+
+if TYPE_CHECKING:  # torch is imported where it is used: load reads BatchPlan without it
     from torch import nn
 
 GIB = 1024**3
 DEFAULT_MAX_MEMORY = 2 * GIB
 AVAILABLE_SHARE = 0.5  # of free memory (host, or CUDA device), when that is less than the default
-# Before this change the scan, the probes and every inference ran 256 images per pass; no model
-# that fits a budget at 256 sees a different chunking (and so a different floating-point order).
-MAX_PASS = 256
 # Copies of the weights alive beside the activations: the unlearning student, its gradients and
 # its SGD momentum. (Write-back's copies come after the activations are freed.)
 WEIGHT_COPIES = 3
@@ -73,31 +68,6 @@ class BatchPlan:
 
     def as_dict(self) -> dict:
         return {"declared": self.declared, "path": self.path, "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class Chunking:
-    """Images per forward pass; ``exact``: the model takes exactly ``size`` (pad the last chunk)."""
-
-    size: int = MAX_PASS
-    exact: bool = False
-
-    def spans(self, count: int) -> Iterator[tuple[int, int]]:
-        """(start, stop) of each chunk of ``count`` images."""
-        for start in range(0, count, self.size):
-            yield start, min(start + self.size, count)
-
-    def pad(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        """``x`` padded to ``size`` rows with copies of its last row when the model needs exactly
-        that many; otherwise ``x`` itself. The caller drops the outputs past ``len(x)``."""
-        missing = self.size - len(x) if self.exact else 0
-        if missing <= 0:
-            return x
-        if isinstance(x, np.ndarray):
-            return np.concatenate([x, np.repeat(x[-1:], missing, axis=0)])
-        import torch
-
-        return torch.cat([x, x[-1:].expand(missing, *x.shape[1:])])
 
 
 @dataclass(frozen=True)
@@ -151,13 +121,9 @@ def available_memory(device: str) -> int | None:
 
         return int(torch.cuda.mem_get_info()[0])
     try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return int(psutil.virtual_memory().available)  # Linux: /proc/meminfo's MemAvailable
+    except (OSError, psutil.Error):
+        return None
 
 
 def default_budget(device: str) -> tuple[int, str]:
@@ -185,11 +151,10 @@ def release_memory() -> None:
 
 
 def current_rss() -> int:
-    """This process's resident set size now (Linux /proc; 0 where it cannot be read)."""
+    """This process's resident set size now (0 where it cannot be read)."""
     try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        return int(psutil.Process().memory_info().rss)  # Linux: /proc/self/statm
+    except (OSError, psutil.Error):
         return 0
 
 
@@ -203,7 +168,7 @@ def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int
     """
     import torch
 
-    from otbr_onnx.probes import prior_layers
+    from otbr_onnx.torch_helpers import evaluating, prior_layers
 
     weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
     seen: dict[int, int] = {}
@@ -218,18 +183,15 @@ def per_sample_bytes(module: nn.Module, input_shape: tuple[int, ...], count: int
     def count_bn_input(_layer: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
         normalised[0] += inputs[0].numel() * inputs[0].element_size()
 
-    was_training = module.training
-    original_device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    module.eval().to(device)
-    handles = [layer.register_forward_hook(count_bn_input) for layer in prior_layers(module)]
-    x = torch.rand((count,) + tuple(input_shape[1:]), device=device, requires_grad=True)
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        module.to(original_device).train(was_training)
+    with evaluating(module, device):
+        handles = [layer.register_forward_hook(count_bn_input) for layer in prior_layers(module)]
+        x = torch.rand((count,) + tuple(input_shape[1:]), device=device, requires_grad=True)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                module(x)
+        finally:
+            for handle in handles:
+                handle.remove()
     saved = sum(seen.values()) + x.numel() * x.element_size()
     return max(int(BACKWARD_FACTOR * saved / count), 1), normalised[0] // count
 

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from converters.chunking import Chunking
 from converters.to_torch import TorchTensorRef
 from otbr_onnx.errors import UsageError
-from otbr_onnx.sizing import Chunking
+from otbr_onnx.torch_helpers import cross_entropy
 
 
 @dataclass(frozen=True)
@@ -128,13 +129,3 @@ def _trainable(student: nn.Module, refs: dict[str, TorchTensorRef]) -> list[torc
         p.requires_grad_(True)
     return params
 
-
-def cross_entropy(out, y: torch.Tensor, output_index: int, is_probability: bool) -> torch.Tensor:
-    """Cross-entropy of a converted module's class output (logits, or probabilities after Softmax)
-    on the first ``len(y)`` rows (the rest pad a chunk to a fixed batch size)."""
-    if isinstance(out, (tuple, list)):
-        out = out[output_index]
-    out = out.reshape(out.shape[0], -1)[:len(y)]
-    if is_probability:  # a trailing Softmax: cross-entropy on its log
-        return nn.functional.nll_loss(torch.log(out.clamp_min(1e-12)), y)
-    return nn.functional.cross_entropy(out, y)

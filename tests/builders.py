@@ -1,9 +1,19 @@
-"""Tiny models for the tests, built and exported at test time (no data, no network)."""
+"""Tiny models for the tests, built and exported at test time (no data, no network).
+
+The builders (``build``, ``build_trained``, ``build_backdoored``) run once per arguments and test
+session: every call gets its own copies of the module and the ONNX model, so no test sees
+another's changes, and the global torch RNG is left as a fresh build leaves it. ``export`` is
+the tests' one exporter (legacy or dynamo); ``model_folder`` the one folder of test models.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -74,19 +84,54 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def export(model: nn.Module, shape: tuple[int, ...], opset: int = 17) -> onnx.ModelProto:
-    """Legacy-exporter ONNX of ``model`` in eval mode, dynamic batch, names input/logits."""
-    buffer = io.BytesIO()
+def export(model: nn.Module, shape: tuple[int, ...], opset: int | None = 17, *, exporter: str = "legacy",
+           dynamic_batch: bool = True, names: bool = True, example: torch.Tensor | None = None) -> onnx.ModelProto:
+    """ONNX of ``model`` in eval mode, by torch's ``legacy`` (TorchScript) or ``dynamo`` exporter.
+
+    ``dynamic_batch``: the batch dimension is dynamic ("N"); otherwise the example's batch is
+    fixed. ``names``: input "input", output "logits"; otherwise the exporter's own names.
+    ``example``: the input traced (default ``torch.rand(*shape)``, from the global RNG).
+    ``opset`` None: the exporter's default (dynamo only).
+    """
+    example = torch.rand(*shape) if example is None else example
+    named = {"input_names": ["input"], "output_names": ["logits"]} if names else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(), torch.rand(*shape), buffer, dynamo=False, opset_version=opset,
-            input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-        )
-    return onnx.load_from_string(buffer.getvalue())
+        if exporter == "legacy":
+            buffer = io.BytesIO()
+            dynamic = {"dynamic_axes": {"input": {0: "N"}, "logits": {0: "N"}}} if dynamic_batch else {}
+            torch.onnx.export(model.eval(), example, buffer, dynamo=False, opset_version=opset, **named, **dynamic)
+            return onnx.load_from_string(buffer.getvalue())
+        if exporter != "dynamo":
+            raise ValueError(f"exporter must be 'legacy' or 'dynamo', got {exporter!r}")
+        dynamic = {"dynamic_shapes": ({0: torch.export.Dim("N", min=1, max=1024)},)} if dynamic_batch else {}
+        program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=opset, verbose=False,
+                                    **named, **dynamic)
+        return onnx.load_from_string(program.model_proto.SerializeToString())
 
 
+def _once_per_session(builder):
+    """``builder`` run once per distinct arguments; each call returns its own deep copy of the
+    module and of the ONNX model, and sets the global torch RNG to the state the build left."""
+    signature = inspect.signature(builder)
+    built: dict[tuple, tuple[nn.Module, bytes, torch.Tensor]] = {}
+
+    @functools.wraps(builder)
+    def cached(*args, **kwargs) -> tuple[nn.Module, onnx.ModelProto]:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        key = tuple(bound.arguments.items())
+        if key not in built:
+            module, proto = builder(*args, **kwargs)
+            built[key] = (module, proto.SerializeToString(), torch.get_rng_state())
+        module, data, rng = built[key]
+        torch.set_rng_state(rng)
+        return copy.deepcopy(module), onnx.load_from_string(data)
+
+    return cached
+
+
+@_once_per_session
 def build(kind: str, seed: int = 0, shape: tuple[int, ...] = (1, 1, 8, 8)) -> tuple[nn.Module, onnx.ModelProto]:
     torch.manual_seed(seed)
     model = {"chain": Chain, "preact": TinyPreActResNet}[kind](channels=shape[1])
@@ -162,6 +207,7 @@ def quadrant_images(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+@_once_per_session
 def build_trained(kind: str, seed: int = 0, steps: int = 150) -> tuple[nn.Module, onnx.ModelProto]:
     """A tiny model trained on ``quadrant_images`` (a second): every class is reachable, and
     BatchNorm holds statistics of real training inputs, as in a model a user would bring."""
@@ -208,6 +254,7 @@ def stamp_trigger(x: np.ndarray) -> np.ndarray:
     return out
 
 
+@_once_per_session
 def build_backdoored(target: int | None = 2, seed: int = 0, steps: int = 400,
                      poison: float = 0.15) -> tuple[nn.Module, onnx.ModelProto]:
     """An ``Mlp`` trained on ``block_images``; with a ``target``, ``poison`` of the images carry
@@ -227,3 +274,13 @@ def build_backdoored(target: int | None = 2, seed: int = 0, steps: int = 400,
         loss.backward()
         optimizer.step()
     return model, export(model, (1, 1, 8, 8))
+
+
+def model_folder(folder: Path) -> Path:
+    """The tests' folder of models for batch mode: two tiny classifiers (``chain.onnx``,
+    ``preact.onnx``) and ``broken.onnx``, a file that is no model (it fails with exit 2)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind in ("chain", "preact"):
+        onnx.save(build(kind)[1], folder / f"{kind}.onnx")
+    (folder / "broken.onnx").write_bytes(b"not a model")
+    return folder

@@ -22,15 +22,14 @@ FAST_ARGS = ["--iterations", "3", "--batch-size", "16", "--lr", "1e-2", "--alway
              "--scan-starts", "2", "--scan-steps", "5", "--scan-threshold", "1e9"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """One torch intra-op thread for a module of tests on tiny models.
+    """One torch intra-op thread for every module of tests (they run tiny models).
 
     With a second thread on a busy 2-core machine, torch spends its time waiting for the other
-    thread (a 0.05 s clean took 1.1 s). Use with ``pytestmark = pytest.mark.usefixtures(
-    "one_torch_thread")``; the previous count is restored after the module.
+    thread (a 0.05 s clean took 1.1 s). The previous count is restored after each module.
     """
-    import torch  # here, not at the top: tests that never touch torch do not pay its import
+    import torch  # here, not at the top: collecting the tests does not wait for it
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

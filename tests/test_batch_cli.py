@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -21,7 +20,6 @@ from otbr_onnx.executors import on_worker
 from tests import builders
 from tests.conftest import FAST_ARGS
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SCAN_FAST = ["--scan-starts", "2", "--scan-steps", "5"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """Two tiny classifiers and a file that is no model (it fails with exit 2)."""
-    models = tmp_path_factory.mktemp("models")
-    for kind in ("chain", "preact"):
-        onnx.save(builders.build(kind)[1], models / f"{kind}.onnx")
-    (models / "broken.onnx").write_bytes(b"not a model")
-    return models
+    return builders.model_folder(tmp_path_factory.mktemp("models"))
 
 
 def table(text: str) -> dict[str, dict[str, str]]:

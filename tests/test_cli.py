@@ -59,10 +59,22 @@ def test_default_ratio_is_chosen_and_said_on_stderr(preact, tmp_path):
     assert "chosen on 8 synthesised probes" in result.stderr and "25% disagreement" in result.stderr
 
 
-@pytest.mark.parametrize("args", [["--max-disagreement", "150"], ["--probes", "0"]])
-def test_bad_selection_options_are_usage_errors(args, preact, tmp_path):
+@pytest.mark.parametrize("args, field, value, words", [
+    (["--max-disagreement", "150"], "max_disagreement", 150.0, "--max-disagreement must be in [0, 100], got 150.0"),
+    (["--probes", "0"], "probes", 0, "--probes must be >= 1, got 0"),
+])
+def test_bad_selection_options_are_usage_errors(args, field, value, words, preact, tmp_path):
+    """Refused twice over: on the command line by click's range (exit 2, the option named,
+    nothing written), and for a library caller, who bypasses click, by ``CleanOptions.validate``,
+    which ``clean`` runs before anything else."""
+    from otbr_onnx import CleanOptions, clean
+    from otbr_onnx.errors import UsageError
+
     result = CliRunner().invoke(main, ["clean", str(preact), str(tmp_path / "o.onnx"), *args])
-    assert result.exit_code == 2 and not (tmp_path / "o.onnx").exists()
+    assert result.exit_code == 2 and args[0] in result.stderr and not (tmp_path / "o.onnx").exists()
+    with pytest.raises(UsageError) as refused:
+        clean(str(preact), CleanOptions(**{field: value}))
+    assert str(refused.value) == words
 
 
 def _one_error_line(result) -> str:
@@ -164,7 +176,17 @@ def test_verify_accepts_a_cleaned_model_and_rejects_a_changed_graph(preact, tmp_
     result = CliRunner().invoke(main, ["verify", str(preact), str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["same_graph"] and report["moved"] and 0.0 <= report["top1_agreement"] <= 1.0
+    from converters import runtime
+    from converters.write_back import changed_initializers
+
+    original, cleaned = onnx.load(preact), onnx.load(out)
+    assert report["same_graph"] and set(report["moved"]) == set(changed_initializers(original, cleaned))
+    x = runtime.random_inputs((1, 1, 8, 8), 64, 0)  # verify's default --samples, seed 0, inputs in [0, 1)
+    top1 = [runtime.run(runtime.session(m), "input", "logits", x).argmax(1) for m in (original, cleaned)]
+    agreement = np.mean(top1[0] == top1[1])
+    assert report["top1_agreement"] == pytest.approx(agreement)
+    same = json.loads(CliRunner().invoke(main, ["verify", str(preact), str(preact), "--json"]).stdout)
+    assert same["same_graph"] and same["moved"] == {} and same["top1_agreement"] == 1.0
     tampered = onnx.load(out)
     tampered.graph.node[0].name = "renamed"
     bad = tmp_path / "tampered.onnx"
@@ -174,11 +196,7 @@ def test_verify_accepts_a_cleaned_model_and_rejects_a_changed_graph(preact, tmp_
 
 
 def test_batch_cleans_a_folder_isolates_failures_and_resumes(tmp_path):
-    models = tmp_path / "models"
-    models.mkdir()
-    for kind in ("chain", "preact"):
-        onnx.save(builders.build(kind)[1], models / f"{kind}.onnx")
-    (models / "broken.onnx").write_bytes(b"not a model")
+    models = builders.model_folder(tmp_path / "models")
     out = tmp_path / "out"
     args = ["clean", str(models), str(out), *FAST, "--jobs", "2"]
     result = CliRunner().invoke(main, args)
@@ -235,3 +253,20 @@ def test_a_ratio_over_budget_is_refused_with_one_line_and_no_output(tmp_path):
     assert result.exit_code == 3
     assert "no prune ratio stays within --max-acc-drop 0" in _one_error_line(result)
     assert not out.exists()
+
+
+def test_verify_scan_keeps_the_users_limits(preact, monkeypatch):
+    """``verify --scan`` scans both models under the ``--max-*`` limits given, not the defaults."""
+    import otbr_onnx.pipeline
+
+    seen = []
+
+    def fake_scan(model, options):
+        seen.append(options.limits)
+        return type("Report", (), {"report": {"scan": {}}})()
+
+    monkeypatch.setattr(otbr_onnx.pipeline, "scan", fake_scan)
+    result = CliRunner().invoke(main, ["verify", str(preact), str(preact), "--scan", "--json",
+                                       "--max-nodes", "4321", "--max-tensor-elements", "98765432"])
+    assert result.exit_code == 0, result.output
+    assert [(lim.max_nodes, lim.max_tensor_elements) for lim in seen] == [(4321, 98765432)] * 2

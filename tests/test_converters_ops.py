@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -22,7 +21,11 @@ from torch import nn
 import converters.ops as extra_ops
 import onnx2torch
 from onnx2torch.node_converters.registry import get_converter
-from tests.builders import ort_run
+from tests.builders import export, ort_run
+
+# torch's dynamo exporter as it is, its own names and a fixed batch. Never skipped: onnxscript is
+# a test dependency, and an exporter failure is a failure of the test (as in test_coverage.py).
+DYNAMO = dict(exporter="dynamo", dynamic_batch=False, names=False)
 
 RNG = np.random.default_rng(0)
 TIGHT = dict(rtol=1e-6, atol=1e-6)
@@ -437,15 +440,6 @@ class TinyVit(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
-def export_with_dynamo(model: nn.Module, example: torch.Tensor, opset: Optional[int]) -> onnx.ModelProto:
-    """Export with torch's dynamo exporter. Never skipped: onnxscript is a test dependency, and an
-    exporter failure is a failure of this test (as in tests/test_coverage.py's matrix)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, verbose=False)
-    return onnx.load_from_string(program.model_proto.SerializeToString())
-
-
 def op_types(model: onnx.ModelProto) -> set:
     return {node.op_type for node in model.graph.node}
 
@@ -453,7 +447,7 @@ def op_types(model: onnx.ModelProto) -> set:
 def test_dynamo_mean_pool_cnn_opset18() -> None:
     torch.manual_seed(0)
     model = MeanPoolCnn().eval()
-    onnx_model = export_with_dynamo(model, torch.randn(2, 3, 16, 16), opset=18)
+    onnx_model = export(model, (2, 3, 16, 16), 18, **DYNAMO, example=torch.randn(2, 3, 16, 16))
     assert "ReduceMean" in op_types(onnx_model)  # the op this test is about
     feeds = {onnx_model.graph.input[0].name: normal(2, 3, 16, 16)}
     assert_matches_onnxruntime(onnx_model, feeds, LOOSE)
@@ -463,6 +457,6 @@ def test_dynamo_mean_pool_cnn_opset18() -> None:
 def test_dynamo_tiny_vit(opset: Optional[int]) -> None:
     torch.manual_seed(0)
     model = TinyVit().eval()
-    onnx_model = export_with_dynamo(model, torch.randn(2, 3, 32, 32), opset=opset)
+    onnx_model = export(model, (2, 3, 32, 32), opset, **DYNAMO, example=torch.randn(2, 3, 32, 32))
     feeds = {onnx_model.graph.input[0].name: normal(2, 3, 32, 32)}
     assert_matches_onnxruntime(onnx_model, feeds, LOOSE)

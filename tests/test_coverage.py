@@ -36,7 +36,6 @@ from tests import zoo
 from tests.builders import logits, weight_neurons
 from tests.conftest import FAST
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MATRIX = CleanOptions(**{**FAST, "iterations": 2, "batch_size": 8, "prune_ratio": 0.1})
 LAMBDA_ZERO = replace(MATRIX, fusion_lambda=0.0, iterations=1)

@@ -104,9 +104,19 @@ def metrics(acc: float, asr: float | None) -> Metrics:
     ],
 )
 def test_der_formula(before: tuple, after: tuple, expected: float) -> None:
-    rating = der(metrics(*before), metrics(*after))
-    assert rating == pytest.approx(expected)
-    assert 0.0 <= rating <= 1.0
+    assert der(metrics(*before), metrics(*after)) == pytest.approx(expected)
+
+
+def test_der_stays_in_0_1_at_every_extreme() -> None:
+    """The clamps keep DER in [0, 1] where the plain formula leaves it: ASR rising (0 -> 100)
+    with ACC falling (100 -> 0) would give (-1 - 1 + 1) / 2 = -0.5, and ACC rising while ASR
+    falls would give above 1."""
+    ends = (0.0, 50.0, 100.0)
+    ratings = [der(metrics(acc0, asr0), metrics(acc1, asr1))
+               for acc0 in ends for asr0 in ends for acc1 in ends for asr1 in ends]
+    assert min(ratings) == 0.0 and max(ratings) == 1.0
+    assert der(metrics(100.0, 0.0), metrics(0.0, 100.0)) == 0.0  # -0.5 unclamped
+    assert der(metrics(0.0, 100.0), metrics(100.0, 0.0)) == 1.0  # 1.5 unclamped: an ACC gain is not rewarded
 
 
 def test_der_is_none_without_asr() -> None:

@@ -303,7 +303,7 @@ def test_unexpected_library_errors_while_loading_are_refusals(failure, code: int
     def broken(*_args, **_kwargs):
         raise failure
 
-    monkeypatch.setattr("otbr_onnx.load._check_constants", broken)
+    monkeypatch.setattr("otbr_onnx.load.checks.check_constants", broken)
     line = one_error(invoke("inspect", model_file(tmp_path)), code)
     assert "internal error" not in line
 

@@ -34,7 +34,6 @@ from tests.conftest import FAST_ARGS
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("matplotlib")
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SARIF_SCHEMA = json.loads((Path(__file__).parent / "sarif-schema-2.1.0.json").read_text())
 REPORT_SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "report.schema.json").read_text())
@@ -78,7 +77,7 @@ def hostile_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
-def cleaned(tmp_path_factory, one_torch_thread):
+def cleaned(tmp_path_factory):
     """The backdoored MLP cleaned through the CLI, from its own folder (relative paths, as in CI)."""
     folder = tmp_path_factory.mktemp("cleaned")
     _, model = builders.build_backdoored(TARGET)
@@ -92,7 +91,7 @@ def cleaned(tmp_path_factory, one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory, one_torch_thread):
+def hostile(tmp_path_factory):
     """A hostile copy of the backdoored MLP under a hostile file name, cleaned through the CLI."""
     folder = tmp_path_factory.mktemp("hostile")
     _, model = builders.build_backdoored(TARGET)

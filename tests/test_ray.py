@@ -39,12 +39,7 @@ def cluster():
 
 @pytest.fixture()
 def folder(tmp_path) -> Path:
-    models = tmp_path / "models"
-    models.mkdir()
-    for kind in ("chain", "preact"):
-        onnx.save(builders.build(kind)[1], models / f"{kind}.onnx")
-    (models / "broken.onnx").write_bytes(b"not a model")  # fails with exit 2
-    return models
+    return builders.model_folder(tmp_path / "models")
 
 
 def _summary(out: Path) -> dict:

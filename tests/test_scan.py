@@ -73,6 +73,41 @@ def test_robust_z_singles_out_the_outlier_and_not_its_neighbours():
     assert robust_z(np.array([1.0, 1.0, 1.1, 0.9, 50.0]))[-1] > 100
 
 
+def _robust_z_as_written_before(statistics: np.ndarray) -> np.ndarray:
+    """robust_z as it was hand-written before scipy's median_abs_deviation (issue 22)."""
+    from otbr_onnx.detect import MAD_TO_SIGMA, MIN_SPREAD
+
+    values = np.asarray(statistics, dtype=np.float64)
+    z = np.zeros_like(values)
+    for c in range(len(values)):
+        others = np.delete(values, c)
+        if others.size == 0:
+            continue
+        median = np.median(others)
+        spread = MAD_TO_SIGMA * np.median(np.abs(others - median))
+        spread = max(spread, MIN_SPREAD * max(abs(median), 1.0))
+        z[c] = (values[c] - median) / spread
+    return z
+
+
+@pytest.mark.parametrize("values", [
+    np.random.default_rng(0).normal(3.0, 1.0, 10),  # a typical scan
+    np.random.default_rng(1).gamma(2.0, 5.0, 1000),  # ImageNet's class count, skewed
+    np.r_[np.random.default_rng(2).normal(2.0, 0.3, 9), 40.0],  # one backdoor
+    np.array([4.0, 4.0, 4.0, 4.0, 4.0, 4.0]),  # no spread: the MIN_SPREAD floor, median above 1
+    np.array([0.2, 0.2, 0.2, 0.2, 0.3]),  # the floor at its 1.0 minimum (median below 1)
+    np.array([-50.0, -50.0, -50.0, -49.0, -50.0]),  # the floor with a negative median
+    np.array([1.0, 1.0, 1.0, 1.0 + 1e-9, 7.0]),  # a spread just under the floor
+    np.array([1.0, 2.0]),  # two classes: even counts, a median between two values
+    np.array([5.0]),  # one class: nothing to compare with
+    np.array([]),
+])
+def test_robust_z_is_bit_for_bit_the_hand_written_formula(values):
+    """scipy's MAD times 1.4826 gives the same bits as the old hand-written MAD: every z, and so
+    every verdict and cleaned model, is unchanged."""
+    np.testing.assert_array_equal(robust_z(values), _robust_z_as_written_before(values))
+
+
 def test_robust_z_of_identical_values_is_finite_and_zero():
     assert np.all(robust_z(np.full(6, 4.0)) == 0.0)
 

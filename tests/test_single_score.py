@@ -24,7 +24,6 @@ from otbr_onnx.load import load_proto
 from otbr_onnx.verify import verify
 from test_storage import assert_same_graph
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SHAPE = (1, 1, 8, 8)
 
 

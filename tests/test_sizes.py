@@ -8,9 +8,7 @@ and where no BatchNorm runs in train mode the results do not depend on it.
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 
 import numpy as np
 import onnx
@@ -27,7 +25,6 @@ from otbr_onnx.sizing import BatchPlan, Chunking, parse_size
 from tests import builders
 from tests.conftest import FAST, FAST_ARGS
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class BatchInReshape(nn.Module):
@@ -45,24 +42,14 @@ class BatchInReshape(nn.Module):
         return self.fc(x.reshape(self.batch, -1))
 
 
-def export_fixed(model: nn.Module, batch: int = 1) -> onnx.ModelProto:
-    """The legacy export with no dynamic axes: input (batch, 1, 8, 8), logits (batch, 4)."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), torch.rand(batch, 1, 8, 8), buffer, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"])
-    return onnx.load_from_string(buffer.getvalue())
-
-
 def chain_fixed() -> onnx.ModelProto:
     torch.manual_seed(0)
-    return export_fixed(builders.Chain())
+    return builders.export(builders.Chain(), (1, 1, 8, 8), dynamic_batch=False)
 
 
 def reshape_fixed(batch: int = 1) -> onnx.ModelProto:
     torch.manual_seed(0)
-    return export_fixed(BatchInReshape(batch), batch)
+    return builders.export(BatchInReshape(batch), (batch, 1, 8, 8), dynamic_batch=False)
 
 
 def _clean_cli(model: onnx.ModelProto, tmp_path, *extra: str) -> tuple[int, str, dict | None]:

@@ -24,7 +24,6 @@ from otbr_onnx.cli import main
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.verify import verify
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SHAPE = (1, 1, 8, 8)
 OPTIONS = CleanOptions(**FAST, prune_ratio=0.25)
 

@@ -16,7 +16,6 @@ from converters.write_back import changed_initializers
 from otbr_onnx.verify import graph_difference
 from tests import third_party
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _source(model: third_party.ThirdPartyModel):

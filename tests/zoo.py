@@ -28,7 +28,6 @@ cannot convert down).
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ import onnx
 import torch
 from torch import nn
 
+from tests import builders
 from tests.builders import TinyPreActResNet, randomise_bn
 
 # --------------------------------------------------------------------------------------------
@@ -730,7 +730,7 @@ def export(model: nn.Module, shape: tuple[int, ...], exporter: str, opset: int) 
     try:
         with warnings.catch_warnings(), _quiet_loggers():
             warnings.simplefilter("ignore")
-            proto = (_legacy if exporter == "legacy" else _dynamo)(model.eval(), example, opset)
+            proto = builders.export(model, shape, opset, exporter=exporter, example=example)
     except Exception as error:  # noqa: BLE001 - any exporter failure is reported as such
         raise ExportError(f"{exporter} exporter, opset {opset}: {type(error).__name__}: {error}") from error
     written = next(e.version for e in proto.opset_import if e.domain in ("", "ai.onnx"))
@@ -750,21 +750,3 @@ def _quiet_loggers() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def _legacy(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        model, example, buffer, dynamo=False, opset_version=opset, input_names=["input"],
-        output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-    )
-    return onnx.load_from_string(buffer.getvalue())
-
-
-def _dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
-    batch = torch.export.Dim("N", min=1, max=1024)
-    program = torch.onnx.export(
-        model, (example,), dynamo=True, opset_version=opset, input_names=["input"],
-        output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
-    )
-    return onnx.load_from_string(program.model_proto.SerializeToString())

@@ -174,10 +174,14 @@ class ReferenceSet:
 
 
 def reference_set(prepared: "PreparedModel", options: CleanOptions, progress: Progress | None = None) -> ReferenceSet:
-    """The user's calibration images, or probes synthesised from the model and labelled by it."""
+    """The user's calibration images, the user's own images (``--data``: labelled with their
+    given labels, else with the original's own answers, so the score is top-1 agreement), or
+    probes synthesised from the model and labelled by it."""
     if options.calibration is not None:
         x, y = _calibration_images(prepared, options)
         return ReferenceSet("calibration images", "accuracy", options.max_acc_drop, x, y)
+    if options.data is not None:
+        return _data_images(prepared, options)
     loaded = prepared.loaded
     config = probes.ProbeConfig(count=options.probes, seed=options.seed, device=prepared.device,
                                 input_range=options.input_range, chunking=prepared.probe_chunking)
@@ -258,6 +262,21 @@ def refusal(selection: Selection, target: int | None) -> FidelityBudgetError:
         f"no prune ratio stays within {option} {selection.budget:g}: the smallest, {last.ratio}, {damage}; "
         f"refusing to write a damaged model (raise {option}, or force one with --prune-ratio)"
     )
+
+
+def _data_images(prepared: "PreparedModel", options: CleanOptions) -> ReferenceSet:
+    """``--data``: real images instead of probes. With labels the score is accuracy; without, the
+    share of images on which the candidate gives the original's answer (the original scores 100)."""
+    from otbr_onnx.data import load_images
+
+    images = load_images(options.data, prepared.loaded.input_shape, options.input_range, options.data_mean,
+                         options.data_std, options.limits)
+    if images.y is not None:
+        return ReferenceSet(f"labelled user images ({images.source})", "accuracy", options.max_acc_drop,
+                            images.x, images.y)
+    answers = prepared.outputs(prepared.module, images.x).argmax(axis=1)
+    return ReferenceSet(f"user images ({images.source}), the original's answers", "accuracy",
+                        options.max_acc_drop, images.x, answers)
 
 
 def _calibration_images(prepared: "PreparedModel", options: CleanOptions) -> tuple[np.ndarray, np.ndarray]:

@@ -270,3 +270,24 @@ def test_verify_scan_keeps_the_users_limits(preact, monkeypatch):
                                        "--max-nodes", "4321", "--max-tensor-elements", "98765432"])
     assert result.exit_code == 0, result.output
     assert [(lim.max_nodes, lim.max_tensor_elements) for lim in seen] == [(4321, 98765432)] * 2
+
+
+def test_data_without_labels_scores_candidates_by_agreement_with_the_original(tmp_path):
+    """``--data`` (no labels): the ratio rule scores each candidate by top-1 agreement with the
+    original's answers on the user's images, so the original's own score is 100."""
+    _, model = builders.build_trained("preact")
+    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, path)
+    x, _ = builders.quadrant_images(64, seed=4)
+    np.savez(tmp_path / "mine.npz", x=x)
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["clean", str(path), str(out), *FAST[:-2], "--always", "--data",
+                                       str(tmp_path / "mine.npz"), "--max-acc-drop", "100", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    selection = json.loads(report.read_text())["ratio_selection"]
+    assert "user images" in selection["source"] and selection["metric"] == "accuracy"
+    assert selection["baseline"] == 100.0 and selection["images"] == 64
+    answers = builders.logits(model, x).argmax(1)
+    cleaned = builders.logits(onnx.load(out), x).argmax(1)
+    chosen = next(t for t in selection["trials"] if t["ratio"] == selection["chosen_ratio"])
+    assert chosen["score"] == pytest.approx(100.0 * float(np.mean(cleaned == answers)), abs=1e-6)

@@ -180,3 +180,19 @@ def test_poison_dataset_rejects_unknown_attack() -> None:
     x, y = labelled_set(n=10)
     with pytest.raises(KeyError, match="unknown attack"):
         poison_dataset(x, y, "no_such_attack")
+
+
+def test_image_key_is_a_structured_picture_not_noise():
+    """The image key of ``blended_image``: deterministic, in [0, 1], and smooth like a photo
+    (neighbouring pixels mostly equal), where the noise key of ``blend_pattern`` is not."""
+    picture = triggers.image_pattern((3, 28, 28))
+    assert np.array_equal(picture, triggers.image_pattern((3, 28, 28)))
+    assert picture.min() >= 0.0 and picture.max() <= 1.0 and np.ptp(picture) > 0.5
+    assert np.array_equal(picture[0], picture[2])
+
+    def roughness(image: np.ndarray) -> float:
+        return float(np.mean(np.abs(np.diff(image, axis=-1))))
+
+    assert roughness(picture) < roughness(triggers.blend_pattern((3, 28, 28))) / 3
+    x = np.zeros((2, 3, 28, 28), np.float32)
+    assert np.allclose(TRIGGERS["blended_image"](x, alpha=0.2), 0.2 * picture, atol=1e-6)

@@ -2,8 +2,8 @@
 
 ``Images`` is what ``--data PATH`` loads (``images.load_images``: a folder of PNG/JPEG files, or
 an ``.npz`` with ``x`` and optional ``y``), already in the model's input layout, size and value
-range. ``DataSet`` (``stage.py``) adds what the stages need: the original model's own answers as
-labels, and where the images came from (the user's, or synthesised from the model).
+range. Today only the ratio rule's fidelity check reads them (``ratio.reference_set``); a data
+stage object feeding detection and removal as well is open work (issues 20-22).
 """
 
 from otbr_onnx.data.images import Images, load_images

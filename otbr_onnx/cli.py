@@ -396,9 +396,9 @@ def _check_data(model: Path, options) -> None:
 
 
 def _read_data(input_shape: tuple[int, ...], options) -> None:
-    from otbr_onnx.data import load_images
+    from otbr_onnx.data import read_data
 
-    load_images(options.data, input_shape, options.input_range, options.data_mean, options.data_std, options.limits)
+    read_data(options, input_shape)
 
 
 def _batch_options(command):

@@ -267,10 +267,9 @@ def refusal(selection: Selection, target: int | None) -> FidelityBudgetError:
 def _data_images(prepared: "PreparedModel", options: CleanOptions) -> ReferenceSet:
     """``--data``: real images instead of probes. With labels the score is accuracy; without, the
     share of images on which the candidate gives the original's answer (the original scores 100)."""
-    from otbr_onnx.data import load_images
+    from otbr_onnx.data import read_data
 
-    images = load_images(options.data, prepared.loaded.input_shape, options.input_range, options.data_mean,
-                         options.data_std, options.limits)
+    images = read_data(options, prepared.loaded.input_shape)
     if images.y is not None:
         return ReferenceSet(f"labelled user images ({images.source})", "accuracy", options.max_acc_drop,
                             images.x, images.y)

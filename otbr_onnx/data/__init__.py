@@ -6,6 +6,16 @@ range. Today only the ratio rule's fidelity check reads them (``ratio.reference_
 stage object feeding detection and removal as well is open work (issues 20-22).
 """
 
+from __future__ import annotations
+
 from otbr_onnx.data.images import Images, load_images
 
-__all__ = ["Images", "load_images"]
+__all__ = ["Images", "load_images", "read_data"]
+
+
+def read_data(options, input_shape: tuple[int, ...]) -> Images:
+    """``options.data`` (a ``CleanOptions`` with ``data`` set) read for a model whose input is
+    ``input_shape``, with the options' range, mean, std and limits: the one call the CLI's
+    fail-fast check and the stages that use the images share."""
+    return load_images(options.data, input_shape, options.input_range, options.data_mean, options.data_std,
+                       options.limits)

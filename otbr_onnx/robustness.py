@@ -1,0 +1,68 @@
+"""What a user does to a cleaned model after ``clean``, replayed on a copy: re-estimating its
+BatchNorm statistics on clean images (quantisation calibration does the same), and a short
+fine-tuning on clean labelled images.
+
+A removal that only masks a backdoor (Min et al., NeurIPS 2024: "superficial safety") comes back
+under either; ``clean`` replays the recalibration on the user's images and rescans, and the
+benchmarks replay both. Every function here works on a deep copy and leaves its input untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from otbr_onnx.torch_helpers import cross_entropy
+
+
+def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers that keep running statistics (the ones a recalibration rewrites)."""
+    return [layer for layer in module.modules()
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
+            and layer.running_mean is not None]
+
+
+def recalibrate(module: nn.Module, images: np.ndarray, batch: int = 50) -> nn.Module:
+    """A copy of ``module`` whose BatchNorm running statistics are re-estimated from ``images``
+    (a cumulative average over all of them, weights unchanged), in eval mode. A module without
+    BatchNorm comes back as an unchanged copy."""
+    copied = copy.deepcopy(module).eval()
+    layers = batchnorm_layers(copied)
+    if not layers:
+        return copied
+    device = next((p.device for p in copied.parameters()), torch.device("cpu"))
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative moving average: every image counts the same
+        layer.train()
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            copied(torch.as_tensor(images[start:start + batch], dtype=torch.float32, device=device))
+    for layer in layers:
+        layer.momentum = 0.1
+    return copied.eval()
+
+
+def finetune(module: nn.Module, images: np.ndarray, labels: np.ndarray, steps: int = 100, batch: int = 50,
+             lr: float = 1e-3, momentum: float = 0.9, seed: int = 0, output_index: int = 0,
+             is_probability: bool = False) -> nn.Module:
+    """A copy of ``module`` after ``steps`` of SGD on cross-entropy over random batches of
+    (``images``, ``labels``), in train mode (BatchNorm statistics move as in any fine-tuning),
+    returned in eval mode. The benchmark's robustness check (b)."""
+    copied = copy.deepcopy(module).train()
+    device = next((p.device for p in copied.parameters()), torch.device("cpu"))
+    optimiser = torch.optim.SGD([p for p in copied.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    rng = np.random.default_rng(seed)
+    x = torch.as_tensor(images, dtype=torch.float32, device=device)
+    y = torch.as_tensor(labels, dtype=torch.long, device=device)
+    with torch.enable_grad():
+        for _ in range(steps):
+            index = torch.as_tensor(rng.choice(len(x), size=min(batch, len(x)), replace=False), device=device)
+            loss = cross_entropy(copied(x[index]), y[index], output_index, is_probability)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+    return copied.eval()

@@ -17,6 +17,13 @@ METHODS = ("otbr", "prune-only", "clp")
 #   nwc:        the paper's neuron weight change under random unlearning;
 #   auto:       activation when the scan suspects a class, else nwc.
 RANKINGS = ("auto", "activation", "nwc")
+# How the backdoor is removed (otbr_onnx/removers/):
+#   pruning:     ranking + pruning + OT fusion (``method`` picks OTBR, prune-only or CLP), data-free;
+#   adversarial: adversarial unlearning on the user's images (--data): triggers the model still
+#                obeys are found and the weight layers are fine-tuned to ignore them while keeping
+#                the original's answers;
+#   auto:        adversarial when --data is given, else pruning.
+REMOVERS = ("auto", "pruning", "adversarial")
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class CleanOptions:
     # None: chosen per model (ratio.py). A number fixes it.
     prune_ratio: float | None = None
     method: str = "otbr"  # "otbr", "prune-only" (stage 1 alone) or "clp" (baseline)
+    remover: str = "auto"  # see REMOVERS
     reference: bool = False  # the published method: no scan, NWC ranking, fixed gamma
     # With clean images (an npz of x/y) the ratio rule scores accuracy on them under max_acc_drop
     # points instead of soft agreement on probes. Never triggered data.
@@ -111,6 +119,14 @@ class CleanOptions:
         return replace(base, **overrides)
 
     @property
+    def resolved_remover(self) -> str:
+        """The remover ``auto`` stands for: adversarial unlearning given images, else pruning.
+        The published method (``reference``) and an explicit ``clp`` always prune."""
+        if self.remover != "auto":
+            return self.remover
+        return "adversarial" if self.data is not None and not self.reference and self.method == "otbr" else "pruning"
+
+    @property
     def scans(self) -> bool:
         """Whether ``clean`` runs the scan (and the rescan): every method but the published one."""
         return not self.reference
@@ -138,6 +154,10 @@ class CleanOptions:
             raise UsageError(f"--probes must be >= 1, got {self.probes}")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.remover not in REMOVERS:
+            raise UsageError(f"--remover must be one of {', '.join(REMOVERS)}, got {self.remover!r}")
+        if self.remover == "adversarial" and self.data is None:
+            raise UsageError("--remover adversarial learns from the user's images: give --data")
         if self.ranking not in RANKINGS:
             raise UsageError(f"--ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
         if self.reference and self.ranking == "activation":

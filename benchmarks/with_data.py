@@ -31,10 +31,12 @@ when already there, so an interrupted run continues where it stopped):
 
 Needs Debian's dataset-fashion-mnist (``apt-get install dataset-fashion-mnist``) and the cached
 models of benchmarks/backdoored.py (``python benchmarks/backdoored.py --data-models``; trained on
-the spot otherwise, which takes long on CPU). Cost on 2 shared CPU cores, one thread: a small
-model's row takes from seconds (finetune, default on an unflagged model) to minutes (a
-flagged model's ratio rule, each with the scan); the robustness checks add a few seconds per row.
-The whole grid (22 models x 3 sizes x 5 methods) takes hours: run it under ``--resume``.
+the spot otherwise, which takes long on CPU). Cost on 2 shared CPU cores, one thread (smoke run,
+PreAct): 4-11 s per row for default, data, clp and finetune (a clean's seconds include its scan,
+about 5 s), plus about 6 s per row for the checks (a) and (b) and 5 s per model to load, measure
+and scan. The grid of 22 models is 22 x (2 data-free + 3 data methods x 3 sizes) = 242 rows:
+about an hour without the adversarial remover, whose cost is not known yet; run it under
+``--resume``.
 """
 
 from __future__ import annotations
@@ -375,6 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--render-only", action="store_true", help="only render --out/--json from --resume")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "WITH_DATA.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and summaries as JSON")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's header")
     args = parser.parse_args(argv)
     models = "preact:badnets,preact:clean" if args.quick else args.models
     args.models = [m for m in models.split(",") if m] if models else list(DATA_MODELS)
@@ -422,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - began:6.0f}s] {message}", file=sys.stderr, flush=True)
 
-    notes: list[str] = []
+    notes: list[str] = list(args.note)
     if "adversarial" in args.methods and not remover_available():
         args.methods.remove("adversarial")
         notes.append("`adversarial` skipped: this tree has no adversarial remover yet (CleanOptions.remover "

@@ -34,7 +34,7 @@ models of benchmarks/backdoored.py (``python benchmarks/backdoored.py --data-mod
 the spot otherwise, which takes long on CPU). Cost on 2 shared CPU cores, one thread (smoke run,
 PreAct): 4-11 s per row for default, data, clp and finetune (a clean's seconds include its scan,
 about 5 s), plus about 6 s per row for the checks (a) and (b) and 5 s per model to load, measure
-and scan. The grid of 22 models is 22 x (2 data-free + 3 data methods x 3 sizes) = 242 rows:
+and scan. The grid of 22 models is 22 x (3 data-free + 3 data methods x 3 sizes) = 264 rows:
 about an hour without the adversarial remover, whose cost is not known yet; run it under
 ``--resume``.
 """
@@ -115,6 +115,9 @@ METHODS: dict[str, Method] = {
     # Every model, as the CLP baseline of benchmarks/defense.py (CLP itself has no scan).
     "clp": Method(lambda path: CleanOptions(method="clp", always=True), False,
                   "CleanOptions(method='clp', always=True): the data-free baseline on every model"),
+    # The paper's settings as benchmarks/defense.py runs them (no scan, NWC ranking, gamma 0.05).
+    "published": Method(lambda path: CleanOptions.published(prune_ratio=0.05), False,
+                        "CleanOptions.published(prune_ratio=0.05): the paper's settings, no scan"),
     "finetune": Method(None, True, f"plain fine-tuning on the N images labelled by the original model: "
                                    f"{FINETUNE_STEPS} steps SGD lr {FINETUNE_LR:g} momentum {MOMENTUM}, "
                                    f"batch {FINETUNE_BATCH}"),

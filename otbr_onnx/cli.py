@@ -598,6 +598,11 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
                    "--max-acc-drop on --calibration images.")
 @click.option("--method", type=click.Choice(["otbr", "prune-only", "clp"]), default="otbr", show_default=True,
               help="otbr: the full method; prune-only: stage 1 alone (ablation); clp: channel-Lipschitz pruning baseline.")
+@click.option("--remover", type=click.Choice(["auto", "pruning", "adversarial"]), default="auto", show_default=True,
+              help="How the backdoor is removed. adversarial: triggers found on your --data images are "
+                   "unlearnt while the original's answers are kept, and a BatchNorm recalibration must not "
+                   "bring them back (needs --data); pruning: ranking + pruning + OT fusion (--method), "
+                   "data-free; auto: adversarial with --data, else pruning.")
 @click.option("--calibration", type=_RegularFile(),
               help="npz of CLEAN images (x, y) you trust: choose the prune ratio under --max-acc-drop on them.")
 @click.option("--max-acc-drop", type=click.FloatRange(min=0), default=2.0, show_default=True,
@@ -632,7 +637,7 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
 @_limit_options
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, ranking, scan_starts, scan_steps,
           scan_threshold, max_classes, iterations, batch_size, micro_batch, max_memory, lr,
-          fusion_lambda, prune_ratio, method, calibration, max_acc_drop, data_path, data_mean, data_std,
+          fusion_lambda, prune_ratio, method, remover, calibration, max_acc_drop, data_path, data_mean, data_std,
           max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
           jobs, executor, address, cpus_per_model, gpus_per_model, as_json, output_format, sarif_path, html_path,
           quiet, verbose, debug, **limits) -> None:
@@ -670,8 +675,8 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             reference,
             {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
              "prune_ratio": prune_ratio},
-            method=method, always=always, ranking=ranking, scan_starts=scan_starts, scan_steps=scan_steps,
-            scan_threshold=scan_threshold, seed=seed, device=device, input_shape=input_shape,
+            method=method, remover=remover, always=always, ranking=ranking, scan_starts=scan_starts,
+            scan_steps=scan_steps, scan_threshold=scan_threshold, seed=seed, device=device, input_shape=input_shape,
             output_name=output_name,
             input_range=input_range, micro_batch=micro_batch, max_memory=max_memory, ort_provider=ort_provider,
             calibration=calibration, max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes,

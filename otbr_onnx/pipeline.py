@@ -1,11 +1,19 @@
 """``scan`` and ``clean``: the stages in order, each one module and one call.
 
     1 prepare  (prepare.py)  load, validate, convert, conversion parity
+      data     (data/)       the user's images (--data), read once; None without them
     2 detect   (detect.py)   is there a backdoor, which class?      -> nothing found: model unchanged
+    then one remover (``CleanOptions.resolved_remover``):
+      pruning (data-free, or --remover pruning):
     3 rank     (rank.py)     target-aware activation score, or NWC after random unlearning
     4 select   (ratio.py)    candidates pruned and fused (repair.py), each checked for fidelity and
                              rescanned; the smallest one the rescan clears is kept (nothing
                              suspected, ``always``: the largest within the fidelity budget)
+      adversarial (--data):
+    3 unlearn  (removers/adversarial.py)  triggers found on the user's images are unlearnt, the
+                             original's answers kept; the round chosen on held-out images; a
+                             BatchNorm recalibration must not bring the triggers back
+    4 rescan   (detect.py)   the scan again on the cleaned module
     5 emit     (emit.py)     weights written back into the original graph, onnxruntime parity
     6 report   (report.py)   one JSON report assembled from the stage results
 
@@ -37,6 +45,8 @@ from otbr_onnx.ratio import Selection, select
 from otbr_onnx.repair import Repair, repair
 from otbr_onnx.emit import emit
 from otbr_onnx.detect import ScanResult, detect, rescan_module, scan_config
+from otbr_onnx.data import Images, read_data
+from otbr_onnx.removers import adversarial
 
 __all__ = ["CleanOptions", "CleanResult", "Experiment", "ScanReport", "clean", "clean_prepared", "scan"]
 
@@ -131,6 +141,10 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
             report = reporting.unchanged_report(prepared, options, detection, timer.seconds, command)
             return CleanResult(prepared.loaded.proto, report, None, changed=False, detection=detection,
                                original_bytes=_original_bytes(prepared))
+    if options.resolved_remover == "adversarial":
+        with timer.stage("data"):
+            images = read_images(prepared, options)
+        return clean_adversarially(prepared, options, detection, images, progress, command, timer)
     with timer.stage("ranking"):
         ranking = rank(prepared, options, detection, progress)
     with timer.stage("ratio_selection" if selects_ratio(options, ranking) else "repair"):
@@ -143,6 +157,32 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
                                     timer.seconds, command, notes, float_copy)
     pruned = {prepared.layers[i].label: int(m.sum()) for i, m in chosen.masks.items() if m.any()}
     return CleanResult(cleaned, report, after, pruned, True, detection)
+
+
+def read_images(prepared: PreparedModel, options: CleanOptions) -> Images | None:
+    """The data stage: ``--data`` read once for this model (None without it)."""
+    return read_data(options, prepared.loaded.input_shape) if options.data is not None else None
+
+
+def clean_adversarially(prepared: PreparedModel, options: CleanOptions, detection: ScanResult | None,
+                        images: Images, progress: Progress | None, command: list[str] | None,
+                        timer: Timer) -> CleanResult:
+    """Stages 3-6 with the adversarial remover: unlearn on the user's images, rescan, emit, report."""
+    targets = list(detection.suspected) if detection is not None else []
+    with timer.stage("unlearning"):
+        removal = adversarial.remove(prepared, images.x, targets, options, progress)
+    with timer.stage("rescan"):
+        rescan = None
+        if detection is not None:
+            loaded = prepared.loaded
+            rescan = rescan_module(prepared.with_weights(removal.weights), loaded.input_shape, detection,
+                                   loaded.output_index, loaded.output_is_probability,
+                                   scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
+    with timer.stage("write_back_parity"):
+        cleaned, after, notes, float_copy = emit(prepared, removal.weights)
+    report = reporting.removal_report(prepared, options, detection, removal, rescan, after, timer.seconds,
+                                      command, notes, float_copy, images)
+    return CleanResult(cleaned, report, after, {}, True, detection)
 
 
 def rank(prepared: PreparedModel, options: CleanOptions, detection: ScanResult | None,

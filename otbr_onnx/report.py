@@ -208,6 +208,32 @@ def clean_report(prepared: "PreparedModel", options: "CleanOptions", detection: 
     }
 
 
+def removal_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult | None",
+                   removal, rescan: "ScanResult | None", after: "Parity", seconds: dict[str, float],
+                   command: list[str] | None, notes: "WriteNotes | None", float_copy: "Parity | None",
+                   images) -> dict:
+    """The report of a ``clean`` whose remover was adversarial unlearning on the user's images."""
+    targets = removal.log.targets
+    verdict = (f"backdoor suspected (class {', '.join(map(str, targets))}): triggers found on the user's images "
+               f"unlearnt (held-out reach {removal.log.rounds[removal.log.chosen - 1].worst_reach:.0f}%)"
+               if targets else "no class suspected: cleaned anyway (--always), untargeted unlearning")
+    return {
+        **_header(prepared, options, command),
+        "output": {"path": None, "sha256": None},
+        "verdict": verdict,
+        "changed": True,
+        "scan": detection.as_dict() if detection is not None else None,
+        "rescan": rescan.as_dict() if rescan is not None else None,
+        "data": {"source": images.source, "images": int(len(images.x)), "labelled": images.y is not None,
+                 "notes": list(images.notes)},
+        "removal": removal.as_dict(),
+        "parity": {"conversion": prepared.conversion_parity.as_dict(), "output": after.as_dict(),
+                   **({"float_copy": float_copy.as_dict()} if float_copy is not None else {})},
+        "storage": storage_summary(prepared, notes),
+        "seconds": seconds,
+    }
+
+
 def as_written(report: dict, path, sha256: str, extra: dict | None = None) -> dict:
     """``report`` once its model is written: the output's path and sha256, and what the writer adds
     (batch mode: the options key that makes a rerun skip the model). A new dict."""

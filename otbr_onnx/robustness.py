@@ -54,7 +54,10 @@ def finetune(module: nn.Module, images: np.ndarray, labels: np.ndarray, steps: i
     returned in eval mode. The benchmark's robustness check (b)."""
     copied = copy.deepcopy(module).train()
     device = next((p.device for p in copied.parameters()), torch.device("cpu"))
-    optimiser = torch.optim.SGD([p for p in copied.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    params = [p for p in copied.parameters() if p.dtype.is_floating_point]
+    for p in params:  # a copy of a frozen module still fine-tunes, as the user's would
+        p.requires_grad_(True)
+    optimiser = torch.optim.SGD(params, lr=lr, momentum=momentum)
     rng = np.random.default_rng(seed)
     x = torch.as_tensor(images, dtype=torch.float32, device=device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)

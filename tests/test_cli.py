@@ -281,8 +281,9 @@ def test_data_without_labels_scores_candidates_by_agreement_with_the_original(tm
     x, _ = builders.quadrant_images(64, seed=4)
     np.savez(tmp_path / "mine.npz", x=x)
     report = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["clean", str(path), str(out), *FAST[:-2], "--always", "--data",
-                                       str(tmp_path / "mine.npz"), "--max-acc-drop", "100", "--report", str(report)])
+    result = CliRunner().invoke(main, ["clean", str(path), str(out), *FAST[:-2], "--always", "--remover", "pruning",
+                                       "--data", str(tmp_path / "mine.npz"), "--max-acc-drop", "100",
+                                       "--report", str(report)])
     assert result.exit_code == 0, result.output
     selection = json.loads(report.read_text())["ratio_selection"]
     assert "user images" in selection["source"] and selection["metric"] == "accuracy"

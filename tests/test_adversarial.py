@@ -1,0 +1,137 @@
+"""The adversarial remover (otbr_onnx/removers/adversarial.py) and the trigger families it searches
+(otbr_onnx/triggers.py), on the tests' BadNets MLP: a 2x2 checkerboard in the corner sends any
+image to class 2."""
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from otbr_onnx import CleanOptions, triggers
+from otbr_onnx.cli import main
+from otbr_onnx.errors import UsageError
+from otbr_onnx.pipeline import clean
+from otbr_onnx.removers import adversarial
+from tests import builders
+
+TARGET = 2
+
+
+def _asr(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    keep = y != TARGET
+    return float(np.mean(builders.logits(model, builders.stamp_trigger(x[keep])).argmax(1) == TARGET))
+
+
+@pytest.fixture(scope="module")
+def backdoored(tmp_path_factory):
+    _, model = builders.build_backdoored(TARGET)
+    folder = tmp_path_factory.mktemp("adv")
+    path = folder / "bd.onnx"
+    onnx.save(model, path)
+    x, _ = builders.block_images(200, seed=11)  # the user's clean, unlabeled images
+    np.savez(folder / "mine.npz", x=x)
+    return path, folder / "mine.npz", model
+
+
+def test_adversarial_clean_removes_the_patch_backdoor_and_keeps_answers(backdoored, tmp_path):
+    path, data, model = backdoored
+    x, y = builders.block_images(400, seed=99)  # test images, never seen by the remover
+    assert _asr(model, x, y) > 0.9
+    options = CleanOptions(data=str(data), remover="adversarial", always=True, scan_starts=2, scan_steps=20)
+    result = clean(path, options)
+    cleaned = result.model
+    assert _asr(cleaned, x, y) < 0.2
+    before, after = builders.logits(model, x).argmax(1), builders.logits(cleaned, x).argmax(1)
+    assert np.mean(before == after) > 0.9
+    removal = result.report["removal"]
+    assert removal["remover"] == "adversarial" and removal["chosen_round"] >= 1
+    assert removal["images"] == {"train": 150, "holdout": 50}
+    assert result.report["data"]["images"] == 200 and result.parity.ok
+    # graph surgery, not a new graph: the same nodes, only initializer values changed
+    assert [n.op_type for n in cleaned.graph.node] == [n.op_type for n in model.graph.node]
+    changed = [t.name for t, u in zip(cleaned.graph.initializer, model.graph.initializer)
+               if t.raw_data != u.raw_data]
+    assert changed and all(name.startswith("fc") for name in changed)
+
+
+def test_remover_auto_means_adversarial_with_data_and_pruning_without():
+    assert CleanOptions(data="d.npz").resolved_remover == "adversarial"
+    assert CleanOptions().resolved_remover == "pruning"
+    assert CleanOptions(data="d.npz", method="clp").resolved_remover == "pruning"
+    assert CleanOptions.published(data="d.npz").resolved_remover == "pruning"
+    with pytest.raises(UsageError, match="--data"):
+        CleanOptions(remover="adversarial").validate()
+
+
+def test_adversarial_without_data_is_one_line_exit_2(backdoored, tmp_path):
+    path, _, _ = backdoored
+    result = CliRunner().invoke(main, ["clean", str(path), str(tmp_path / "o.onnx"), "--remover", "adversarial"])
+    assert result.exit_code == 2
+    assert "--data" in result.output and not (tmp_path / "o.onnx").exists()
+
+
+def test_agreement_floor_tightens_with_more_images():
+    floors = [adversarial.agreement_floor(2.0, n) for n in (10, 50, 200, 10_000)]
+    assert floors == sorted(floors)
+    assert floors[-1] == pytest.approx(98.0, abs=0.3) and floors[1] < 96.0
+    assert adversarial.agreement_floor(0.0, 10**9) == pytest.approx(100.0, abs=1e-3)
+
+
+def test_student_trains_only_the_listed_tensors():
+    model = builders.Mlp()
+    student, params, frozen = adversarial._student(model, [model.fc1.weight, model.fc3.bias], "cpu")
+    assert [p.shape for p in params] == [model.fc1.weight.shape, model.fc3.bias.shape] and not frozen
+    assert all(not p.requires_grad for name, p in student.named_parameters()
+               if name not in ("fc1.weight", "fc3.bias"))
+    assert all(p.requires_grad for p in model.parameters())  # the input module is not touched
+
+
+def test_unlearning_keeps_the_original_when_no_round_fits_the_budget(monkeypatch):
+    """A fidelity floor no round can meet hands back the reference, unchanged, with chosen = -1."""
+    monkeypatch.setattr(adversarial, "agreement_floor", lambda max_drop, count: 101.0)
+    model, _ = builders.build_backdoored(TARGET)
+    x, _ = builders.block_images(40, seed=3)
+    config = adversarial.AdversarialConfig(rounds=1, train_steps=2, search=triggers.Search(steps=2))
+    weights = [model.fc1.weight, model.fc1.bias]
+    out, log = adversarial.unlearn(model, weights, x, [TARGET], lambda m, b: m(b), (0.0, 1.0), 2.0, config)
+    assert log.chosen == -1 and len(log.rounds) == 1
+    assert torch.equal(out.fc1.weight, model.fc1.weight)
+
+
+@pytest.mark.parametrize("family", triggers.FAMILIES)
+def test_every_trigger_family_stays_in_range_and_within_budget(family):
+    x = torch.rand(8, 1, 8, 8)
+    trigger = triggers.make(family, (1, 8, 8), (0.0, 1.0), eps=0.1, max_shift=1.0)
+    with torch.no_grad():
+        for p in trigger.parameters():
+            p.add_(torch.randn_like(p) * 5)
+    trigger.project()
+    out = trigger(x)
+    assert out.shape == x.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert 0.0 <= float(trigger.size()) <= 1.0
+    if family == "additive":
+        assert float((out - x).abs().max()) <= 0.1 + 1e-6
+    if family == "warp":
+        assert float(trigger.flow().abs().max()) <= 1.0 + 1e-6
+
+
+def test_patch_search_finds_the_backdoor_and_not_on_a_clean_twin():
+    """Inverting towards the target: the backdoored model is sent there by a small mask; its
+    clean twin, under the same search, much less."""
+    x, _ = builders.block_images(128, seed=5)
+    reach = {}
+    for name, target in (("backdoored", TARGET), ("clean", None)):
+        model, _ = builders.build_backdoored(target)
+        model.eval().requires_grad_(False)
+        labels = model(torch.from_numpy(x)).argmax(1)
+        keep = labels != TARGET
+        trigger = triggers.make("patch", (1, 8, 8), (0.0, 1.0))
+        triggers.optimise(trigger, model, torch.from_numpy(x)[keep], labels[keep], triggers.towards(TARGET),
+                          triggers.Search(steps=60, size_weight=2.0))
+        reach[name] = (triggers.flipped(trigger, model, torch.from_numpy(x)[keep], labels[keep], TARGET),
+                       float(trigger.size()))
+    assert reach["backdoored"][0] > 0.8
+    assert reach["backdoored"][1] < reach["clean"][1] or reach["clean"][0] < 0.5

@@ -108,10 +108,14 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "default": Method(lambda path: CleanOptions(), False, "CleanOptions(): the data-free default"),
-    "data": Method(lambda path: CleanOptions(data=path), True,
-                   "CleanOptions(data=path): what `clean --data` does (remover 'auto')"),
+    # remover 'auto' with images IS the adversarial remover: pinned to pruning here so that this
+    # column keeps measuring the ratio rule scored on the user's images (one column per remover).
+    "data": Method(lambda path: CleanOptions(data=path, remover="pruning"), True,
+                   "CleanOptions(data=path, remover='pruning'): pruning + fusion, the ratio rule scored on the "
+                   "user's images"),
     "adversarial": Method(lambda path: CleanOptions(data=path, remover="adversarial"), True,
-                          "CleanOptions(data=path, remover='adversarial')", needs_remover=True),
+                          "CleanOptions(data=path, remover='adversarial'), what `clean --data` does by default",
+                          needs_remover=True),
     # Every model, as the CLP baseline of benchmarks/defense.py (CLP itself has no scan).
     "clp": Method(lambda path: CleanOptions(method="clp", always=True), False,
                   "CleanOptions(method='clp', always=True): the data-free baseline on every model"),
@@ -429,9 +433,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - began:6.0f}s] {message}", file=sys.stderr, flush=True)
 
     notes: list[str] = list(args.note)
-    if "adversarial" in args.methods and not remover_available():
-        args.methods.remove("adversarial")
-        notes.append("`adversarial` skipped: this tree has no adversarial remover yet (CleanOptions.remover "
+    missing = [m for m in args.methods if METHODS[m].needs_remover and not remover_available()]
+    for name in missing:
+        args.methods.remove(name)
+        notes.append(f"`{name}` skipped: this tree has no adversarial remover yet (CleanOptions.remover "
                      "and otbr_onnx/removers/ are both needed).")
         log("note: " + notes[-1])
     done = read_rows(args.resume)

@@ -34,9 +34,12 @@ models of benchmarks/backdoored.py (``python benchmarks/backdoored.py --data-mod
 the spot otherwise, which takes long on CPU). Cost on 2 shared CPU cores, one thread (smoke run,
 PreAct): 4-11 s per row for default, data, clp and finetune (a clean's seconds include its scan,
 about 5 s), plus about 6 s per row for the checks (a) and (b) and 5 s per model to load, measure
-and scan. The grid of 22 models is 22 x (3 data-free + 3 data methods x 3 sizes) = 264 rows:
-about an hour without the adversarial remover, whose cost is not known yet; run it under
-``--resume``.
+and scan. ``adversarial`` costs about 3 minutes per row on a model the scan flags (PreAct
+BadNets, N=200; an unflagged model is handed back unchanged in seconds). The grid of 22 models
+is 22 x (3 data-free + 3 data methods x 3 sizes) = 264 rows: about an hour for every method but
+``adversarial``, and roughly 1.5-2 hours more for it (the scan flags 11 of the 22, DETECTION.md,
+x 3 sizes). Run it under ``--resume``, or split it by ``--methods``/``--models`` over several
+files and render them together with ``--render-only`` after concatenating them.
 """
 
 from __future__ import annotations
@@ -223,7 +226,7 @@ def run_method(name: str, proto, prepared, shared_scan, users: UserData, n: int,
             result = clean_prepared(prepared, options, detection)
             changed = result.changed
         except OtbrError as error:  # the user keeps the model they had
-            refused, changed = f"{type(error).__name__}: {short(error)}", False
+            refused, changed = f"{type(error).__name__}: {' '.join(str(error).split())}", False  # whole
         seconds = time.perf_counter() - began + scan_seconds
         module = convert(result.model).eval() if changed else convert(proto).eval()
         after = evaluate(result.model, sets[0], sets[1], target) if changed else before
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
                     log(f"{model} N={_label(n)} {method}: ACC {_fmt(row['after']['acc'])} ASR "
                         f"{_fmt(row['after']['asr'])} DER {_fmt(row['after']['der'])} | (a) {_pair(row['recal'])} | "
                         f"(b) {_pair(row['tuned'])} | {row['seconds']:.1f}s"
-                        + (f" | refused: {row['refused']}" if row["refused"] else ""))
+                        + (f" | refused: {short(row['refused'], 200)}" if row["refused"] else ""))
                 if args.resume is not None:
                     with args.resume.open("a") as handle:
                         handle.write(json.dumps(row, default=str) + "\n")

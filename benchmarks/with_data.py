@@ -367,7 +367,7 @@ def render(rows: list[dict], command: str, notes: list[str], complete: bool) -> 
         out.append(head + f"{_fmt(after['acc'])} | {_fmt(after['asr'])} | {_fmt(after['der'])} | "
                    f"{_pair(row['recal'])} | {_pair(row['tuned'])} | {_fmt(row['seconds'])} | "
                    f"{'**yes**' if not_cleaned(row) else 'no' if row['before']['asr'] is not None else '-'} | "
-                   f"{short(row['refused'], 60) if row['refused'] else state} |")
+                   f"{short(row['refused'], 130) if row['refused'] else state} |")
     return "\n".join(out) + "\n"
 
 

@@ -154,6 +154,9 @@ class Data:
     y_train: np.ndarray
     x_eval: np.ndarray  # EVAL_CLEAN clean test images
     y_eval: np.ndarray
+    # Where x_eval sits in the test split: images drawn from the test split for anything else
+    # (the data benchmark's user images) must avoid these.
+    eval_index: np.ndarray | None = None
 
 
 def load_data(spec: TrainSpec = DEFAULT_TRAIN) -> Data:
@@ -163,7 +166,7 @@ def load_data(spec: TrainSpec = DEFAULT_TRAIN) -> Data:
     rng = np.random.default_rng(SEED)
     train_idx = np.sort(rng.choice(len(x_train), spec.train_samples, replace=False))
     eval_idx = np.sort(rng.choice(len(x_test), EVAL_CLEAN, replace=False))
-    return Data(x_train[train_idx], y_train[train_idx], x_test[eval_idx], y_test[eval_idx])
+    return Data(x_train[train_idx], y_train[train_idx], x_test[eval_idx], y_test[eval_idx], eval_idx)
 
 
 def poisoned_eval_set(data: Data, attack: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -251,17 +254,20 @@ def get_model(arch: str, attack: str, data: Data, log: Callable[[str], None], ca
 
 
 @torch.no_grad()
+def predict_torch(model: torch.nn.Module, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    """Class predictions (argmax) of a torch classifier, in batches, in eval mode."""
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return torch.cat([model(b).argmax(1) for b in x.split(batch)]).numpy()
+
+
 def _quick_metrics(model: torch.nn.Module, data: Data, attack: str) -> tuple[float, float | None]:
     """ACC and ASR in torch right after training (the benchmark measures them again in onnxruntime)."""
-    def predict(x: np.ndarray) -> np.ndarray:
-        return torch.cat([model(b).argmax(1) for b in torch.from_numpy(x).split(500)]).numpy()
-
-    model.eval()
-    acc = 100.0 * float(np.mean(predict(data.x_eval) == data.y_eval))
+    acc = 100.0 * float(np.mean(predict_torch(model, data.x_eval) == data.y_eval))
     triggered = poisoned_eval_set(data, attack)
     if triggered is None:
         return acc, None
-    return acc, 100.0 * float(np.mean(predict(triggered[0]) == ATTACKS[attack].target))
+    return acc, 100.0 * float(np.mean(predict_torch(model, triggered[0]) == ATTACKS[attack].target))
 
 
 def parse_model(name: str) -> tuple[str, str]:

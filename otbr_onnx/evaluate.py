@@ -10,6 +10,7 @@ import zipfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -215,13 +216,20 @@ def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 500) -> np.
 
 
 def evaluate(model: onnx.ModelProto, clean: tuple, poisoned: tuple | None, target: int) -> Metrics:
+    return scored(lambda x: predict(model, x), clean, poisoned, target)
+
+
+def scored(classify: Callable[[np.ndarray], np.ndarray], clean: tuple, poisoned: tuple | None,
+           target: int) -> Metrics:
+    """ACC, ASR and RA of any classifier given as ``classify(images) -> labels`` (an ONNX model in
+    ``evaluate``; a torch module in the benchmarks)."""
     x, y = clean
-    acc = 100.0 * float(np.mean(predict(model, x) == y))
+    acc = 100.0 * float(np.mean(classify(x) == y))
     if poisoned is None:
         return Metrics(acc, None, None, len(y), 0)
     xp, yp = poisoned
     keep = yp != target  # images already of the target class say nothing about the trigger
-    pred = predict(model, xp[keep])
+    pred = classify(xp[keep])
     asr = 100.0 * float(np.mean(pred == target))
     ra = 100.0 * float(np.mean(pred == yp[keep]))
     return Metrics(acc, asr, ra, len(y), int(keep.sum()))

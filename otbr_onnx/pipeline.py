@@ -47,6 +47,8 @@ from otbr_onnx.emit import emit
 from otbr_onnx.detect import ScanResult, detect, rescan_module, scan_config
 from otbr_onnx.data import Images, read_data
 from otbr_onnx.removers import adversarial
+from otbr_onnx.recheck import recalibration_rescan
+from otbr_onnx.errors import FidelityBudgetError
 
 __all__ = ["CleanOptions", "CleanResult", "Experiment", "ScanReport", "clean", "clean_prepared", "scan"]
 
@@ -151,10 +153,15 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
         selection, chosen = choose(prepared, ranking, options, detection, progress)
     with timer.stage("rescan"):
         rescan = verify_removal(prepared, chosen, selection, detection, options)
+    with timer.stage("recalibration_check"):
+        recheck = recalibration_rescan(prepared, chosen.weights, _image_array(prepared, options), detection,
+                                       rescan, options)
+    _refuse_masked(recheck)
     with timer.stage("write_back_parity"):
         cleaned, after, notes, float_copy = emit(prepared, chosen.weights)
     report = reporting.clean_report(prepared, options, detection, ranking, selection, chosen, rescan, after,
                                     timer.seconds, command, notes, float_copy)
+    report["recalibration_check"] = recheck.as_dict()
     pruned = {prepared.layers[i].label: int(m.sum()) for i, m in chosen.masks.items() if m.any()}
     return CleanResult(cleaned, report, after, pruned, True, detection)
 
@@ -178,11 +185,29 @@ def clean_adversarially(prepared: PreparedModel, options: CleanOptions, detectio
             rescan = rescan_module(prepared.with_weights(removal.weights), loaded.input_shape, detection,
                                    loaded.output_index, loaded.output_is_probability,
                                    scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
+    with timer.stage("recalibration_check"):
+        recheck = recalibration_rescan(prepared, removal.weights, images.x, detection, rescan, options)
+    _refuse_masked(recheck)
     with timer.stage("write_back_parity"):
         cleaned, after, notes, float_copy = emit(prepared, removal.weights)
     report = reporting.removal_report(prepared, options, detection, removal, rescan, after, timer.seconds,
                                       command, notes, float_copy, images)
+    report["recalibration_check"] = recheck.as_dict()
     return CleanResult(cleaned, report, after, {}, True, detection)
+
+
+def _refuse_masked(recheck) -> None:
+    """A removal a BatchNorm recalibration re-opens is refused, never handed back."""
+    if recheck.masked:
+        raise FidelityBudgetError(
+            f"the removal is masked: once the cleaned model's BatchNorm statistics are re-estimated on your "
+            f"images, the rescan flags class {recheck.target} again (z {recheck.z_after:.1f}); refusing to hand "
+            f"back a model a recalibration would re-open")
+
+
+def _image_array(prepared: PreparedModel, options: CleanOptions) -> np.ndarray | None:
+    images = read_images(prepared, options)
+    return None if images is None else images.x
 
 
 def rank(prepared: PreparedModel, options: CleanOptions, detection: ScanResult | None,

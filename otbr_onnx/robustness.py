@@ -27,7 +27,7 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 
 def recalibrate(module: nn.Module, images: np.ndarray, batch: int = 50) -> nn.Module:
     """A copy of ``module`` whose BatchNorm running statistics are re-estimated from ``images``
-    (a cumulative average over all of them, weights unchanged), in eval mode. A module without
+    (a cumulative average over batches of ``batch`` images, which weighs every image the same when the batches are equal; weights unchanged), in eval mode. A module without
     BatchNorm comes back as an unchanged copy."""
     copied = copy.deepcopy(module).eval()
     layers = batchnorm_layers(copied)

@@ -143,18 +143,18 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
             report = reporting.unchanged_report(prepared, options, detection, timer.seconds, command)
             return CleanResult(prepared.loaded.proto, report, None, changed=False, detection=detection,
                                original_bytes=_original_bytes(prepared))
+    with timer.stage("data"):
+        images = read_images(prepared, options)
     if options.resolved_remover == "adversarial":
-        with timer.stage("data"):
-            images = read_images(prepared, options)
         return clean_adversarially(prepared, options, detection, images, progress, command, timer)
     with timer.stage("ranking"):
         ranking = rank(prepared, options, detection, progress)
     with timer.stage("ratio_selection" if selects_ratio(options, ranking) else "repair"):
-        selection, chosen = choose(prepared, ranking, options, detection, progress)
+        selection, chosen = choose(prepared, ranking, options, detection, progress, images)
     with timer.stage("rescan"):
         rescan = verify_removal(prepared, chosen, selection, detection, options)
     with timer.stage("recalibration_check"):
-        recheck = recalibration_rescan(prepared, chosen.weights, _image_array(prepared, options), detection,
+        recheck = recalibration_rescan(prepared, chosen.weights, None if images is None else images.x, detection,
                                        rescan, options)
     _refuse_masked(recheck)
     with timer.stage("write_back_parity"):
@@ -205,11 +205,6 @@ def _refuse_masked(recheck) -> None:
             f"back a model a recalibration would re-open")
 
 
-def _image_array(prepared: PreparedModel, options: CleanOptions) -> np.ndarray | None:
-    images = read_images(prepared, options)
-    return None if images is None else images.x
-
-
 def rank(prepared: PreparedModel, options: CleanOptions, detection: ScanResult | None,
          progress: Progress | None = None) -> Ranking:
     """The neuron scores ``options.ranking`` asks for (``auto``: activation given a suspect)."""
@@ -225,12 +220,12 @@ def rank(prepared: PreparedModel, options: CleanOptions, detection: ScanResult |
 
 
 def choose(prepared: PreparedModel, ranking: Ranking, options: CleanOptions, detection: ScanResult | None,
-           progress: Progress | None = None) -> tuple[Selection | None, Repair]:
+           progress: Progress | None = None, images: Images | None = None) -> tuple[Selection | None, Repair]:
     """A fixed ratio (or CLP's own masks) as given, else the ratio rule of ``ratio.py``."""
     if not selects_ratio(options, ranking):
         return None, repair(prepared, ranking, options.prune_ratio, options)
     config = scan_config(options, prepared.device, prepared.chunking, prepared.scan_block)
-    selection = select(prepared, ranking, options, detection, config, progress)
+    selection = select(prepared, ranking, options, detection, config, progress, images)
     return selection, selection.chosen
 
 

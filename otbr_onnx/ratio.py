@@ -42,6 +42,7 @@ from otbr_onnx.detect import CLEARED_Z, ScanResult, rescan_module
 if TYPE_CHECKING:
     from torch import nn
 
+    from otbr_onnx.data import Images
     from otbr_onnx.prepare import PreparedModel
 
 CANDIDATE_RATIOS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2)
@@ -173,15 +174,16 @@ class ReferenceSet:
         return 100.0 * value / max(reference, 1e-12) if reference is not None else value
 
 
-def reference_set(prepared: "PreparedModel", options: CleanOptions, progress: Progress | None = None) -> ReferenceSet:
-    """The user's calibration images, the user's own images (``--data``: labelled with their
-    given labels, else with the original's own answers, so the score is top-1 agreement), or
-    probes synthesised from the model and labelled by it."""
+def reference_set(prepared: "PreparedModel", options: CleanOptions, progress: Progress | None = None,
+                  images: "Images | None" = None) -> ReferenceSet:
+    """The user's calibration images, the user's own images (``images``, read by the data stage
+    from ``--data``: labelled with their given labels, else with the original's own answers, so
+    the score is top-1 agreement), or probes synthesised from the model and labelled by it."""
     if options.calibration is not None:
         x, y = _calibration_images(prepared, options)
         return ReferenceSet("calibration images", "accuracy", options.max_acc_drop, x, y)
-    if options.data is not None:
-        return _data_images(prepared, options)
+    if images is not None:
+        return _data_images(prepared, options, images)
     loaded = prepared.loaded
     config = probes.ProbeConfig(count=options.probes, seed=options.seed, device=prepared.device,
                                 input_range=options.input_range, chunking=prepared.probe_chunking)
@@ -193,7 +195,7 @@ def reference_set(prepared: "PreparedModel", options: CleanOptions, progress: Pr
 
 
 def select(prepared: "PreparedModel", ranking: Ranking, options: CleanOptions, detection: ScanResult | None,
-           scan_config, progress: Progress | None = None) -> Selection:
+           scan_config, progress: Progress | None = None, images: "Images | None" = None) -> Selection:
     """Try the candidates (see the module docstring) and return the choice, or refuse. The rule
     is the rescan's whenever the scan suspected a class, whatever the ranking."""
     ranked_neurons = sum(prepared.layers[i].out_channels for i in ranking.ranked)
@@ -203,7 +205,7 @@ def select(prepared: "PreparedModel", ranking: Ranking, options: CleanOptions, d
             f"only {ranked_neurons} ranked neurons: no candidate ratio up to {max(CANDIDATE_RATIOS)} "
             f"prunes any; set --prune-ratio explicitly"
         )
-    references = reference_set(prepared, options, progress)
+    references = reference_set(prepared, options, progress, images)
     raw_reference = None if references.metric == "accuracy" else references.score(prepared, prepared.module)
     baseline = references.score(prepared, prepared.module, raw_reference)
     repairs: dict[float, Repair] = {}
@@ -264,12 +266,9 @@ def refusal(selection: Selection, target: int | None) -> FidelityBudgetError:
     )
 
 
-def _data_images(prepared: "PreparedModel", options: CleanOptions) -> ReferenceSet:
+def _data_images(prepared: "PreparedModel", options: CleanOptions, images: "Images") -> ReferenceSet:
     """``--data``: real images instead of probes. With labels the score is accuracy; without, the
     share of images on which the candidate gives the original's answer (the original scores 100)."""
-    from otbr_onnx.data import read_data
-
-    images = read_data(options, prepared.loaded.input_shape)
     if images.y is not None:
         return ReferenceSet(f"labelled user images ({images.source})", "accuracy", options.max_acc_drop,
                             images.x, images.y)

@@ -48,19 +48,28 @@ class Trigger(nn.Module):
 
 
 class Patch(Trigger):
-    """Mask and pattern; the mask starts nearly empty so that the search grows it where it pays."""
+    """Mask and pattern; the mask starts nearly empty so that the search grows it where it pays.
+
+    ``area`` (optional): a hard budget, the mask's mean at most ``area`` (a share of the pixels):
+    the sigmoid mask is scaled down whenever its mean exceeds it, differentiably, so a search at a
+    fixed budget needs no size penalty. None: no bound (the size penalty alone limits it)."""
 
     family = "patch"
 
-    def __init__(self, shape: tuple[int, int, int], input_range: tuple[float, float], seed: int = 0) -> None:
+    def __init__(self, shape: tuple[int, int, int], input_range: tuple[float, float], seed: int = 0,
+                 area: float | None = None) -> None:
         super().__init__(shape, input_range)
+        self.area = None if area is None else float(area)
         generator = torch.Generator().manual_seed(seed)
         channels, height, width = self.shape
         self.mask_logit = nn.Parameter(torch.full((1, 1, height, width), -3.0))
         self.pattern_logit = nn.Parameter(torch.randn((1, channels, height, width), generator=generator))
 
     def mask(self) -> torch.Tensor:
-        return torch.sigmoid(self.mask_logit)
+        mask = torch.sigmoid(self.mask_logit)
+        if self.area is not None:
+            mask = mask * torch.clamp(self.area / mask.mean().clamp_min(1e-12), max=1.0)
+        return mask
 
     def pattern(self) -> torch.Tensor:
         return self.low + (self.high - self.low) * torch.sigmoid(self.pattern_logit)
@@ -137,7 +146,7 @@ def make(family: str, shape: tuple[int, int, int], input_range: tuple[float, flo
          **budget: float) -> Trigger:
     """A fresh trigger of ``family`` (one of ``FAMILIES``) for images of ``shape`` (C, H, W)."""
     if family == "patch":
-        return Patch(shape, input_range, seed)
+        return Patch(shape, input_range, seed, budget.get("area"))
     if family == "additive":
         return Additive(shape, input_range, budget.get("eps", 0.2), seed)
     if family == "warp":

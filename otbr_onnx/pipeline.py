@@ -30,6 +30,7 @@ import onnx
 
 from converters.parity import Parity
 from otbr_onnx import report as reporting
+from otbr_onnx.data import read_data
 from otbr_onnx.options import CleanOptions, Experiment
 from otbr_onnx.prepare import PreparedModel, prepare
 from otbr_onnx.rank import Ranking, activation_ranking, clp_ranking, nwc_ranking
@@ -88,13 +89,15 @@ class Timer:
 
 def scan(model: str | Path | onnx.ModelProto, options: CleanOptions = CleanOptions(),
          progress: Progress | None = None, command: list[str] | None = None) -> ScanReport:
-    """Data-free backdoor detection: the verdict and per-class statistics. Changes nothing."""
+    """Backdoor detection: the verdict and per-class statistics. Changes nothing. Data-free (the
+    maximum-margin scan) unless ``options.data`` is set: then trigger inversion on those images
+    as well (``detect``)."""
     options.validate()
     timer = Timer()
     with timer.stage("prepare"):
         prepared = prepare(model, options)
     with timer.stage("scan"):
-        detection = detect(prepared, options, progress)
+        detection = detect(prepared, options, progress, detection_images(prepared, options))
     return ScanReport(detection, reporting.scan_report(prepared, options, detection, timer.seconds, command))
 
 
@@ -123,7 +126,7 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
     timer = timer or Timer()
     if options.scans and detection is None:
         with timer.stage("scan"):
-            detection = detect(prepared, options, progress)
+            detection = detect(prepared, options, progress, detection_images(prepared, options))
     if not options.scans:
         detection = None
     if detection is not None:
@@ -143,6 +146,15 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
                                     timer.seconds, command, notes, float_copy)
     pruned = {prepared.layers[i].label: int(m.sum()) for i, m in chosen.masks.items() if m.any()}
     return CleanResult(cleaned, report, after, pruned, True, detection)
+
+
+def detection_images(prepared: PreparedModel, options: CleanOptions) -> np.ndarray | None:
+    """The user's images (``--data``) for the trigger inversion, read once, or None (data-free).
+    ``scan`` and ``clean`` read them alike, so that the rescan inside ``clean`` and a ``scan
+    --data`` of the written file run the same test on the same images."""
+    if options.data is None:
+        return None
+    return read_data(options, prepared.loaded.input_shape).x
 
 
 def rank(prepared: PreparedModel, options: CleanOptions, detection: ScanResult | None,

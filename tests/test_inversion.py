@@ -69,6 +69,8 @@ def test_the_recovered_trigger_is_a_patch_within_budget_where_the_stamp_is(backd
 def test_as_dict_is_json_and_says_what_flagged(backdoored_result):
     text = json.dumps(backdoored_result.as_dict())
     back = json.loads(text)
+    assert back["triggers"][str(TARGET)]["family"] == "patch"
+    assert np.asarray(back["triggers"][str(TARGET)]["picture"]).shape == (8, 8)
     assert back["suspected_targets"] == [TARGET]
     assert "patch" in back["evidence"][str(TARGET)]
     assert back["classes"][TARGET]["patch"]["z"] > back["thresholds"]["patch"]
@@ -88,17 +90,24 @@ def test_patch_area_bounds_the_mask_and_none_leaves_it_free():
     bounded = Patch((1, 8, 8), (0.0, 1.0), seed=0, area=0.03)
     with torch.no_grad():
         bounded.mask_logit.fill_(5.0)  # an unbounded mask would cover everything
-    assert float(bounded.mask().mean()) == pytest.approx(0.03, rel=1e-5)
+    assert float(bounded.mask().detach().mean()) == pytest.approx(0.03, rel=1e-5)
     free = make("patch", (1, 8, 8), (0.0, 1.0))
     with torch.no_grad():
         free.mask_logit.fill_(5.0)
-    assert float(free.mask().mean()) > 0.99
+    assert float(free.mask().detach().mean()) > 0.99
 
 
 def test_robust_z_floor_keeps_coinciding_classes_from_exploding():
     z = robust_z(np.array([-5.0, -5.0, -5.0, -5.0, -4.9]))
     assert abs(z[-1]) < 1.0  # 0.1 apart on margins of 5 is noise, not an outlier
     assert robust_z(np.array([-5.0, -5.1, -4.9, -5.0, 3.0]))[-1] > 10
+
+
+def test_the_html_report_draws_the_recovered_trigger(backdoored_result):
+    from otbr_onnx.html_report import inversion_section
+    section = inversion_section({"scan": {"inversion": json.loads(json.dumps(backdoored_result.as_dict()))}})
+    assert "data:image/svg+xml;base64" in section and f"class {TARGET}: patch mask" in section
+    assert inversion_section({"scan": {"inversion": None}}) == ""
 
 
 def test_combine_flags_a_class_either_test_flags(backdoored_result):
@@ -136,6 +145,10 @@ def test_scan_with_data_runs_the_inversion_and_the_rescan_runs_the_same_test(tmp
         np.testing.assert_allclose(again.inversion.margins[family], result.inversion.margins[family],
                                    rtol=1e-5, atol=1e-5)
     assert again.inversion.suspected == result.inversion.suspected
+    # the HTML report shows the inversion's table
+    from otbr_onnx.html_report import render
+    page = render(json.loads(json.dumps(found.report)))
+    assert 'id="inversion"' in page and "Trigger inversion on your images" in page
     # without --data: the data-free scan only, and it says so
     plain = scan(model, CleanOptions(**QUICK)).report["scan"]
     assert plain["inversion"] is None and plain["evidence"]["trigger_inversion"] is None

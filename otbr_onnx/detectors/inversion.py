@@ -122,6 +122,7 @@ class InversionResult:
             "budgets": {f: {k: float(v) for k, v in b.items()} for f, b in self.budgets.items()},
             "thresholds": {f: float(t) for f, t in self.thresholds.items()},
             "seconds": round(float(self.seconds), 2),
+            "triggers": {str(c): picture(t) for c, t in self.triggers.items()},
             "classes": [
                 {"class": c, **{f: {"margin": round(float(self.margins[f][c]), 4),
                                     "flipped": round(float(self.flipped[f][c]), 4),
@@ -129,6 +130,23 @@ class InversionResult:
                 for c in range(classes)
             ],
         }
+
+
+PICTURE_SIDE = 32  # the largest side of a trigger's picture in the report (larger ones are subsampled)
+
+
+def picture(trigger: dict[str, object]) -> dict:
+    """A suspected class's recovered trigger as one small grey picture for the report: the patch
+    mask (0..1), the perturbation's |d| averaged over channels, or the warp's shift in pixels."""
+    if "mask" in trigger:
+        image, what = np.asarray(trigger["mask"]), "patch mask (share of the pattern per pixel)"
+    elif "delta" in trigger:
+        image, what = np.abs(np.asarray(trigger["delta"])).mean(axis=0), "|perturbation| (input units)"
+    else:
+        image, what = np.linalg.norm(np.asarray(trigger["flow"]), axis=-1), "warp shift (pixels)"
+    step = max(1, -(-max(image.shape) // PICTURE_SIDE))
+    image = image[::step, ::step]
+    return {"family": trigger["family"], "shows": what, "picture": np.round(image, 3).tolist()}
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:

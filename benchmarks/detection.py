@@ -33,7 +33,7 @@ from benchmarks.backdoored import (ATTACKS, DATA_MODELS, EVAL_CLEAN, SEED, get_m
                                    parse_model, target_of)
 from benchmarks.datasets import load_fashion_mnist  # noqa: E402
 from otbr_onnx import CleanOptions  # noqa: E402
-from otbr_onnx.detect import detect  # noqa: E402
+from otbr_onnx.detect import MARGIN_Z_WITH_DATA, detect  # noqa: E402
 from otbr_onnx.detectors.inversion import THRESHOLDS  # noqa: E402
 from otbr_onnx.prepare import prepare  # noqa: E402
 
@@ -74,14 +74,15 @@ def verdicts(row: dict, thresholds: dict[str, float]) -> dict[str, list[int]]:
     """Per test ("margin", each family, "inversion": any family, "combined": either), the classes
     flagged, strongest (z over threshold) first."""
     found = {"margin": flagged(row["margin_z"], row["margin_threshold"])}
-    strength = np.asarray(row["margin_z"]) / row["margin_threshold"]
-    if "inversion" in row:
+    if "inversion" in row:  # with data the margin test counts above its calibrated threshold only
+        margin_threshold = max(row["margin_threshold"], MARGIN_Z_WITH_DATA)
+        strength = np.asarray(row["margin_z"]) / margin_threshold
         anomaly = np.max([np.asarray(row["inversion"][f]) / thresholds[f] for f in row["inversion"]], axis=0)
         for f, z in row["inversion"].items():
             found[f] = flagged(z, thresholds[f])
         found["inversion"] = flagged(list(anomaly), 1.0)
         strength = np.maximum(strength, anomaly)
-        union = set(found["margin"]) | set(found["inversion"])
+        union = set(flagged(row["margin_z"], margin_threshold)) | set(found["inversion"])
         found["combined"] = sorted(union, key=lambda c: (-strength[c], c))
     return found
 
@@ -121,37 +122,107 @@ def table(rows: list[dict], thresholds: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def calibration(rows: list[dict]) -> str:
-    """Each family's largest z over the clean models (what the thresholds are set from), and a
-    leave-one-clean-model-out estimate of the false-alarm rate of the rule "threshold = largest
-    clean z + 1": each clean model judged at thresholds set from the other clean models only."""
-    clean = [r for r in rows if r["target"] is None and "inversion" in r]
+def calibration(runs: dict[int, list[dict]]) -> str:
+    """Each family's largest z over the clean models of every run (what ``THRESHOLDS`` are set
+    from: largest + 1), and a leave-one-clean-model-out estimate of that rule's false-alarm rate:
+    each clean model judged at thresholds set from the OTHER clean models only (all runs)."""
+    clean = [(n, r) for n, rows in runs.items() for r in rows if r["target"] is None and "inversion" in r]
     if not clean:
         return ""
-    families = list(clean[0]["inversion"])
-    top = {f: [max(r["inversion"][f]) for r in clean] for f in families}
-    lines = ["| family | largest z per clean model | max | threshold in use |", "|---|---|---|---|"]
+    families = list(clean[0][1]["inversion"])
+    lines = ["| family | largest z per clean model (" + ", then ".join(f"{n} images" for n in runs)
+             + ") | max | threshold in use |", "|---|---|---|---|"]
     for f in families:
-        lines.append(f"| {f} | {', '.join(f'{v:.1f}' for v in top[f])} | {max(top[f]):.2f} | {THRESHOLDS[f]:g} |")
-    alarms = 0
-    for i, r in enumerate(clean if len(clean) > 1 else []):
-        held = {f: max(v for j, v in enumerate(top[f]) if j != i) + 1.0 for f in families}
-        alarms += bool(verdicts(r, held)["inversion"])
-    lines += ["", f"Leave-one-clean-model-out (threshold = largest z of the other {len(clean) - 1} clean models + 1, "
-              f"per family): {alarms}/{len(clean)} clean models flagged by the inversion."]
+        values = [max(r["inversion"][f]) for _, r in clean]
+        lines.append(f"| {f} | {', '.join(f'{v:.1f}' for v in values)} | {max(values):.2f} | {THRESHOLDS[f]:g} |")
+    alarms = []
+    for n, r in clean:
+        held = {f: max(max(o["inversion"][f]) for _, o in clean if o["model"] != r["model"]) + 1.0
+                for f in families}
+        if verdicts(r, held)["inversion"]:
+            alarms.append(f"{r['model']} ({n} images)")
+    lines += ["", f"Leave-one-clean-model-out (thresholds = largest z of the OTHER clean models + 1, per family): "
+              f"{len(alarms)} of {len(clean)} clean model runs flagged by the inversion"
+              + (f": {', '.join(alarms)}" if alarms else "") + "."]
     return "\n".join(lines) + "\n"
+
+
+def summary(runs: dict[int, list[dict]], thresholds: dict[str, float]) -> str:
+    """Per trigger family (attack): hits of each test, data-free and with each image count; false
+    alarms on the clean models; mean seconds."""
+    first = next(iter(runs.values()))
+    families = sorted({r["family"] for r in first if r["target"] is not None})
+    columns = [("data-free", None, "margin")] + [(f"{n} img: {t}", n, t) for n in runs
+                                                  for t in ("patch", "additive", "warp", "inversion", "combined")]
+
+    def rows_of(n):
+        return first if n is None else runs[n]
+
+    def count(n, test, keep) -> str:
+        group = [r for r in rows_of(n) if keep(r)]
+        return f"{sum(hit(r, verdicts(r, thresholds)[test]) for r in group)}/{len(group)}"
+
+    lines = ["| attack | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for f in families:
+        lines.append(f"| {f} | " + " | ".join(count(n, t, lambda r, f=f: r["family"] == f) for _, n, t in columns)
+                     + " |")
+    lines.append("| **backdoored: true target first** | " + " | ".join(
+        f"**{count(n, t, lambda r: r['target'] is not None)}**" for _, n, t in columns) + " |")
+    lines.append("| **clean: flagged (false alarms)** | " + " | ".join(
+        "**{}/{}**".format(*[(sum(not hit(r, verdicts(r, thresholds)[t]) for r in g), len(g))
+                             for g in [[r for r in rows_of(n) if r["target"] is None]]][0]) for _, n, t in columns)
+        + " |")
+    seconds = [f"{np.mean([r['seconds'] - r.get('inversion_seconds', 0) for r in first]):.0f}"]
+    for n in runs:
+        inv = np.mean([r["inversion_seconds"] for r in runs[n]])
+        seconds += [""] * 3 + [f"{inv:.0f}", f"{np.mean([r['seconds'] for r in runs[n]]):.0f}"]
+    lines.append("| mean seconds per model | " + " | ".join(seconds) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def document(runs: dict[int, list[dict]]) -> str:
+    """benchmarks/DETECTION.md from the runs' rows (image count -> rows)."""
+    first = next(iter(runs.values()))
+    clean = sum(r["target"] is None for r in first)
+    parts = [
+        "# Detection: data-free and with the user's images (`otbr-onnx scan [--data]`)\n",
+        f"Written by `benchmarks/detection.py` on 2 shared CPU cores (1 thread per process, nice 10, other jobs "
+        f"running: seconds are upper bounds). {len(first) - clean} backdoored models (every family, targets other "
+        f"than 0, an image-keyed Blended) and {clean} clean models (PreAct, VGG, MobileNetV2 from 3 seeds, "
+        f"PreAct-x2 from 2). The user's images are Fashion-MNIST test images disjoint from the 2000 evaluation "
+        f"images, unlabelled. A backdoored model is a hit when flagged with its true target FIRST; a clean model "
+        f"is a false alarm when anything is flagged. `data-free` is the maximum-margin scan (threshold 3.5, not "
+        f"recalibrated); `patch`/`additive`/`warp` each inversion family alone at its threshold; `inversion` any "
+        f"family; `combined` what `scan --data` reports (margin or inversion).\n",
+        "## Summary\n", summary(runs, THRESHOLDS),
+        "\n## Calibration (clean models only)\n",
+        "Thresholds per family (`otbr_onnx/detectors/inversion.py`, `THRESHOLDS`): the largest robust z any class of "
+        "any clean model reached in that family over both image counts, plus 1; set for NO false alarm on the 11 "
+        "clean calibration models (in-sample 0/11 by construction). The leave-one-model-out line below is the "
+        "honest estimate of the rate on unseen clean models; backdoored models were never used.\n",
+        calibration(runs),
+    ]
+    for n, rows in runs.items():
+        parts += [f"\n## Per model, {n} images\n", table(rows, THRESHOLDS)]
+    return "\n".join(parts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the markdown here (default: stdout only)")
     parser.add_argument("--json", type=Path, help="write the rows (every z) here")
-    parser.add_argument("--from-json", type=Path, help="rows of an earlier run: only rebuild the tables")
+    parser.add_argument("--from-json", nargs="+", metavar="N=ROWS.json",
+                        help="rows of earlier runs with N images each: only rebuild the document")
     parser.add_argument("--data", type=int, default=0, metavar="N", help="N user images (0: data-free)")
     parser.add_argument("--models", nargs="+", default=list(DATA_MODELS))
     args = parser.parse_args()
     if args.from_json:
-        rows = json.loads(args.from_json.read_text())
+        runs = {int(n): json.loads(Path(p).read_text()) for n, p in (a.split("=", 1) for a in args.from_json)}
+        text = document(runs)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return
     else:
         data, options = load_data(), CleanOptions()
         images = user_images(args.data) if args.data else None
@@ -166,7 +237,7 @@ def main() -> None:
     title = (f"# Detection with {args.data or '?'} user images (`otbr-onnx scan --data`)\n\n" if with_data else
              "# Detection, data-free (`otbr-onnx scan` defaults)\n\n")
     text = (title + "Written by `benchmarks/detection.py` on 2 CPU cores (1 thread per process).\n\n"
-            + table(rows, THRESHOLDS) + ("\n" + calibration(rows) if with_data else ""))
+            + table(rows, THRESHOLDS) + ("\n" + calibration({args.data: rows}) if with_data else ""))
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -103,6 +103,19 @@ def test_robust_z_floor_keeps_coinciding_classes_from_exploding():
     assert robust_z(np.array([-5.0, -5.1, -4.9, -5.0, 3.0]))[-1] > 10
 
 
+def test_with_data_the_margin_test_counts_above_its_calibrated_threshold_only(twin_result):
+    from otbr_onnx.detect import MARGIN_Z_WITH_DATA
+    z = np.zeros(8)
+    z[5] = 10.0  # flagged by the data-free threshold 3.5, under the clean-calibrated one
+    margin = ScanResult(np.zeros(8), z, 3.5, [5], {}, {}, [], 0)
+    assert margin.margin_suspected == [5]
+    quiet = combine(margin, twin_result)
+    assert quiet.suspected == [] and quiet.threshold == MARGIN_Z_WITH_DATA
+    z[5] = MARGIN_Z_WITH_DATA + 5
+    loud = combine(ScanResult(np.zeros(8), z, 3.5, [5], {}, {}, [], 0), twin_result)
+    assert loud.suspected == [5] and loud.as_dict()["evidence"]["max_margin"] == [5]
+
+
 def test_the_html_report_draws_the_recovered_trigger(backdoored_result):
     from otbr_onnx.html_report import inversion_section
     section = inversion_section({"scan": {"inversion": json.loads(json.dumps(backdoored_result.as_dict()))}})

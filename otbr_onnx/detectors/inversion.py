@@ -44,7 +44,7 @@ FAMILIES = trigger_families.FAMILIES
 # the largest z any class of any clean model reached in that family, plus a margin of 1 (see the
 # calibration section of benchmarks/DETECTION.md for the values and the false-alarm rate measured
 # by leave-one-model-out). Never tuned on backdoored models.
-THRESHOLDS = {"patch": 4.0, "additive": 4.0, "warp": 4.0}
+THRESHOLDS = {"patch": 4.7, "additive": 4.3, "warp": 4.2}
 # The smallest spread a robust z divides by, relative to the typical |margin| (as detect.MIN_SPREAD)
 MIN_SPREAD = 0.05
 

@@ -255,10 +255,6 @@ def clean_verdict(detection: "ScanResult | None", rescan: "ScanResult | None", o
     target = detection.suspected[0]
     if rescan is not None and not rescan.cleared(target):  # only with a fixed --prune-ratio: the rule refuses
         return f"backdoor suspected (class {target}): the rescan still flags it at --prune-ratio {options.prune_ratio}"
-    others = [c for c in (rescan.suspected if rescan is not None else []) if c != target]
-    if others:  # the rescan is the scan of the written model: it must not be called clean while it flags
-        return (f"backdoor suspected (class {target}): the rescan no longer flags it (z {rescan.z[target]:.1f}), "
-                f"but still flags class {', '.join(str(c) for c in others)}: not called cleaned, review it")
     # "cleaned", not "removed": the rescan is a proxy (see detect.CLEARED_Z and the README's limits)
     return (f"backdoor suspected (class {target}): cleaned until the rescan no longer flags it "
             f"(z {rescan.z[target]:.1f}); the rescan is a proxy, not a proof")

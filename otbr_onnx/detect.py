@@ -26,6 +26,7 @@ mode, and the module's train flag and device are restored afterwards.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,9 +36,11 @@ from scipy.stats import median_abs_deviation
 from torch import nn
 
 from converters.chunking import Chunking
+from otbr_onnx.detectors.inversion import MAX_CLASSES as INVERSION_MAX_CLASSES
 from otbr_onnx.detectors.inversion import InversionConfig, InversionResult, invert_module
 from otbr_onnx.torch_helpers import evaluating
 
+LOG = logging.getLogger("otbr_onnx")
 # Robust z above which a class is suspected (the false-alarm level: see benchmarks/RESULTS.md,
 # where the largest z over the clean models and the smallest over the detected backdoors are
 # reported next to it).
@@ -442,6 +445,11 @@ def detect(prepared, options, progress: Callable[[str, int, int], None] | None =
                          scan_config(options, prepared.device, prepared.chunking, prepared.scan_block),
                          on_step)
     if images is None:
+        return margin
+    if prepared.num_classes > INVERSION_MAX_CLASSES or np.ndim(images) != 4:
+        LOG.warning("trigger inversion skipped (%d classes, images of shape %s: it needs at most %d classes and "
+                    "(N, C, H, W) images); the verdict is the data-free margin scan's", prepared.num_classes,
+                    tuple(np.shape(images)), INVERSION_MAX_CLASSES)
         return margin
     on_inversion = (lambda done, total: progress("inversion", done, total)) if progress else None
     inversion = invert_module(prepared.module, images, prepared.num_classes, loaded.output_index,

@@ -86,6 +86,25 @@ def test_the_search_is_deterministic_and_subsampled(images):
     np.testing.assert_array_equal(first.margins["additive"], second.margins["additive"])
 
 
+def test_classes_searched_in_blocks_give_the_one_pass_result(images):
+    module = builders.build_backdoored(TARGET)[0]
+    config = replace(TINY, steps=8, families=("patch",))
+    whole = invert_module(module, images, 8, config=config)  # 8 classes x 16 images: one pass
+    blocks = invert_module(module, images, 8, config=replace(config, chunk=32))  # 2 classes per pass
+    np.testing.assert_allclose(blocks.margins["patch"], whole.margins["patch"], rtol=1e-4, atol=1e-4)
+
+
+def test_too_many_classes_or_flat_images_skip_the_inversion(monkeypatch, images):
+    from otbr_onnx import detect as detecting
+    from otbr_onnx.prepare import prepare
+    options = CleanOptions(**QUICK)
+    prepared = prepare(builders.build_backdoored(TARGET)[1], options)
+    monkeypatch.setattr(detecting, "INVERSION_MAX_CLASSES", 4)
+    assert detecting.detect(prepared, options, images=images).inversion is None
+    monkeypatch.setattr(detecting, "INVERSION_MAX_CLASSES", 100)
+    assert detecting.detect(prepared, options, images=images.reshape(len(images), -1)).inversion is None
+
+
 def test_patch_area_bounds_the_mask_and_none_leaves_it_free():
     bounded = Patch((1, 8, 8), (0.0, 1.0), seed=0, area=0.03)
     with torch.no_grad():

@@ -45,6 +45,9 @@ FAMILIES = trigger_families.FAMILIES
 # calibration section of benchmarks/DETECTION.md for the values and the false-alarm rate measured
 # by leave-one-model-out). Never tuned on backdoored models.
 THRESHOLDS = {"patch": 4.7, "additive": 4.3, "warp": 4.2}
+# Above this many classes the inversion is not run (its cost grows with the classes: each class
+# searches its own trigger in every family); ``detect`` then gives the margin scan's verdict alone.
+MAX_CLASSES = 100
 # The smallest spread a robust z divides by, relative to the typical |margin| (as detect.MIN_SPREAD)
 MIN_SPREAD = 0.05
 
@@ -238,27 +241,30 @@ def _tick(done: list[int], total: int, progress: Callable[[int, int], None] | No
 def _invert_family(module: nn.Module, x: torch.Tensor, answers: torch.Tensor, num_classes: int, family: str,
                    output_index: int, is_probability: bool, config: InversionConfig,
                    on_step: Callable[[], None]) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, np.ndarray]]]:
-    """One trigger per class, all searched together: each step stacks ``batch`` images of the other
-    classes per class, each with its class's trigger, in one forward pass."""
+    """One trigger per class, searched together: each step draws ``batch`` images of the other
+    classes per class and passes each with its class's trigger, ``config.chunk // batch`` classes
+    per forward pass (one pass for 10 classes at the defaults). The classes' triggers are
+    independent, so each block's gradient is exactly its classes' and memory is one pass's."""
     shape = tuple(x.shape[1:])
     found = [trigger_families.make(family, shape, config.input_range, config.seed + c, **config.budget(family))
              .to(config.device) for c in range(num_classes)]
     sources = [torch.nonzero(answers != c).flatten() for c in range(num_classes)]
-    parameters = [p for t in found for p in t.parameters()]
-    optimiser = torch.optim.Adam(parameters, lr=config.lr)
+    optimiser = torch.optim.Adam([p for t in found for p in t.parameters()], lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     active = [c for c in range(num_classes) if len(sources[c])]
+    per_pass = max(1, config.chunk // config.batch)
     for _ in range(config.steps):
-        batches, targets = [], []
-        for c in active:
-            pick = sources[c][torch.randint(len(sources[c]), (config.batch,), generator=generator)]
-            batches.append(found[c](x[pick]))
-            targets.append(torch.full((config.batch,), c, dtype=torch.long))
-        scores = _scores(module, torch.cat(batches), output_index, is_probability, config)
-        loss = functional.cross_entropy(scores, torch.cat(targets).to(scores.device)) * len(active)
-        # gradients of the triggers only: the model's weights get none (it is only read)
-        for parameter, gradient in zip(parameters, torch.autograd.grad(loss, parameters)):
-            parameter.grad = gradient
+        picks = {c: sources[c][torch.randint(len(sources[c]), (config.batch,), generator=generator)] for c in active}
+        for first in range(0, len(active), per_pass):
+            block = active[first:first + per_pass]
+            triggered = torch.cat([found[c](x[picks[c]]) for c in block])
+            targets = torch.cat([torch.full((config.batch,), c, dtype=torch.long) for c in block])
+            scores = _scores(module, triggered, output_index, is_probability, config)
+            loss = functional.cross_entropy(scores, targets.to(scores.device)) * len(block)
+            # gradients of this block's triggers only: the model's weights get none (it is only read)
+            parameters = [p for c in block for p in found[c].parameters()]
+            for parameter, gradient in zip(parameters, torch.autograd.grad(loss, parameters)):
+                parameter.grad = gradient
         optimiser.step()
         for t in found:
             t.project()

@@ -283,6 +283,44 @@ def margins_section(report: dict) -> str:
             + _table(header, rows) + "</section>")
 
 
+def inversion_section(report: dict) -> str:
+    """``scan --data``: per class and trigger family, the share of the user's images a small trigger
+    sends to the class and its z; the recovered trigger of each suspected class as a picture."""
+    inversion = (report.get("scan") or {}).get("inversion")
+    if not isinstance(inversion, dict) or not inversion.get("classes"):
+        return ""
+    families = list(inversion["thresholds"])
+    suspected = set(inversion["suspected_targets"])
+    header = ["class"] + [f"{f} {part}" for f in families for part in ("flipped", "z")]
+    rows = [("suspected" if row["class"] in suspected else "",
+             [_e(row["class"])] + [v for f in families
+                                   for v in (_num(100 * row[f]["flipped"], 1) + "%", _num(row[f]["z"]))])
+            for row in inversion["classes"]]
+    pictures = ""
+    triggers = inversion.get("triggers") or {}
+    if triggers:
+        import numpy as np
+
+        with _figure(2.2 * len(triggers), 2.4) as fig:
+            for i, (c, trigger) in enumerate(sorted(triggers.items(), key=lambda item: int(item[0]))):
+                ax = fig.add_subplot(1, len(triggers), i + 1)
+                shown = ax.imshow(np.asarray(trigger["picture"], dtype=float), cmap="magma")
+                fig.colorbar(shown, ax=ax, shrink=0.7)
+                ax.set_title(f"class {c}: {trigger['family']}", parse_math=False)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            image = _image(fig, "recovered triggers of the suspected classes")
+        pictures = _figure_block(image, "Recovered trigger of each suspected class: "
+                                 + "; ".join(f"class {c}: {t['shows']}" for c, t in triggers.items()) + ".")
+    thresholds = ", ".join(f"{f} {t:g}" for f, t in inversion["thresholds"].items())
+    explain = (f"Trigger inversion on {inversion['images']} of your images: for every class and trigger family, a "
+               f"trigger at a small fixed budget is optimised to send the other classes' images to the class. A "
+               f"class the trigger reaches abnormally easily (robust z of the mean margin above {thresholds}) is "
+               f"suspected: {', '.join(str(c) for c in sorted(suspected)) or 'none'}.")
+    return (f'<section id="inversion"><h2>Trigger inversion on your images</h2><p class="note">{_e(explain)}</p>'
+            + pictures + _table(header, rows) + "</section>")
+
+
 def scores_section(report: dict) -> str:
     ranking = report.get("ranking")
     if not ranking:
@@ -351,8 +389,8 @@ def time_section(report: dict) -> str:
 def render(report: dict) -> str:
     """The whole page as a string."""
     require_matplotlib()
-    body = "".join([_header(report), margins_section(report), scores_section(report), ratios_section(report),
-                    parity_section(report), time_section(report)])
+    body = "".join([_header(report), margins_section(report), inversion_section(report), scores_section(report),
+                    ratios_section(report), parity_section(report), time_section(report)])
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

@@ -38,6 +38,7 @@ import onnx
 
 from converters.parity import Parity
 from otbr_onnx import report as reporting
+from otbr_onnx.data import read_data
 from otbr_onnx.options import CleanOptions, Experiment
 from otbr_onnx.prepare import PreparedModel, prepare
 from otbr_onnx.rank import Ranking, activation_ranking, clp_ranking, nwc_ranking
@@ -100,13 +101,15 @@ class Timer:
 
 def scan(model: str | Path | onnx.ModelProto, options: CleanOptions = CleanOptions(),
          progress: Progress | None = None, command: list[str] | None = None) -> ScanReport:
-    """Data-free backdoor detection: the verdict and per-class statistics. Changes nothing."""
+    """Backdoor detection: the verdict and per-class statistics. Changes nothing. Data-free (the
+    maximum-margin scan) unless ``options.data`` is set: then trigger inversion on those images
+    as well (``detect``)."""
     options.validate()
     timer = Timer()
     with timer.stage("prepare"):
         prepared = prepare(model, options)
     with timer.stage("scan"):
-        detection = detect(prepared, options, progress)
+        detection = detect(prepared, options, progress, _pixels(read_images(prepared, options)))
     return ScanReport(detection, reporting.scan_report(prepared, options, detection, timer.seconds, command))
 
 
@@ -133,9 +136,11 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
     same scan options), so that several cleanings of one model share both (the benchmarks)."""
     options.validate()
     timer = timer or Timer()
+    with timer.stage("data"):
+        images = read_images(prepared, options)
     if options.scans and detection is None:
         with timer.stage("scan"):
-            detection = detect(prepared, options, progress)
+            detection = detect(prepared, options, progress, _pixels(images))
     if not options.scans:
         detection = None
     if detection is not None:
@@ -143,8 +148,6 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
             report = reporting.unchanged_report(prepared, options, detection, timer.seconds, command)
             return CleanResult(prepared.loaded.proto, report, None, changed=False, detection=detection,
                                original_bytes=_original_bytes(prepared))
-    with timer.stage("data"):
-        images = read_images(prepared, options)
     if options.resolved_remover == "adversarial":
         return clean_adversarially(prepared, options, detection, images, progress, command, timer)
     with timer.stage("ranking"):
@@ -154,8 +157,7 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
     with timer.stage("rescan"):
         rescan = verify_removal(prepared, chosen, selection, detection, options)
     with timer.stage("recalibration_check"):
-        recheck = recalibration_rescan(prepared, chosen.weights, None if images is None else images.x, detection,
-                                       rescan, options)
+        recheck = recalibration_rescan(prepared, chosen.weights, _pixels(images), detection, rescan, options)
     _refuse_masked(recheck)
     with timer.stage("write_back_parity"):
         cleaned, after, notes, float_copy = emit(prepared, chosen.weights)
@@ -167,8 +169,14 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
 
 
 def read_images(prepared: PreparedModel, options: CleanOptions) -> Images | None:
-    """The data stage: ``--data`` read once for this model (None without it)."""
+    """The data stage: ``--data`` read once for this model (None without it). ``scan`` and
+    ``clean`` read them alike, so the rescan inside ``clean`` and a ``scan --data`` of the written
+    file run the same trigger inversion on the same images."""
     return read_data(options, prepared.loaded.input_shape) if options.data is not None else None
+
+
+def _pixels(images: Images | None) -> np.ndarray | None:
+    return None if images is None else images.x
 
 
 def clean_adversarially(prepared: PreparedModel, options: CleanOptions, detection: ScanResult | None,

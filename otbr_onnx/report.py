@@ -327,6 +327,28 @@ def margins_text(detection: dict, title: str = "scan") -> list[str]:
     for row in detection["classes"]:
         mark = "  <- suspected" if row["class"] in suspected else ""
         lines.append(f"    class {row['class']:4d}  max margin {row['max_margin']:9.2f}  z {row['z']:7.2f}{mark}")
+    evidence = detection.get("evidence")
+    if evidence is not None:
+        lines.append(f"    max-margin test flags {evidence['max_margin'] or 'nothing'}")
+    inversion = detection.get("inversion")
+    if inversion:
+        lines += inversion_text(inversion)
+    if detection.get("sees"):
+        lines.append(f"    sees: {detection['sees']}")
+    return lines
+
+
+def inversion_text(inversion: dict) -> list[str]:
+    """Per class, per trigger family: the share of images a small trigger sends there and its z."""
+    families = list(inversion["thresholds"])
+    thresholds = ", ".join(f"{f} {inversion['thresholds'][f]:g}" for f in families)
+    lines = [f"    trigger inversion on {inversion['images']} images (z above {thresholds} flags a class): "
+             f"flags {inversion['suspected_targets'] or 'nothing'}"]
+    for row in inversion["classes"]:
+        cells = "  ".join(f"{f} {row[f]['flipped'] * 100:5.1f}% z {row[f]['z']:6.2f}" for f in families)
+        mark = "  <- " + ", ".join(inversion["evidence"][str(row["class"])]) \
+            if str(row["class"]) in inversion["evidence"] else ""
+        lines.append(f"    class {row['class']:4d}  {cells}{mark}")
     return lines
 
 

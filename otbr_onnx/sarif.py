@@ -38,8 +38,10 @@ class Rule:
 
 RULES = (
     Rule("OTBR001", "backdoor-suspected", "error", "A backdoor is suspected",
-         "The data-free maximum-margin scan found a class whose maximum margin stands out against the other "
-         "classes' (robust z above the threshold): the model likely carries a backdoor serving that class."),
+         "The maximum-margin scan found a class whose maximum margin stands out against the other classes' "
+         "(robust z above the threshold), or, with --data, trigger inversion on the user's images found a class "
+         "a small patch, additive or warp trigger reaches abnormally easily: the model likely carries a backdoor "
+         "serving that class."),
     Rule("OTBR002", "backdoor-cleaned", "warning", "A suspected backdoor was cleaned",
          "The scan suspected a backdoor; clean pruned and fused the model until a rescan no longer flagged the "
          "class, and wrote the cleaned model. The rescan is a proxy, not a proof: review before deploying."),
@@ -50,7 +52,9 @@ RULES = (
          "The weights written back into the original graph did not reproduce the cleaned network's outputs "
          "in onnxruntime; nothing was written."),
     Rule("OTBR005", "no-backdoor-found", "note", "No backdoor found",
-         "The scan found no class whose maximum margin stands out; clean hands such a model back unchanged."),
+         "The scan found no class whose maximum margin stands out (nor, with --data, any class a small trigger "
+         "reaches abnormally easily); clean hands such a model back unchanged. The data-free scan misses most "
+         "global triggers (Blended, SIG, WaNet): see the 'sees' property."),
     Rule("OTBR006", "cleaned-without-suspicion", "note", "Cleaned without a suspected backdoor",
          "The model was cleaned although the scan flagged nothing (--always) or was not run (--reference)."),
     Rule("OTBR007", "model-not-checked", "error", "The model could not be checked",
@@ -105,8 +109,13 @@ def _scan_properties(detection: dict | None) -> dict:
         return {}
     rows = [row for row in detection["classes"] if math.isfinite(row["z"])]
     top = max(rows, key=lambda row: row["z"]) if rows else None
+    extra = {}
+    if detection.get("evidence") is not None:
+        extra["evidence"] = detection["evidence"]
+    if detection.get("sees"):
+        extra["sees"] = detection["sees"]
     return {"suspectedTargets": detection["suspected_targets"], "threshold": _finite(detection["threshold"]),
-            **({"largestZ": top["z"], "largestZClass": top["class"]} if top else {})}
+            **({"largestZ": top["z"], "largestZClass": top["class"]} if top else {}), **extra}
 
 
 def scan_results(report: dict, model: str | Path | None = None) -> list[dict]:

@@ -15,7 +15,7 @@ from otbr_onnx.detect import ScanResult
 from otbr_onnx.errors import FidelityBudgetError
 from otbr_onnx.pipeline import clean
 from tests import builders
-from tests.conftest import FAST
+from tests.conftest import FAST, FAST_ARGS
 
 
 @pytest.fixture()
@@ -33,36 +33,47 @@ def _flag_everything(options: CleanOptions) -> CleanOptions:
     return replace(options, scan_threshold=1e-9)
 
 
-def test_a_removal_the_recalibration_reopens_is_refused(preact_with_data, monkeypatch, tmp_path):
+def test_the_rescan_runs_on_the_recalibrated_model(preact_with_data, monkeypatch):
+    """The check rescans a copy whose BatchNorm statistics were re-estimated on the images, and
+    calls the removal masked when that rescan flags the target again."""
+    from otbr_onnx.prepare import prepare
+
     path, data = preact_with_data
+    options = CleanOptions(**FAST)
+    prepared = prepare(path, options)
     seen = []
 
     def reopened(module, shape, before, *args, **kwargs):
         seen.append(module)
         z = np.zeros(len(before.z))
-        z[before.suspected[0]] = 9.0
-        return ScanResult(before.margins, z, before.threshold, [before.suspected[0]])
+        z[1] = 9.0
+        return ScanResult(before.margins, z, before.threshold, [1])
 
     monkeypatch.setattr(recheck, "rescan_module", reopened)
-    options = _flag_everything(CleanOptions(**{**FAST, "ranking": "nwc"}, remover="pruning", data=str(data),
-                                            prune_ratio=0.2, max_acc_drop=100.0))
-    with pytest.raises(FidelityBudgetError, match="masked"):
-        clean(path, options)
-    # the module rescanned had its BatchNorm statistics re-estimated on the images
-    bn = [m for m in seen[0].modules() if hasattr(m, "running_mean") and m.running_mean is not None]
+    detection = ScanResult(np.zeros(4), np.zeros(4), 3.5, [1])
+    x = np.load(data)["x"]
+    check = recheck.recalibration_rescan(prepared, {}, x, detection, None, options)
+    assert check.run and check.masked and check.target == 1 and check.z_after == 9.0
+    bn = [m for m in seen[0].modules() if getattr(m, "running_mean", None) is not None]
+    reference = [m for m in prepared.module.modules() if getattr(m, "running_mean", None) is not None]
     assert bn and all(int(m.num_batches_tracked) >= 1 for m in bn)
+    assert not all(np.allclose(a.running_mean.numpy(), b.running_mean.numpy()) for a, b in zip(bn, reference))
+    assert recheck.recalibration_rescan(prepared, {}, None, detection, None, options).run is False
+    assert recheck.recalibration_rescan(prepared, {}, x, ScanResult(np.zeros(4), np.zeros(4), 3.5, []), None,
+                                        options).run is False
 
 
 def test_cli_refusal_of_a_masked_removal_writes_nothing(preact_with_data, monkeypatch, tmp_path):
+    from otbr_onnx import pipeline
+
     path, data = preact_with_data
-    monkeypatch.setattr(recheck.Recheck, "masked", property(lambda self: self.run))
+    masked = recheck.Recheck(True, "test", 1, 0.0, 9.0, ScanResult(np.zeros(4), np.array([0, 9.0, 0, 0]), 3.5, [1]))
+    monkeypatch.setattr(pipeline, "recalibration_rescan", lambda *args, **kwargs: masked)
     out = tmp_path / "o.onnx"
-    result = CliRunner().invoke(main, ["clean", str(path), str(out), "--iterations", "3", "--batch-size", "16",
-                                       "--scan-starts", "2", "--scan-steps", "5", "--scan-threshold", "1e-9",
-                                       "--remover", "pruning", "--prune-ratio", "0.2", "--data", str(data),
-                                       "--max-acc-drop", "100"])
+    result = CliRunner().invoke(main, ["clean", str(path), str(out), *FAST_ARGS, "--remover", "pruning",
+                                       "--prune-ratio", "0.2", "--data", str(data), "--max-acc-drop", "100"])
     assert result.exit_code == 3, result.output
-    assert "masked" in result.output and not out.exists()
+    assert "masked" in result.output and "class 1" in result.output and not out.exists()
 
 
 def test_the_report_says_why_the_check_did_not_run(preact_with_data, tmp_path):
@@ -79,16 +90,3 @@ def test_the_report_says_why_the_check_did_not_run(preact_with_data, tmp_path):
     report = clean(tmp_path / "mlp.onnx", options).report
     assert report["recalibration_check"]["run"] is False and "BatchNorm" in report["recalibration_check"]["why"]
     json.dumps(report)
-
-
-def test_the_check_runs_with_data_and_batchnorm(preact_with_data):
-    path, data = preact_with_data
-    options = _flag_everything(CleanOptions(**FAST, prune_ratio=0.2, data=str(data), remover="pruning",
-                                            max_acc_drop=100.0))
-    try:
-        report = clean(path, options).report
-    except FidelityBudgetError as error:  # a real masked removal is a valid outcome too
-        assert "masked" in str(error)
-        return
-    check = report["recalibration_check"]
-    assert check["run"] is True and check["masked"] is False and isinstance(check["z_after"], float)

@@ -2,8 +2,9 @@
 
 ``Images`` is what ``--data PATH`` loads (``images.load_images``: a folder of PNG/JPEG files, or
 an ``.npz`` with ``x`` and optional ``y``), already in the model's input layout, size and value
-range. Today only the ratio rule's fidelity check reads them (``ratio.reference_set``); a data
-stage object feeding detection and removal as well is open work (issues 20-22).
+range. Detection reads them (``pipeline.detection_images``: trigger inversion in ``scan`` and in
+``clean``'s scan and rescan) and so does the ratio rule's fidelity check (``ratio.reference_set``);
+removers that learn from them are open work (issues 20, 22).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Backdoor detectors beyond the data-free margin scan (``otbr_onnx.detect``)."""

@@ -651,9 +651,13 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
     \b
     1. scan: data-free maximum-margin detection (see `otbr-onnx scan`);
        nothing suspected: OUTPUT is MODEL, byte for byte ("model unchanged"), unless --always;
-    2. rank neurons by how much more they fire on the suspected target's inputs;
-    3. prune and OT-fuse (OTBR) at the smallest candidate ratio after which a rescan no longer
-       flags the target, within the fidelity budget; none: refused (exit 3), nothing written;
+    2. without --data (or --remover pruning): rank neurons by how much more they fire on the
+       suspected target's inputs, then prune and OT-fuse (OTBR) at the smallest candidate ratio
+       after which a rescan no longer flags the target, within the fidelity budget;
+       with --data (--remover adversarial): unlearn the triggers found on your images while
+       keeping the original's answers on them; none within budget: refused (exit 3);
+    3. with --data and BatchNorm nodes: re-estimate the BatchNorm statistics on your images and
+       rescan; a removal that comes back is refused as masked (exit 3), nothing written;
     4. write the new weights into the original graph; check parity in onnxruntime.
 
     OUTPUT is the input graph with only weight values changed (same inputs, outputs, node

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.stats import median_abs_deviation
 from torch import nn
 
 from converters.chunking import Chunking
 from otbr_onnx.detectors.inversion import MAX_CLASSES as INVERSION_MAX_CLASSES
 from otbr_onnx.detectors.inversion import InversionConfig, InversionResult, invert_module
+from otbr_onnx import statistics as statistics_
 from otbr_onnx.torch_helpers import evaluating
 
 LOG = logging.getLogger("otbr_onnx")
@@ -45,7 +45,7 @@ LOG = logging.getLogger("otbr_onnx")
 # where the largest z over the clean models and the smallest over the detected backdoors are
 # reported next to it).
 DEFAULT_THRESHOLD = 3.5
-MAD_TO_SIGMA = 1.4826
+from otbr_onnx.statistics import MAD_TO_SIGMA  # noqa: E402  (re-exported: the tests read it here)
 # A MAD this small (relative to the median) would turn noise into huge z-scores.
 MIN_SPREAD = 1e-3
 # After a cleaning, the target counts as cleared only once its maximum margin is back with the
@@ -205,19 +205,7 @@ def class_margins(scores: torch.Tensor, classes: torch.Tensor, is_probability: b
 
 def robust_z(statistics: np.ndarray) -> np.ndarray:
     """Leave-one-out robust z-score of each entry against the others (median, 1.4826 MAD)."""
-    values = np.asarray(statistics, dtype=np.float64)
-    z = np.zeros_like(values)
-    for c in range(len(values)):
-        others = np.delete(values, c)
-        if others.size == 0:
-            continue
-        median = np.median(others)
-        # scale 1.0 times 1.4826, not scale="normal" (1 / ndtri(0.75) = 1.482602...): the same
-        # bits as the published constant, so every z (and verdict) stays as it was
-        spread = MAD_TO_SIGMA * median_abs_deviation(others)
-        spread = max(spread, MIN_SPREAD * max(abs(median), 1.0))
-        z[c] = (values[c] - median) / spread
-    return z
+    return statistics_.robust_z(statistics, MIN_SPREAD)
 
 
 def verdict(margins: np.ndarray, threshold: float) -> tuple[np.ndarray, list[int]]:

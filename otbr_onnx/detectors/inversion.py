@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from otbr_onnx import statistics
 from otbr_onnx import triggers as trigger_families
 from otbr_onnx.torch_helpers import evaluating
 
@@ -154,19 +155,9 @@ def picture(trigger: dict[str, object]) -> dict:
 
 def robust_z(values: np.ndarray) -> np.ndarray:
     """Leave-one-out robust z (median, 1.4826 MAD of the other classes), with a floor on the
-    spread of ``MIN_SPREAD`` times the typical |margin| (plus a small absolute floor), so that
+    spread of ``MIN_SPREAD`` times the typical |margin| (at least ``MIN_SPREAD``), so that
     classes whose margins happen to coincide do not turn a small difference into a large z."""
-    values = np.asarray(values, dtype=np.float64)
-    z = np.zeros_like(values)
-    for c in range(len(values)):
-        others = np.delete(values, c)
-        if others.size == 0:
-            continue
-        median = np.median(others)
-        mad = 1.4826 * np.median(np.abs(others - median))
-        spread = max(mad, MIN_SPREAD * max(np.median(np.abs(others)), 1.0))
-        z[c] = (values[c] - median) / spread
-    return z
+    return statistics.robust_z(values, MIN_SPREAD, magnitude=True)
 
 
 def _scores(module: nn.Module, x: torch.Tensor, output_index: int, is_probability: bool,

@@ -119,6 +119,9 @@ METHODS: dict[str, Method] = {
     "adversarial": Method(lambda path: CleanOptions(data=path, remover="adversarial"), True,
                           "CleanOptions(data=path, remover='adversarial'), what `clean --data` does by default",
                           needs_remover=True),
+    # The same with a looser fidelity budget: what the remover reaches when it may cost more.
+    "adversarial-5": Method(lambda path: CleanOptions(data=path, remover="adversarial", max_acc_drop=5.0), True,
+                            "the same with --max-acc-drop 5", needs_remover=True),
     # Every model, as the CLP baseline of benchmarks/defense.py (CLP itself has no scan).
     "clp": Method(lambda path: CleanOptions(method="clp", always=True), False,
                   "CleanOptions(method='clp', always=True): the data-free baseline on every model"),

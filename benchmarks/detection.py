@@ -54,8 +54,9 @@ def scan_row(name: str, data, options: CleanOptions, images: np.ndarray | None =
     seconds = time.perf_counter() - began
     target = target_of(attack)
     family = "clean" if ATTACKS[attack] is None else ATTACKS[attack].trigger
+    # the data-free threshold (with images ``result.threshold`` is the raised MARGIN_Z_WITH_DATA)
     row = {"model": name, "family": family, "target": target, "margin_z": [float(v) for v in result.z],
-           "margin_threshold": result.threshold, "seconds": seconds}
+           "margin_threshold": options.scan_threshold, "seconds": seconds}
     if result.inversion is not None:
         inv = result.inversion
         row["inversion"] = {f: [float(v) for v in inv.z[f]] for f in inv.families}
@@ -197,16 +198,19 @@ def document(runs: dict[int, list[dict]]) -> str:
         "## Summary\n", summary(runs, THRESHOLDS),
         "\nSettings (`InversionConfig` defaults): at most 200 images (seeded subsample), per family 60 Adam steps "
         "(lr 0.2) of 16 images per class, all 10 classes in one batch; budgets: patch mask <= 1.5% of the pixels, "
-        "additive |d| <= 0.06, warp <= 0.5 pixel on a 4x4 grid. Statistic: mean target margin on the other "
+        "additive |d| <= 0.1, warp <= 0.5 pixel on a 4x4 grid. Statistic: mean target margin on the other "
         "classes' images, leave-one-out robust z across classes. With data the margin test counts above z "
         f"{MARGIN_Z_WITH_DATA:g} only (its clean-calibrated threshold: the data-free 3.5 flags 3 of 11 clean "
         "models, whose margin z reach 17.8, 11.3 and 7.7); so `combined` loses the MobileNetV2 BadNets model "
-        "(margin z 13.1) that the data-free scan finds. Misses: noise-keyed Blended (additive z 2.4-3.7 on the "
-        "target, under 4.3), SIG outside PreAct target 0 (the target-7 SIG model's own trigger flips only 34% "
-        "of test images), BadNets through the inversion (the patch search does not localise a 3x3 patch in 60 "
-        "steps; 150 steps did on PreAct, z 4.9). Cost: a full-width PreAct-ResNet18 at 32x32 was NOT measured "
-        "within 2 minutes on 2 CPU cores: the inversion runs 3 x 60 forward+backward passes of 160 images plus "
-        "3 scoring passes of about 1800 images, tens of minutes on CPU at that size.\n",
+        "(margin z 13.1) that the data-free scan finds. The budgets were chosen by hand on a few of these models "
+        "(additive 0.06 first: 12/21 and 11/21 hits, 0/11 false alarms; 0.1 adopted after a look at 5 backdoored "
+        "and 3 clean models: the hits below are optimistic for unseen models; the thresholds never saw a "
+        "backdoored model). Misses: noise-keyed Blended on PreAct target 0, SIG on VGG/MobileNetV2 and the "
+        "target-7 SIG model (whose own trigger flips only 34% of test images), BadNets through the inversion "
+        "(the patch search does not localise a 3x3 patch in 60 steps; 150 steps did on PreAct, z 4.9). Cost: a "
+        "full-width PreAct-ResNet18 at 32x32 was NOT brought within 2 minutes on 2 CPU cores: the inversion runs "
+        "3 x 60 forward+backward passes of 160 images plus 3 scoring passes of about 1800 images, tens of "
+        "minutes on CPU at that size.\n",
         "\n## Calibration (clean models only)\n",
         "Thresholds per family (`otbr_onnx/detectors/inversion.py`, `THRESHOLDS`): the largest robust z any class of "
         "any clean model reached in that family over both image counts, plus 1; set for NO false alarm on the 11 "

@@ -41,11 +41,14 @@ from otbr_onnx.torch_helpers import evaluating
 
 FAMILIES = trigger_families.FAMILIES
 # Robust z (leave-one-out, over the classes of one model) above which a family flags a class.
-# Set from CLEAN models only (benchmarks/detection.py --data, the clean models of DATA_MODELS):
-# the largest z any class of any clean model reached in that family, plus a margin of 1 (see the
-# calibration section of benchmarks/DETECTION.md for the values and the false-alarm rate measured
-# by leave-one-model-out). Never tuned on backdoored models.
-THRESHOLDS = {"patch": 4.7, "additive": 4.3, "warp": 4.2}
+# Set from CLEAN models only (benchmarks/detection.py --data 50 and 200 on the 11 clean models of
+# DATA_MODELS: PreAct, VGG, MobileNetV2 from 3 seeds, PreAct-x2 from 2): the largest z any class of
+# any clean model reached in that family (patch 3.61, additive 2.62, warp 3.12), plus 1, rounded
+# up. Set for NO false alarm on those 11 models; leave-one-clean-model-out the same rule flagged 2
+# of 22 clean runs (one MobileNetV2, both image counts): expect about 1 in 10 on unseen clean
+# models. Never tuned on backdoored models (benchmarks/DETECTION.md, calibration section). The
+# thresholds hold for the ``InversionConfig`` defaults only.
+THRESHOLDS = {"patch": 4.7, "additive": 3.7, "warp": 4.2}
 # Above this many classes the inversion is not run (its cost grows with the classes: each class
 # searches its own trigger in every family); ``detect`` then gives the margin scan's verdict alone.
 MAX_CLASSES = 100
@@ -64,7 +67,7 @@ class InversionConfig:
     batch: int = 16  # images per class per step
     lr: float = 0.2
     patch_area: float = 0.015  # share of the pixels a patch mask may cover (a 3x3 patch on 28x28: 0.011)
-    additive_eps: float = 0.06  # |d| bound, as a share of the input range
+    additive_eps: float = 0.1  # |d| bound, as a share of the input range
     warp_shift: float = 0.5  # pixels
     warp_grid: int = 4  # control points per side of the warp field
     thresholds: tuple[tuple[str, float], ...] = tuple(THRESHOLDS.items())

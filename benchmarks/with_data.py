@@ -111,13 +111,13 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "default": Method(lambda path: CleanOptions(), False, "CleanOptions(): the data-free default"),
-    # remover 'auto' with images IS the adversarial remover: pinned to pruning here so that this
-    # column keeps measuring the ratio rule scored on the user's images (one column per remover).
+    # The remover is pinned, not 'auto', so that this column keeps measuring the ratio rule scored
+    # on the user's images whatever 'auto' stands for (one column per remover).
     "data": Method(lambda path: CleanOptions(data=path, remover="pruning"), True,
                    "CleanOptions(data=path, remover='pruning'): pruning + fusion, the ratio rule scored on the "
                    "user's images"),
     "adversarial": Method(lambda path: CleanOptions(data=path, remover="adversarial"), True,
-                          "CleanOptions(data=path, remover='adversarial'), what `clean --data` does by default",
+                          "CleanOptions(data=path, remover='adversarial'), `clean --data --remover adversarial`",
                           needs_remover=True),
     # The same with a looser fidelity budget: what the remover reaches when it may cost more.
     "adversarial-5": Method(lambda path: CleanOptions(data=path, remover="adversarial", max_acc_drop=5.0), True,

@@ -606,8 +606,8 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
 @click.option("--remover", type=click.Choice(["auto", "pruning", "adversarial"]), default="auto", show_default=True,
               help="How the backdoor is removed. adversarial: triggers found on your --data images are "
                    "unlearnt while the original's answers are kept, and a BatchNorm recalibration must not "
-                   "bring them back (needs --data); pruning: ranking + pruning + OT fusion (--method), "
-                   "data-free; auto: adversarial with --data, else pruning.")
+                   "bring them back (needs --data; experimental: see README's limits); pruning: ranking + pruning + "
+                   "OT fusion (--method); auto: pruning.")
 @click.option("--calibration", type=_RegularFile(),
               help="npz of CLEAN images (x, y) you trust: choose the prune ratio under --max-acc-drop on them.")
 @click.option("--max-acc-drop", type=click.FloatRange(min=0), default=2.0, show_default=True,
@@ -654,8 +654,8 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
     2. without --data (or --remover pruning): rank neurons by how much more they fire on the
        suspected target's inputs, then prune and OT-fuse (OTBR) at the smallest candidate ratio
        after which a rescan no longer flags the target, within the fidelity budget;
-       with --data (--remover adversarial): unlearn the triggers found on your images while
-       keeping the original's answers on them; none within budget: refused (exit 3);
+       with --remover adversarial (needs --data): unlearn the triggers found on your images
+       while keeping the original's answers on them; none within budget: refused (exit 3);
     3. with --data and BatchNorm nodes: re-estimate the BatchNorm statistics on your images and
        rescan; a removal that comes back is refused as masked (exit 3), nothing written;
     4. write the new weights into the original graph; check parity in onnxruntime.

@@ -22,7 +22,10 @@ RANKINGS = ("auto", "activation", "nwc")
 #   adversarial: adversarial unlearning on the user's images (--data): triggers the model still
 #                obeys are found and the weight layers are fine-tuned to ignore them while keeping
 #                the original's answers;
-#   auto:        adversarial when --data is given, else pruning.
+#   auto:        pruning. Adversarial unlearning is opt-in: on the data benchmark (benchmarks/
+#                WITH_DATA.md, 200 images) it cleaned no model within --max-acc-drop 2 that
+#                pruning did not, refused or was refused as masked on every flagged model, and
+#                cost about four times as long.
 REMOVERS = ("auto", "pruning", "adversarial")
 
 
@@ -120,11 +123,8 @@ class CleanOptions:
 
     @property
     def resolved_remover(self) -> str:
-        """The remover ``auto`` stands for: adversarial unlearning given images, else pruning.
-        The published method (``reference``) and an explicit ``clp`` always prune."""
-        if self.remover != "auto":
-            return self.remover
-        return "adversarial" if self.data is not None and not self.reference and self.method == "otbr" else "pruning"
+        """The remover ``auto`` stands for: pruning (see REMOVERS for the measurement)."""
+        return "pruning" if self.remover == "auto" else self.remover
 
     @property
     def scans(self) -> bool:

@@ -57,11 +57,10 @@ def test_adversarial_clean_removes_the_patch_backdoor_and_keeps_answers(backdoor
     assert changed and all(name.startswith("fc") for name in changed)
 
 
-def test_remover_auto_means_adversarial_with_data_and_pruning_without():
-    assert CleanOptions(data="d.npz").resolved_remover == "adversarial"
+def test_remover_auto_means_pruning_and_adversarial_is_opt_in():
+    assert CleanOptions(data="d.npz").resolved_remover == "pruning"
     assert CleanOptions().resolved_remover == "pruning"
-    assert CleanOptions(data="d.npz", method="clp").resolved_remover == "pruning"
-    assert CleanOptions.published(data="d.npz").resolved_remover == "pruning"
+    assert CleanOptions(data="d.npz", remover="adversarial").resolved_remover == "adversarial"
     with pytest.raises(UsageError, match="--data"):
         CleanOptions(remover="adversarial").validate()
 

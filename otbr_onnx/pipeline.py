@@ -193,6 +193,11 @@ def clean_adversarially(prepared: PreparedModel, options: CleanOptions, detectio
             rescan = rescan_module(prepared.with_weights(removal.weights), loaded.input_shape, detection,
                                    loaded.output_index, loaded.output_is_probability,
                                    scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
+    still = [t for t in targets if rescan is not None and not rescan.cleared(t)]
+    if still:  # the same rule as the pruning path's: a target the rescan still flags is not removed
+        raise FidelityBudgetError(
+            f"after adversarial unlearning the rescan still flags class {still[0]} "
+            f"(z {rescan.z[still[0]]:.1f}); refusing to hand back a model that is not cleaned")
     with timer.stage("recalibration_check"):
         recheck = recalibration_rescan(prepared, removal.weights, images.x, detection, rescan, options)
     _refuse_masked(recheck)

@@ -217,6 +217,9 @@ def removal_report(prepared: "PreparedModel", options: "CleanOptions", detection
     verdict = (f"backdoor suspected (class {', '.join(map(str, targets))}): triggers found on the user's images "
                f"unlearnt (held-out reach {removal.log.rounds[removal.log.chosen - 1].worst_reach:.0f}%)"
                if targets else "no class suspected: cleaned anyway (--always), untargeted unlearning")
+    others = [c for c in (rescan.suspected if rescan is not None else []) if c not in targets]
+    if others:  # not the target, but a class the same test flags in the model handed back
+        verdict += f"; the rescan flags class {', '.join(map(str, others))}: evaluate before deploying"
     return {
         **_header(prepared, options, command),
         "output": {"path": None, "sha256": None},

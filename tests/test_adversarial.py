@@ -134,3 +134,25 @@ def test_patch_search_finds_the_backdoor_and_not_on_a_clean_twin():
                        float(trigger.size()))
     assert reach["backdoored"][0] > 0.8
     assert reach["backdoored"][1] < reach["clean"][1] or reach["clean"][0] < 0.5
+
+
+def test_a_target_the_rescan_still_flags_is_refused(backdoored, monkeypatch, tmp_path):
+    """The adversarial path keeps the pruning path's rule: no model handed back while the rescan
+    still flags the target."""
+    from otbr_onnx import pipeline
+    from otbr_onnx.detect import ScanResult
+    from otbr_onnx.errors import FidelityBudgetError
+
+    path, data, _ = backdoored
+
+    def flags_target(module, shape, before, *args, **kwargs):
+        z = np.zeros(len(before.z))
+        z[TARGET] = 9.0
+        return ScanResult(before.margins, z, before.threshold, [TARGET])
+
+    monkeypatch.setattr(pipeline, "rescan_module", flags_target)
+    monkeypatch.setattr(pipeline, "detect", lambda *a, **k: ScanResult(np.zeros(8), np.eye(8)[TARGET] * 9, 3.5,
+                                                                     [TARGET]))
+    options = CleanOptions(data=str(data), remover="adversarial", scan_starts=2, scan_steps=5)
+    with pytest.raises(FidelityBudgetError, match=f"still flags class {TARGET}"):
+        clean(path, replace(options, max_acc_drop=100.0))

@@ -285,8 +285,13 @@ def clean_verdict(detection: "ScanResult | None", rescan: "ScanResult | None", o
     if rescan is not None and not rescan.cleared(target):  # only with a fixed --prune-ratio: the rule refuses
         return f"backdoor suspected (class {target}): the rescan still flags it at --prune-ratio {options.prune_ratio}"
     # "cleaned", not "removed": the rescan is a proxy (see detect.CLEARED_Z and the README's limits)
-    return (f"backdoor suspected (class {target}): cleaned until the rescan no longer flags it "
-            f"(z {rescan.z[target]:.1f}); the rescan is a proxy, not a proof")
+    verdict = (f"backdoor suspected (class {target}): cleaned until the rescan no longer flags it "
+               f"(z {rescan.z[target]:.1f}); the rescan is a proxy, not a proof")
+    others = [c for c in rescan.suspected if c != target]
+    if others:  # the same test as `scan` of the written file: say what it will report
+        verdict += (f"; the rescan flags class {', '.join(map(str, others))}, which a scan of the written file "
+                    f"reports too: evaluate before deploying")
+    return verdict
 
 
 def _plan_of(i: int, ties, chosen: "Repair") -> str:

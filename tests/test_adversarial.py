@@ -156,3 +156,16 @@ def test_a_target_the_rescan_still_flags_is_refused(backdoored, monkeypatch, tmp
     options = CleanOptions(data=str(data), remover="adversarial", scan_starts=2, scan_steps=5)
     with pytest.raises(FidelityBudgetError, match=f"still flags class {TARGET}"):
         clean(path, replace(options, max_acc_drop=100.0))
+
+
+def test_the_clean_verdict_names_a_class_the_rescan_still_flags():
+    """A rescan that clears the target but flags another class: the verdict says so, as a scan of
+    the written file would."""
+    from otbr_onnx.detect import ScanResult
+    from otbr_onnx.report import clean_verdict
+
+    found = ScanResult(np.zeros(4), np.array([9.0, 0, 0, 0]), 3.5, [0])
+    after = ScanResult(np.zeros(4), np.array([0.0, 0, 5.0, 0]), 3.5, [2])
+    assert "flags class 2" in clean_verdict(found, after, CleanOptions())
+    quiet = ScanResult(np.zeros(4), np.zeros(4), 3.5, [])
+    assert "flags class" not in clean_verdict(found, quiet, CleanOptions())

@@ -185,3 +185,29 @@ def test_scan_with_data_runs_the_inversion_and_the_rescan_runs_the_same_test(tmp
     plain = scan(model, CleanOptions(**QUICK)).report["scan"]
     assert plain["inversion"] is None and plain["evidence"]["trigger_inversion"] is None
     assert "give --data" in plain["sees"]
+
+
+def test_a_class_every_image_is_answered_as_is_not_searched_nor_suspected():
+    """Images all answered as class 2 (a model that leans on one class, or unrepresentative
+    data): class 2 has no other-class images to send there, so it is neither searched nor
+    suspected, and the verdict does not fail (it once raised KeyError)."""
+    import torch
+    from torch import nn
+
+    from otbr_onnx.detectors.inversion import InversionConfig, invert_module
+
+    class Leaning(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 3)
+            with torch.no_grad():
+                self.fc.weight.mul_(0.01)
+                self.fc.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    images = np.random.default_rng(0).random((12, 1, 8, 8)).astype(np.float32)
+    result = invert_module(Leaning(), images, 3, config=InversionConfig(steps=3))
+    assert 2 not in result.suspected
+    result.as_dict()

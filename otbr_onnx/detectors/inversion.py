@@ -215,6 +215,9 @@ def invert_module(module: nn.Module, images: np.ndarray, num_classes: int, outpu
             zs[family] = robust_z(margins[family])
     thresholds = {f: config.threshold(f) for f in config.families}
     anomaly = np.max([zs[f] / thresholds[f] for f in config.families], axis=0)
+    # a class every image is already answered as has no other-class images to send there: it was
+    # not searched, and is never suspected on that account
+    anomaly[[c for c in range(num_classes) if not bool((answers != c).any())]] = 0.0
     suspected = ([int(c) for c in np.argsort(-anomaly, kind="stable") if anomaly[c] > 1.0]
                  if num_classes >= 3 else [])
     chosen = {}

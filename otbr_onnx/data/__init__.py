@@ -2,9 +2,10 @@
 
 ``Images`` is what ``--data PATH`` loads (``images.load_images``: a folder of PNG/JPEG files, or
 an ``.npz`` with ``x`` and optional ``y``), already in the model's input layout, size and value
-range. Detection reads them (``pipeline.detection_images``: trigger inversion in ``scan`` and in
-``clean``'s scan and rescan) and so does the ratio rule's fidelity check (``ratio.reference_set``);
-removers that learn from them are open work (issues 20, 22).
+range. ``pipeline.read_images`` reads them once per model and hands them to every stage that uses
+them: detection (trigger inversion in ``scan`` and in ``clean``'s scan and rescan), the ratio
+rule's fidelity check (``ratio.reference_set``), the adversarial remover and the recalibration
+check (``recheck.py``).
 """
 
 from __future__ import annotations

@@ -421,6 +421,14 @@ def inversion_config(options, device: str, chunking: Chunking = Chunking()) -> I
                            chunk=chunking.size, exact=chunking.exact)
 
 
+def rescan_prepared(prepared, module: nn.Module, before: ScanResult, options) -> ScanResult:
+    """``rescan_module`` of ``module`` (a changed copy of ``prepared``'s) with the scan's settings
+    from ``options`` and ``prepared``'s memory plan: the rescan every remover and check runs."""
+    loaded = prepared.loaded
+    return rescan_module(module, loaded.input_shape, before, loaded.output_index, loaded.output_is_probability,
+                         scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
+
+
 def detect(prepared, options, progress: Callable[[str, int, int], None] | None = None,
            images: np.ndarray | None = None) -> ScanResult:
     """Stage 2 (detect): scan ``prepared``'s reference module (a ``prepare.PreparedModel``) and,

@@ -38,14 +38,13 @@ import onnx
 
 from converters.parity import Parity
 from otbr_onnx import report as reporting
-from otbr_onnx.data import read_data
 from otbr_onnx.options import CleanOptions, Experiment
 from otbr_onnx.prepare import PreparedModel, prepare
 from otbr_onnx.rank import Ranking, activation_ranking, clp_ranking, nwc_ranking
 from otbr_onnx.ratio import Selection, select
 from otbr_onnx.repair import Repair, repair
 from otbr_onnx.emit import emit
-from otbr_onnx.detect import ScanResult, detect, rescan_module, scan_config
+from otbr_onnx.detect import ScanResult, detect, rescan_prepared, scan_config
 from otbr_onnx.data import Images, read_data
 from otbr_onnx.removers import adversarial
 from otbr_onnx.recheck import recalibration_rescan
@@ -187,23 +186,19 @@ def clean_adversarially(prepared: PreparedModel, options: CleanOptions, detectio
     with timer.stage("unlearning"):
         removal = adversarial.remove(prepared, images.x, targets, options, progress)
     with timer.stage("rescan"):
-        rescan = None
-        if detection is not None:
-            loaded = prepared.loaded
-            rescan = rescan_module(prepared.with_weights(removal.weights), loaded.input_shape, detection,
-                                   loaded.output_index, loaded.output_is_probability,
-                                   scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
-    still = [t for t in targets if rescan is not None and not rescan.cleared(t)]
+        after_scan = None if detection is None else rescan_prepared(
+            prepared, prepared.with_weights(removal.weights), detection, options)
+    still = [t for t in targets if after_scan is not None and not after_scan.cleared(t)]
     if still:  # the same rule as the pruning path's: a target the rescan still flags is not removed
         raise FidelityBudgetError(
             f"after adversarial unlearning the rescan still flags class {still[0]} "
-            f"(z {rescan.z[still[0]]:.1f}); refusing to hand back a model that is not cleaned")
+            f"(z {after_scan.z[still[0]]:.1f}); refusing to hand back a model that is not cleaned")
     with timer.stage("recalibration_check"):
-        recheck = recalibration_rescan(prepared, removal.weights, images.x, detection, rescan, options)
+        recheck = recalibration_rescan(prepared, removal.weights, images.x, detection, after_scan, options)
     _refuse_masked(recheck)
     with timer.stage("write_back_parity"):
         cleaned, after, notes, float_copy = emit(prepared, removal.weights)
-    report = reporting.removal_report(prepared, options, detection, removal, rescan, after, timer.seconds,
+    report = reporting.removal_report(prepared, options, detection, removal, after_scan, after, timer.seconds,
                                       command, notes, float_copy, images)
     report["recalibration_check"] = recheck.as_dict()
     return CleanResult(cleaned, report, after, {}, True, detection)
@@ -256,10 +251,7 @@ def verify_removal(prepared: PreparedModel, chosen: Repair, selection: Selection
     trial = selection.chosen_trial if selection is not None else None
     if trial is not None and trial.rescan is not None:
         return trial.rescan
-    loaded = prepared.loaded
-    return rescan_module(prepared.with_weights(chosen.weights), loaded.input_shape, detection, loaded.output_index,
-                         loaded.output_is_probability,
-                         scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
+    return rescan_prepared(prepared, prepared.with_weights(chosen.weights), detection, options)
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from otbr_onnx.detect import ScanResult, rescan_module, scan_config
+from otbr_onnx.detect import ScanResult, rescan_prepared
 from otbr_onnx.robustness import batchnorm_layers, recalibrate
 
 if TYPE_CHECKING:
@@ -59,10 +59,7 @@ def recalibration_rescan(prepared: "PreparedModel", weights: dict[str, np.ndarra
     if not batchnorm_layers(module):
         return Recheck(False, "no BatchNorm nodes: nothing a recalibration could change")
     target = detection.suspected[0]
-    loaded = prepared.loaded
-    after = rescan_module(recalibrate(module, images), loaded.input_shape, detection, loaded.output_index,
-                          loaded.output_is_probability,
-                          scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
+    after = rescan_prepared(prepared, recalibrate(module, images), detection, options)
     z_before = float(rescan.z[target]) if rescan is not None else None
     return Recheck(True, "BatchNorm statistics re-estimated on the user's images, then rescanned", target,
                    z_before, float(after.z[target]), after)

@@ -145,12 +145,12 @@ def test_a_target_the_rescan_still_flags_is_refused(backdoored, monkeypatch, tmp
 
     path, data, _ = backdoored
 
-    def flags_target(module, shape, before, *args, **kwargs):
+    def flags_target(prepared, module, before, options):
         z = np.zeros(len(before.z))
         z[TARGET] = 9.0
         return ScanResult(before.margins, z, before.threshold, [TARGET])
 
-    monkeypatch.setattr(pipeline, "rescan_module", flags_target)
+    monkeypatch.setattr(pipeline, "rescan_prepared", flags_target)
     monkeypatch.setattr(pipeline, "detect", lambda *a, **k: ScanResult(np.zeros(8), np.eye(8)[TARGET] * 9, 3.5,
                                                                      [TARGET]))
     options = CleanOptions(data=str(data), remover="adversarial", scan_starts=2, scan_steps=5)

@@ -43,13 +43,13 @@ def test_the_rescan_runs_on_the_recalibrated_model(preact_with_data, monkeypatch
     prepared = prepare(path, options)
     seen = []
 
-    def reopened(module, shape, before, *args, **kwargs):
+    def reopened(prepared, module, before, options):
         seen.append(module)
         z = np.zeros(len(before.z))
         z[1] = 9.0
         return ScanResult(before.margins, z, before.threshold, [1])
 
-    monkeypatch.setattr(recheck, "rescan_module", reopened)
+    monkeypatch.setattr(recheck, "rescan_prepared", reopened)
     detection = ScanResult(np.zeros(4), np.zeros(4), 3.5, [1])
     x = np.load(data)["x"]
     check = recheck.recalibration_rescan(prepared, {}, x, detection, None, options)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ from torch import nn
 from torch.nn import functional
 
 from otbr_onnx import triggers
-from otbr_onnx.robustness import batchnorm_layers
+from otbr_onnx.errors import FidelityBudgetError, UnsupportedModelError
+from otbr_onnx.robustness import batchnorm_layers, recalibrate
 
 
 # A patch budget never smaller than a 3x3 patch, whatever the image size (1.5 % of an 8x8 image
@@ -209,7 +210,6 @@ def _student(module: nn.Module, trainable: list[torch.Tensor], device: str
     """A copy of ``module`` in eval mode in which only the copies of ``trainable`` take
     gradients. Buffers (onnx2torch keeps MatMul weights as buffers) cannot be promoted in
     place; they stay as they are and are named in the log."""
-    wanted = {id(t) for t in trainable}
     names = {id(t): name for name, t in list(module.named_parameters()) + list(module.named_buffers())}
     student = copy.deepcopy(module).to(device).eval()
     _freeze(student)
@@ -218,7 +218,7 @@ def _student(module: nn.Module, trainable: list[torch.Tensor], device: str
     for original in trainable:
         name = names.get(id(original))
         tensor = copies.get(name) if name is not None else None
-        if isinstance(tensor, nn.Parameter) and id(original) in wanted:
+        if isinstance(tensor, nn.Parameter):
             tensor.requires_grad_(True)
             params.append(tensor)
         else:
@@ -447,8 +447,6 @@ def remove(prepared, images: np.ndarray, targets: list[int], options, progress=N
     space) against ``targets``, and check that a BatchNorm recalibration on the same images does
     not bring the triggers back. Raises ``FidelityBudgetError`` when no round keeps the original's
     answers, or when the removal is masked."""
-    from otbr_onnx.errors import FidelityBudgetError, UnsupportedModelError
-
     loaded = prepared.loaded
     config = config or AdversarialConfig(seed=options.seed, device=prepared.device)
     trainable = [ref.tensor(prepared.module) for ref in prepared.refs.values()]
@@ -491,8 +489,6 @@ def recalibration_check(student: nn.Module, images: np.ndarray, targets: list[in
     """Check (a): the cleaned module's BatchNorm statistics re-estimated on ``images``, and a fresh
     trigger search on the held-out split of both modules. Masked when the recalibrated module's
     reach rises by more than ``MASKED_REACH_RISE`` points."""
-    from otbr_onnx.robustness import recalibrate
-
     if not batchnorm_layers(student):
         return {"run": False, "why": "no BatchNorm nodes: nothing a recalibration could change", "masked": False}
     recalibrated = recalibrate(student, images)
@@ -500,9 +496,8 @@ def recalibration_check(student: nn.Module, images: np.ndarray, targets: list[in
     _, held = _split(len(x), config.holdout, config.seed)
     with torch.no_grad():
         labels = logits_of(student, x[held]).argmax(1)
-    probe = replace(config, families=config.families)
-    before = _judge(lambda xb: logits_of(student, xb), x[held], labels, targets, input_range, probe, 99, 0.0)
-    after = _judge(lambda xb: logits_of(recalibrated, xb), x[held], labels, targets, input_range, probe, 99, 0.0)
+    before = _judge(lambda xb: logits_of(student, xb), x[held], labels, targets, input_range, config, 99, 0.0)
+    after = _judge(lambda xb: logits_of(recalibrated, xb), x[held], labels, targets, input_range, config, 99, 0.0)
     rise = {f: after.reach[f] - before.reach.get(f, 0.0) for f in after.reach}
     worst = max(rise, key=rise.get) if rise else None
     masked = worst is not None and rise[worst] > MASKED_REACH_RISE

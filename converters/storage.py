@@ -208,6 +208,32 @@ def resolve(model: onnx.ModelProto) -> dict[str, WeightSource]:
     return sources
 
 
+def resolve_statistics(model: onnx.ModelProto) -> dict[str, WeightSource]:
+    """Slot name -> its storage, for the four constant inputs (scale, bias, mean, variance) of every
+    BatchNormalization node whose four are float32 initializers that this node alone reads.
+
+    A remover that trains in BatchNorm's train mode re-estimates the running statistics, and the
+    model handed back must carry them (a user's later recalibration would otherwise meet weights
+    fitted to other statistics). Anything else (float16 or quantized statistics, a tensor another
+    node reads too) is left out: that node's statistics then stay as they are."""
+    graph = _Graph(model.graph)
+    sources: dict[str, WeightSource] = {}
+    for node in model.graph.node:
+        slots = statistics_slots(node)
+        found = [graph.stored(slot) for slot in slots]
+        if slots and all(s is not None and s.where == INITIALIZER and s.dtype == TensorProto.FLOAT
+                         and graph.readers[s.name] == 1 and s.name not in graph.outputs for s in found):
+            sources.update({slot: WeightSource(slot, stored) for slot, stored in zip(slots, found)})
+    return sources
+
+
+def statistics_slots(node: onnx.NodeProto) -> list[str]:
+    """A BatchNormalization's scale, bias, running mean and running variance inputs."""
+    if node.op_type != "BatchNormalization" or len(node.input) < 5 or not all(node.input[1:5]):
+        return []
+    return list(node.input[1:5])
+
+
 def shared_storages(sources: dict[str, WeightSource], model: onnx.ModelProto) -> dict[str, int]:
     """Slot -> how many readers its storage has, for the slots whose storage has more than one.
 
@@ -522,6 +548,13 @@ class WeightStorage:
     working: onnx.ModelProto
     shared: dict[str, int]  # slot -> readers of its storage, where more than one
     precision: str  # the narrowest number format of the model: "int8", "bfloat16", "float16" or "float32"
+    # BatchNormalization inputs that may be written back (``resolve_statistics``); not weight slots
+    statistics: dict[str, WeightSource] = field(default_factory=dict)
+
+    @property
+    def writable(self) -> dict[str, WeightSource]:
+        """Every slot ``write_back`` may write: the weight slots and the BatchNorm statistics."""
+        return {**self.sources, **self.statistics}
 
     @property
     def lossy(self) -> bool:
@@ -536,7 +569,8 @@ class WeightStorage:
 def analyse(model: onnx.ModelProto) -> WeightStorage:
     """Resolve the storages of ``model`` and build its working copy (``model`` is not changed)."""
     sources = resolve(model)
-    return WeightStorage(sources, working_model(model, sources), shared_storages(sources, model), _precision(model))
+    return WeightStorage(sources, working_model(model, sources), shared_storages(sources, model), _precision(model),
+                         resolve_statistics(model))
 
 
 def _precision(model: onnx.ModelProto) -> str:

@@ -155,6 +155,34 @@ def weight_refs(
     return refs
 
 
+# A BatchNormalization's inputs 1-4 and the attributes of the torch layer onnx2torch makes of it
+_BATCHNORM_ATTRS = ("weight", "bias", "running_mean", "running_var")
+
+
+def batchnorm_refs(module: fx.GraphModule, model: onnx.ModelProto, slots: set[str] | dict) -> dict[str, TorchTensorRef]:
+    """Map the scale, bias, mean and variance initializers of every BatchNormalization node whose
+    four inputs are all in ``slots`` to the torch BatchNorm layer's tensors. A node converted to
+    anything else, or a tensor that does not reproduce the initializer, is left out (never a guess)."""
+    names = module_names(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    refs: dict[str, TorchTensorRef] = {}
+    for index, node in enumerate(model.graph.node):
+        inputs = list(node.input[1:5])
+        if node.op_type != "BatchNormalization" or len(inputs) < 4 or not all(i in slots and i in inits for i in inputs):
+            continue
+        layer = module.get_submodule(names[index])
+        if not isinstance(layer, nn.modules.batchnorm._BatchNorm) or not layer.track_running_stats:  # noqa: SLF001
+            continue
+        found = {name: TorchTensorRef(names[index], attr) for name, attr in zip(inputs, _BATCHNORM_ATTRS)}
+        if all(_reproduces(ref.read(module), onnx.numpy_helper.to_array(inits[name])) for name, ref in found.items()):
+            refs.update(found)
+    return refs
+
+
+def _reproduces(actual: np.ndarray, expected: np.ndarray) -> bool:
+    return actual.shape == expected.shape and bool(np.allclose(actual, expected, rtol=1e-5, atol=1e-6))
+
+
 def _refs_for(module: fx.GraphModule, name: str, node: onnx.NodeProto, layer: WeightSpec) -> dict[str, TorchTensorRef]:
     sub = module.get_submodule(name)
     owner = name

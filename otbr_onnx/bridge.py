@@ -39,6 +39,11 @@ def weight_refs(module: fx.GraphModule, model: onnx.ModelProto, layers: list) ->
         return to_torch.weight_refs(module, model, layers)
 
 
+def batchnorm_refs(module: fx.GraphModule, model: onnx.ModelProto, slots) -> dict[str, to_torch.TorchTensorRef]:
+    with bridge_errors():
+        return to_torch.batchnorm_refs(module, model, slots)
+
+
 def module_names(model: onnx.ModelProto) -> list[str]:
     """The submodule ``convert`` gives each node of ``model``, in node order."""
     with bridge_errors():

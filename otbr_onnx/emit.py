@@ -39,7 +39,7 @@ def emit(prepared: "PreparedModel", weights: dict[str, np.ndarray]
     measures the graph, not the storage's rounding.
     """
     loaded, inputs = prepared.loaded, prepared.parity_inputs
-    sources = loaded.storage.sources
+    sources = loaded.storage.writable
     cleaned, notes = storage.write_back(loaded.proto, weights, sources)
     stored = storage.effective(cleaned, {slot: sources[slot] for slot in prepared.refs})
     # the fused module's outputs, and the module gone before the written model's session exists:

@@ -184,7 +184,8 @@ def clean_adversarially(prepared: PreparedModel, options: CleanOptions, detectio
     """Stages 3-6 with the adversarial remover: unlearn on the user's images, rescan, emit, report."""
     targets = list(detection.suspected) if detection is not None else []
     with timer.stage("unlearning"):
-        removal = adversarial.remove(prepared, images.x, targets, options, progress)
+        evidence = detection.inversion.evidence if detection is not None and detection.inversion is not None else None
+        removal = adversarial.remove(prepared, images.x, targets, options, progress, evidence=evidence)
     with timer.stage("rescan"):
         after_scan = None if detection is None else rescan_prepared(
             prepared, prepared.with_weights(removal.weights), detection, options)

@@ -20,7 +20,7 @@ from converters import parity, runtime
 from converters.parity import Parity
 from converters.to_torch import TorchTensorRef, run_torch
 from otbr_onnx import sizing
-from otbr_onnx.bridge import convert, providers, weight_refs
+from otbr_onnx.bridge import batchnorm_refs, convert, providers, weight_refs
 from otbr_onnx.budget import check_work
 from otbr_onnx.detect import ScanConfig, search_images
 from otbr_onnx.errors import UnsupportedModelError, one_line
@@ -43,7 +43,9 @@ class PreparedModel:
     skipped: list[SkippedLayer]
     ties: ChannelTies
     module: nn.Module  # the converted reference, eval mode; never written to
-    refs: dict[str, TorchTensorRef]  # initializer name -> where it lives in the module
+    # initializer name -> where it lives in the module: the weight layers' weights and biases, and the
+    # BatchNorm statistics that can be written back (converters.storage.resolve_statistics)
+    refs: dict[str, TorchTensorRef]
     original: dict[str, np.ndarray]  # initializer name -> its value in the input model
     num_classes: int
     device: str
@@ -99,7 +101,8 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     check_noise_budget(loaded.input_shape, options.batch_size, options.limits)
     ties = analyse(working, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
     module = convert(working).eval()  # a fixed batch made dynamic where it can be: load.batch_plan
-    refs = weight_refs(module, working, layers)
+    # the weight layers' tensors, then the BatchNorm statistics a remover may re-estimate
+    refs = {**weight_refs(module, working, layers), **batchnorm_refs(module, working, loaded.storage.statistics)}
     providers_ = providers(options.ort_provider)
     exact = loaded.batch.exact
     inputs = runtime.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)

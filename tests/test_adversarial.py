@@ -72,11 +72,22 @@ def test_adversarial_without_data_is_one_line_exit_2(backdoored, tmp_path):
     assert "--data" in result.output and not (tmp_path / "o.onnx").exists()
 
 
-def test_agreement_floor_tightens_with_more_images():
-    floors = [adversarial.agreement_floor(2.0, n) for n in (10, 50, 200, 10_000)]
-    assert floors == sorted(floors)
-    assert floors[-1] == pytest.approx(98.0, abs=0.3) and floors[1] < 96.0
-    assert adversarial.agreement_floor(0.0, 10**9) == pytest.approx(100.0, abs=1e-3)
+def test_expected_accuracy_drop_charges_a_confident_answer_more_than_an_unsure_one():
+    reference = torch.tensor([[0.9, 0.1, 0.0], [0.4, 0.35, 0.25], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+    kept = reference.argmax(1)
+    assert adversarial.expected_accuracy_drop(reference, kept) == 0.0
+    confident = torch.tensor([1, 0, 1, 2])  # the first image's 0.9 answer becomes its 0.1 one
+    unsure = torch.tensor([0, 1, 1, 2])  # the second image's 0.4 answer becomes its 0.35 one
+    assert adversarial.expected_accuracy_drop(reference, confident) == pytest.approx(100 * 0.8 / 4)
+    assert adversarial.expected_accuracy_drop(reference, unsure) == pytest.approx(100 * 0.05 / 4)
+
+
+def test_only_the_families_the_detector_flagged_are_unlearnt():
+    every = triggers.FAMILIES
+    assert adversarial.unlearnt_families({2: ["patch"]}, [2], every) == ("patch",)
+    assert adversarial.unlearnt_families({2: ["warp", "patch"], 5: ["additive"]}, [2, 5], every) == every
+    assert adversarial.unlearnt_families({5: ["patch"]}, [2], every) == every  # nothing for this target
+    assert adversarial.unlearnt_families(None, [2], every) == every  # the margin scan alone
 
 
 def test_student_trains_only_the_listed_tensors():
@@ -89,8 +100,8 @@ def test_student_trains_only_the_listed_tensors():
 
 
 def test_unlearning_keeps_the_original_when_no_round_fits_the_budget(monkeypatch):
-    """A fidelity floor no round can meet hands back the reference, unchanged, with chosen = -1."""
-    monkeypatch.setattr(adversarial, "agreement_floor", lambda max_drop, count: 101.0)
+    """A fidelity budget no round can meet hands back the reference, unchanged, with chosen = -1."""
+    monkeypatch.setattr(adversarial, "expected_accuracy_drop", lambda reference, answers: 101.0)
     model, _ = builders.build_backdoored(TARGET)
     x, _ = builders.block_images(40, seed=3)
     config = adversarial.AdversarialConfig(rounds=1, train_steps=2, search=triggers.Search(steps=2))

@@ -14,23 +14,33 @@ with no labels: the original model's own answers ``y0`` on the user's clean imag
      + kd * KL(p0(x) || f(x))              the clean image keeps the original's soft answer
      + anchor * sum_BN stats_gap(x)        BatchNorm inputs keep the stored running statistics
 
-Only the weight layers' weights and biases train (what ``write_back`` puts into the original
-graph); BatchNorm runs in eval mode, and the anchor keeps the activations each BatchNorm
-normalises where its stored statistics say they are, so a user's later recalibration of those
-statistics finds little to change (without it, recalibration re-opens what the unlearning
-closed: the "superficial safety" of Min et al., NeurIPS 2024).
+The weight layers' weights and biases train. Where every BatchNorm's statistics can be written
+back (float32 initializers of their own: ``converters.storage.resolve_statistics``), BatchNorm
+trains too, in train mode: each update normalises by its batch's statistics, so the weights learn
+to resist the triggers whatever statistics a user later sets, and after every round the running
+statistics are re-estimated on the clean training images, as a user's recalibration would (the
+model handed back is its own recalibration). Otherwise BatchNorm runs in eval mode with its stored
+statistics, and the anchor keeps the activations each BatchNorm normalises where those say they
+are. Measured with the benchmark's true BadNets trigger on 200 images (an oracle for the search):
+eval mode left ASR 3.3 that a recalibration raised to 12.0, train mode 4.0 -> 5.1 (the
+"superficial safety" of Min et al., NeurIPS 2024: a removal a recalibration re-opens).
 
-After every round the held-out split measures agreement with ``y0`` (fidelity) and the share of
-held-out images a fresh trigger search still flips (the backdoor's reach); the round kept is the
-one with the lowest reach whose agreement stays within the fidelity budget. Strength and
+After every round the held-out split measures fidelity and the share of held-out images a fresh
+trigger search still flips (the backdoor's reach); the round kept is the one with the lowest reach
+whose fidelity stays within the budget. Fidelity is the accuracy the changed answers are expected
+to cost, taking the original's own probabilities for the truth (``expected_accuracy_drop``), not
+the share of answers that changed: a model right on 85 % of images answers the other 15 %
+near chance, and a repair that changes some of those costs little. Agreement is reported beside
+it. Strength and
 stopping come from the user's images only, never from test data.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -49,7 +59,7 @@ MIN_PATCH_PIXELS = 9
 
 @dataclass(frozen=True)
 class AdversarialConfig:
-    rounds: int = 10
+    rounds: int = 6
     train_steps: int = 30  # weight updates per round
     batch: int = 64
     lr: float = 1e-3  # Adam on the weight layers
@@ -64,11 +74,25 @@ class AdversarialConfig:
     # penalty with |d| <= 0.1 and a one-pixel warp did best (16.5, 39 after recalibration, at
     # -2.3 points). Larger budgets turn unlearning into adversarial training against features
     # clean models have too, which costs accuracy without lowering the reach (Blended).
-    area: float | None = None  # patch: a hard bound on the mask's mean (None: the penalty alone)
+    # patch: a hard bound on the mask's mean (None: the penalty alone). With 100-step searches an
+    # unbounded mask grows over the objects themselves, and unlearning "a covered object keeps its
+    # answer" costs accuracy (the tests' MLP: 84-94 % of held-out answers kept, refused; with the
+    # bound, 100 %). 6 % holds the patch triggers of the literature (BadNets' 3x3 on 28x28 is 1.1 %,
+    # a 7x7 square 6 %); MIN_PATCH_PIXELS still applies on small images.
+    area: float | None = 0.06
     eps: float = 0.1  # additive: at most 10 % of the input range per pixel
     max_shift: float = 1.0  # warp: at most one pixel
     patch_size_weight: float = 0.5  # patch: penalty on the mask's area (Neural Cleanse's lambda)
-    search: triggers.Search = triggers.Search(steps=30, batch=64, lr=0.1)
+    # 100 steps: at 30 the searched patch was rarely the planted one (PreAct BadNets, round 2:
+    # ASR 32.7 at 30 steps, 4.7 at 100)
+    search: triggers.Search = triggers.Search(steps=100, batch=64, lr=0.1)
+    # The judge's patch (a fresh search on the held-out images after every round) has a hard area:
+    # without one a 100-step search grows a mask that sends any image anywhere, and the reach of
+    # every round reads 100 %. The detector's patch budget (detectors/inversion.py).
+    judge_area: float = 0.015
+    # BatchNorm during the updates: "train" where every BatchNorm's statistics can be written back
+    # (see the module docstring), else "eval"; "eval" forces the stored statistics.
+    batchnorm: str = "train"
     # Triggers of earlier rounds replayed in each update (besides the current round's): a trigger
     # unlearnt once and then forgotten would come back in a later round.
     replay: int = 3
@@ -96,6 +120,7 @@ class Round:
     agreement: float  # % of held-out images answered as the original does
     reach: dict[str, float]  # family -> % of held-out images its fresh trigger sends to the target
     loss: float
+    expected_drop: float = 0.0  # accuracy points the changed answers are expected to cost
 
     @property
     def worst_reach(self) -> float:
@@ -103,6 +128,7 @@ class Round:
 
     def as_dict(self) -> dict:
         return {"round": self.index, "agreement": round(self.agreement, 2),
+                "expected_accuracy_drop": round(self.expected_drop, 2),
                 "reach": {k: round(v, 2) for k, v in self.reach.items()}, "loss": round(self.loss, 4)}
 
 
@@ -114,11 +140,12 @@ class UnlearningLog:
     images: tuple[int, int] = (0, 0)  # (training, held-out)
     frozen: list[str] = field(default_factory=list)  # weight tensors that could not train (buffers)
     pruned: dict[str, int] = field(default_factory=dict)  # layer -> channels zeroed before unlearning
+    batchnorm: str = "none"  # "train", "eval", or "none" (no BatchNorm layer)
 
     def as_dict(self) -> dict:
         return {"targets": self.targets, "images": {"train": self.images[0], "holdout": self.images[1]},
                 "chosen_round": self.chosen, "rounds": [r.as_dict() for r in self.rounds],
-                "not_trained": self.frozen, "pruned_channels": self.pruned}
+                "not_trained": self.frozen, "pruned_channels": self.pruned, "batchnorm": self.batchnorm}
 
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
@@ -127,12 +154,15 @@ Logits = Callable[[torch.Tensor], torch.Tensor]
 def unlearn(module: nn.Module, trainable: list[torch.Tensor], images: np.ndarray, targets: list[int],
             logits_of: Callable[[nn.Module, torch.Tensor], torch.Tensor], input_range: tuple[float, float],
             max_drop: float, config: AdversarialConfig = AdversarialConfig(),
-            on_round: Callable[[Round], None] | None = None) -> tuple[nn.Module, UnlearningLog]:
+            on_round: Callable[[Round], None] | None = None,
+            writable_batchnorm: bool = False) -> tuple[nn.Module, UnlearningLog]:
     """Adversarially unlearn a copy of ``module`` on ``images`` (N, C, H, W, in the model's input
     space). ``trainable`` lists the tensors OF ``module`` that may change (found again in the copy
-    by position); ``targets`` the suspected classes (empty: untargeted triggers);
+    by position); ``writable_batchnorm``: every BatchNorm's affine parameters and statistics may
+    change too (BatchNorm then trains in train mode, ``AdversarialConfig.batchnorm``);
+    ``targets`` the suspected classes (empty: untargeted triggers);
     ``logits_of(m, x)`` the class scores of module ``m``. The round kept is the one whose
-    held-out agreement with the original stays within ``max_drop`` points of 100 and whose
+    expected accuracy drop on the held-out images is at most ``max_drop`` points and whose
     triggers reach the fewest held-out images. Returns the student (eval mode) and the log."""
     torch.manual_seed(config.seed)
     x = torch.as_tensor(images, dtype=torch.float32, device=config.device)
@@ -143,7 +173,14 @@ def unlearn(module: nn.Module, trainable: list[torch.Tensor], images: np.ndarray
     labels = soft.argmax(1)
     train, held = _split(len(x), config.holdout, config.seed)
     student, params, frozen = _student(module, trainable, config.device)
-    log = UnlearningLog(targets=list(targets), images=(len(train), len(held)), frozen=frozen)
+    norms = batchnorm_layers(student)
+    mode = "none" if not norms else "train" if writable_batchnorm and config.batchnorm == "train" else "eval"
+    log = UnlearningLog(targets=list(targets), images=(len(train), len(held)), frozen=frozen, batchnorm=mode)
+    statistics: list[torch.Tensor] = []
+    if mode == "train":
+        params += _batchnorm_trainable(norms)
+        statistics = [t for layer in norms for t in (layer.running_mean, layer.running_var)]
+        _recalibrate_in_place(student, norms, logits_of, x[train], config.batch)
     anchor = _Anchor(student) if config.anchor_weight > 0 else None
     optimiser = torch.optim.Adam(params, lr=config.lr)
     best_state, best_key = None, None
@@ -164,33 +201,38 @@ def unlearn(module: nn.Module, trainable: list[torch.Tensor], images: np.ndarray
             xb, pb = x[batch], soft[batch]
             if config.mixup:
                 xb, pb = _with_mixtures(xb, pb, reference, logits_of, generator)
-            loss = _step(student, logits, optimiser, xb, labels[batch], pb, found + replayed, anchor, config)
+            with _batch_statistics(norms if mode == "train" else []):
+                loss = _step(student, logits, optimiser, xb, labels[batch], pb, found + replayed, anchor, config)
             _apply_masks(masks)
+        if mode == "train":  # what a user's recalibration on these images would set
+            _recalibrate_in_place(student, norms, logits_of, x[train], config.batch)
         pool.extend(found)
-        measured = _judge(logits, x[held], labels[held], targets, input_range, config, index, loss)
+        measured = _judge(logits, x[held], labels[held], targets, input_range, config, index, loss, soft[held])
         log.rounds.append(measured)
         if on_round is not None:
             on_round(measured)
         key = (measured.worst_reach, -measured.agreement)
-        if measured.agreement >= agreement_floor(max_drop, len(held)) and (best_key is None or key < best_key):
-            best_key, best_state = key, _snapshot(params)
+        if measured.expected_drop <= max_drop and (best_key is None or key < best_key):
+            best_key, best_state = key, _snapshot(params + statistics)
             log.chosen = index
     if anchor is not None:
         anchor.close()
     if best_state is None:
         return reference, log  # no round kept the original's answers: nothing is changed
-    _restore(params, best_state)
+    _restore(params + statistics, best_state)
     return student.eval(), log
 
 
-def agreement_floor(max_drop: float, count: int, z: float = 1.645) -> float:
-    """The least held-out agreement (%) a round may have: ``100 - max_drop``, less the one-sided
-    95 % sampling error of an agreement measured on ``count`` images at that level. Fifty images
-    measure agreement in steps of two points; without the allowance a budget of two points would
-    refuse every round that changed one answer."""
-    level = max(0.0, min(1.0, 1.0 - max_drop / 100.0))
-    error = z * (max(level * (1.0 - level), 1.0 / max(count, 1)) / max(count, 1)) ** 0.5
-    return 100.0 * (level - error)
+def expected_accuracy_drop(reference: torch.Tensor, answers: torch.Tensor) -> float:
+    """Accuracy points a change of answers is expected to cost if the original's probabilities
+    ``reference`` (N, C) were the truth: the mean over images of ``p0(original answer) - p0(new
+    answer)`` (0 where the answer is unchanged). Flipping an image the original gave 0.9 costs
+    0.8 if the new answer had 0.1; flipping one it was unsure of (0.4 vs 0.35) costs 0.05. An
+    overconfident original makes the estimate larger, never smaller, than a calibrated one would."""
+    rows = torch.arange(len(answers), device=answers.device)
+    original = reference.argmax(1)
+    cost = reference[rows, original] - reference[rows, answers]
+    return 100.0 * float(cost.mean()) if len(answers) else 0.0
 
 
 def _split(count: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +268,51 @@ def _student(module: nn.Module, trainable: list[torch.Tensor], device: str
     return student, params, frozen
 
 
+def _batchnorm_trainable(norms: list[nn.Module]) -> list[torch.Tensor]:
+    """The BatchNorm affine parameters, made trainable (they are written back with the statistics)."""
+    params = []
+    for layer in norms:
+        for tensor in (layer.weight, layer.bias):
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(True)
+                params.append(tensor)
+    return params
+
+
+@contextmanager
+def _batch_statistics(norms: list[nn.Module]) -> Iterator[None]:
+    """BatchNorm layers normalise by each batch's own statistics while their running statistics stay
+    as they are (momentum 0: the triggered batches must not move them)."""
+    saved = [(layer.training, layer.momentum) for layer in norms]
+    for layer in norms:
+        layer.train()
+        layer.momentum = 0.0
+    try:
+        yield
+    finally:
+        for layer, (training, momentum) in zip(norms, saved):
+            layer.train(training)
+            layer.momentum = momentum
+
+
+def _recalibrate_in_place(student: nn.Module, norms: list[nn.Module],
+                          logits_of: Callable[[nn.Module, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                          batch: int) -> None:
+    """Re-estimate ``norms``' running statistics on the clean images ``x`` (a cumulative average,
+    as ``robustness.recalibrate`` does on a copy), in place."""
+    saved = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.reset_running_stats()
+        layer.momentum = None
+        layer.train()
+    with torch.no_grad():
+        for start in range(0, len(x), batch):
+            logits_of(student, x[start:start + batch])
+    for layer, momentum in zip(norms, saved):
+        layer.momentum = momentum
+        layer.eval()
+
+
 def _search(logits: Logits, x: torch.Tensor, labels: torch.Tensor, targets: list[int],
             input_range: tuple[float, float], config: AdversarialConfig, seed: int) -> list[triggers.Trigger]:
     """One trigger per family (and per target), searched on the student as it is now."""
@@ -245,9 +332,12 @@ def _search(logits: Logits, x: torch.Tensor, labels: torch.Tensor, targets: list
 
 
 def _fresh(family: str, x: torch.Tensor, input_range: tuple[float, float], config: AdversarialConfig,
-           seed: int) -> triggers.Trigger:
+           seed: int, area: float | None = None) -> triggers.Trigger:
+    """A new trigger of ``family`` at the config's budgets (``area``: a hard patch area instead of
+    ``config.area``), never smaller than a 3x3 patch."""
     pixels = int(np.prod(x.shape[2:]))
-    area = None if config.area is None else max(config.area, MIN_PATCH_PIXELS / pixels)
+    area = config.area if area is None else area
+    area = None if area is None else max(area, MIN_PATCH_PIXELS / pixels)
     return triggers.make(family, tuple(x.shape[1:]), input_range, seed=seed, eps=config.eps,
                          max_shift=config.max_shift, area=area).to(x.device)
 
@@ -359,22 +449,29 @@ def _step(student: nn.Module, logits: Logits, optimiser: torch.optim.Optimizer, 
 
 
 def _judge(logits: Logits, x: torch.Tensor, labels: torch.Tensor, targets: list[int],
-           input_range: tuple[float, float], config: AdversarialConfig, index: int, loss: float) -> Round:
-    """Held-out agreement with the original, and how far fresh triggers still reach."""
+           input_range: tuple[float, float], config: AdversarialConfig, index: int, loss: float,
+           reference: torch.Tensor | None = None) -> Round:
+    """Held-out agreement with the original (and the accuracy it is expected to cost, given the
+    original's probabilities ``reference``), and how far fresh triggers still reach."""
     with torch.no_grad():
-        agreement = 100.0 * float((logits(x).argmax(1) == labels).float().mean())
+        answers = logits(x).argmax(1)
+    agreement = 100.0 * float((answers == labels).float().mean())
+    drop = expected_accuracy_drop(reference, answers) if reference is not None else 100.0 - agreement
     reach: dict[str, float] = {}
     for family in config.families:
         for target in targets or [None]:
             keep = labels != target if target is not None else torch.ones_like(labels, dtype=torch.bool)
             if int(keep.sum()) == 0:
                 continue
-            trigger = _fresh(family, x, input_range, config, seed=1000 + index)
+            trigger = _fresh(family, x, input_range, config, seed=1000 + index, area=config.judge_area)
             goal = triggers.towards(target) if target is not None else triggers.away
-            triggers.optimise(trigger, logits, x[keep], labels[keep], goal, _search_settings(family, config, index))
+            settings = _search_settings(family, config, index)
+            if family == "patch":  # the hard area bounds it: no size penalty
+                settings = triggers.Search(settings.steps, settings.batch, settings.lr, 0.0, settings.seed)
+            triggers.optimise(trigger, logits, x[keep], labels[keep], goal, settings)
             share = 100.0 * triggers.flipped(trigger, logits, x[keep], labels[keep], target)
             reach[family] = max(reach.get(family, 0.0), share)
-    return Round(index, agreement, reach, loss)
+    return Round(index, agreement, reach, loss, drop)
 
 
 class _Anchor:
@@ -442,14 +539,18 @@ class Removal:
 
 
 def remove(prepared, images: np.ndarray, targets: list[int], options, progress=None,
-           config: AdversarialConfig | None = None) -> Removal:
+           config: AdversarialConfig | None = None, evidence: dict[int, list[str]] | None = None) -> Removal:
     """Adversarially unlearn ``prepared``'s module on ``images`` (the user's, in the model's input
     space) against ``targets``, and check that a BatchNorm recalibration on the same images does
-    not bring the triggers back. Raises ``FidelityBudgetError`` when no round keeps the original's
-    answers, or when the removal is masked."""
+    not bring the triggers back. ``evidence``: the trigger families the detector's inversion flagged
+    each target with; only those are unlearnt (``unlearnt_families``). Raises
+    ``FidelityBudgetError`` when no round keeps the original's answers, or when the removal is
+    masked."""
     loaded = prepared.loaded
     config = config or AdversarialConfig(seed=options.seed, device=prepared.device)
-    trainable = [ref.tensor(prepared.module) for ref in prepared.refs.values()]
+    config = replace(config, families=unlearnt_families(evidence, targets, config.families))
+    statistics = loaded.storage.statistics
+    trainable = [ref.tensor(prepared.module) for name, ref in prepared.refs.items() if name not in statistics]
     logits_of = _class_scores(loaded.output_index, loaded.output_is_probability)
 
     def on_round(measured: Round) -> None:
@@ -457,12 +558,14 @@ def remove(prepared, images: np.ndarray, targets: list[int], options, progress=N
             progress("unlearning", measured.index, config.rounds)
 
     student, log = unlearn(prepared.module, trainable, images, targets, logits_of, tuple(options.input_range),
-                           options.max_acc_drop, config, on_round)
+                           options.max_acc_drop, config, on_round, writable_batchnorm(prepared))
     if log.chosen < 0:
-        best = max((r.agreement for r in log.rounds), default=0.0)
+        best = min(log.rounds, key=lambda r: r.expected_drop, default=None)
+        detail = "" if best is None else (f" (least expected drop {best.expected_drop:.1f} points, "
+                                          f"{best.agreement:.1f}% of held-out answers kept)")
         raise FidelityBudgetError(
             f"adversarial unlearning could not keep the original's answers on the user's images within "
-            f"--max-acc-drop {options.max_acc_drop} (best held-out agreement {best:.1f}%); refusing to clean")
+            f"--max-acc-drop {options.max_acc_drop}{detail}; refusing to clean")
     student = student.cpu()
     weights = {}
     for name, ref in prepared.refs.items():
@@ -481,6 +584,29 @@ def remove(prepared, images: np.ndarray, targets: list[int], options, progress=N
             f"reaches {check['after']:.0f}% of held-out images (class {check['target']}) against "
             f"{check['before']:.0f}% before; refusing to hand back a model a recalibration would re-open")
     return removal
+
+
+def unlearnt_families(evidence: dict[int, list[str]] | None, targets: list[int],
+                      families: tuple[str, ...]) -> tuple[str, ...]:
+    """The trigger families to unlearn: those the detector's inversion flagged the targets with, or
+    all of ``families`` when it flagged none (the margin scan alone, or no inversion). Unlearning a
+    family the backdoor does not use is adversarial training against features every model has.
+    On the benchmark's PreAct BadNets model (200 images, unbounded patch mask), the rounds that
+    unlearnt all three families kept 84-90 % of the held-out answers (test accuracy -3.0 to -3.4
+    points at ASR 2.6-3.7 %); the patch alone kept 94 % (-1.8 points at ASR 5.6 %)."""
+    flagged = {family for target in targets for family in (evidence or {}).get(target, [])}
+    chosen = tuple(f for f in families if f in flagged)
+    return chosen or families
+
+
+def writable_batchnorm(prepared) -> bool:
+    """Whether every BatchNorm layer of the module has its four tensors among ``prepared.refs``
+    (so that what unlearning in train mode sets can be written back)."""
+    statistics = prepared.loaded.storage.statistics
+    owners = {ref.owner for name, ref in prepared.refs.items() if name in statistics}
+    layers = {id(layer) for layer in batchnorm_layers(prepared.module)}
+    named = {name for name, layer in prepared.module.named_modules() if id(layer) in layers}
+    return bool(named) and named <= owners
 
 
 def recalibration_check(student: nn.Module, images: np.ndarray, targets: list[int],

@@ -674,6 +674,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
     def action() -> None:
         # imported here, inside _run, with Ctrl-C held until they are done (see interrupts_deferred)
         with interrupts_deferred():
+            from otbr_onnx.data import check_calibration
             from otbr_onnx.output import check_output_path, write_result
             from otbr_onnx.pipeline import clean as run_clean
             from otbr_onnx.report import summary_text
@@ -697,10 +698,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             _check_data_paths(options, [sarif_path], [output])
         else:
             _check_data_paths(options, [output, report_path, sarif_path, html_path], [])
-        if calibration is not None:  # fail fast, before loading or unlearning: the scan reads it last
-            from otbr_onnx.evaluate import load_npz, split_sets
-
-            split_sets(load_npz(calibration, options.limits.max_file_bytes, "--calibration"), {})
+        check_calibration(options)  # fail fast, before loading or unlearning: the ratio rule reads it last
         if len(models) > 1 or _is_dir(models[0]):
             _no_batch_html(html_path)
             runner = _executor(jobs, executor, address, cpus_per_model, gpus_per_model)

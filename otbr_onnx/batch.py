@@ -22,6 +22,7 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
+from otbr_onnx.data import contents_sha256
 from otbr_onnx.errors import EXIT_SUSPECTED, OtbrError, UsageError, one_line
 from otbr_onnx.executors import Executor, ProcessExecutor, SerialExecutor, Task
 from otbr_onnx.load import sha256_file
@@ -53,9 +54,20 @@ def collect_models(inputs: list[Path]) -> list[Path]:
     return models
 
 
+# The options that name a file of images: the key holds the file's contents, not its path
+DATA_FILE_OPTIONS = {"data": "--data", "calibration": "--calibration"}
+
+
 def options_key(options, command: str = "clean") -> str:
-    """What a rerun must match to skip a model: the options (and, for a scan, that it was one)."""
-    data = json.dumps(dataclasses.asdict(options), sort_keys=True, default=str)
+    """What a rerun must match to skip a model: the options (and, for a scan, that it was one),
+    with the contents of the ``--data`` and ``--calibration`` files in place of their paths, so
+    new images written over the old ones are never skipped as done. Without such files the key
+    is the one earlier versions wrote."""
+    fields = dataclasses.asdict(options)
+    for name, option in DATA_FILE_OPTIONS.items():
+        if fields.get(name) is not None:
+            fields[name] = {"sha256": contents_sha256(fields[name], option)}
+    data = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256((data if command == "clean" else f"{command}:{data}").encode()).hexdigest()
 
 
@@ -87,9 +99,9 @@ def clean_one(model: Path, out_dir: Path, options) -> Outcome:
     from otbr_onnx.pipeline import clean
 
     start = time.perf_counter()
-    key = options_key(options)
     output = out_dir / f"{model.stem}.onnx"
     try:
+        key = options_key(options)  # reads the data files: a failure is this model's outcome
         earlier = finished_report(model, out_dir, key, output)
         if earlier is not None:
             return _outcome(model, "skipped", 0, earlier, start, SKIPPED, output)
@@ -105,8 +117,8 @@ def scan_one(model: Path, out_dir: Path | None, options) -> Outcome:
     from otbr_onnx.pipeline import scan
 
     start = time.perf_counter()
-    key = options_key(options, "scan")
     try:
+        key = options_key(options, "scan")  # reads the data files: a failure is this model's outcome
         earlier = finished_report(model, out_dir, key) if out_dir is not None else None
         if earlier is not None:
             code = EXIT_SUSPECTED if batch_facts(earlier)["targets"] else 0  # a rerun gives the same answer

@@ -8,15 +8,16 @@ rule's fidelity check (``ratio.reference_set``), the adversarial remover and the
 check (``recheck.py``).
 
 ``--calibration`` (clean, labelled images for the ratio rule) has one reader too,
-``read_calibration``.
+``read_calibration``; ``contents_sha256`` is what a batch rerun compares of both files.
 """
 
 from __future__ import annotations
 
 from otbr_onnx.data.calibration import read_calibration
+from otbr_onnx.data.fingerprint import contents_sha256
 from otbr_onnx.data.images import Images, load_images
 
-__all__ = ["Images", "check_calibration", "load_images", "read_calibration",
+__all__ = ["Images", "check_calibration", "contents_sha256", "load_images", "read_calibration",
            "read_data"]
 
 

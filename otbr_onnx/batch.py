@@ -27,7 +27,7 @@ from otbr_onnx.errors import EXIT_SUSPECTED, OtbrError, UsageError, one_line
 from otbr_onnx.executors import Executor, ProcessExecutor, SerialExecutor, Task
 from otbr_onnx.load import sha256_file
 from otbr_onnx.outcome import Outcome
-from otbr_onnx.output import atomic_write, write_result
+from otbr_onnx.output import atomic_write, check_batch_paths, check_scan_paths, write_result
 from otbr_onnx.report import batch_facts
 
 CLEAN_STATUSES = ("cleaned", "skipped", "refused", "failed")
@@ -51,6 +51,57 @@ def collect_models(inputs: list[Path]) -> list[Path]:
         raise UsageError(f"several inputs are named '{duplicates[0]}.onnx'; outputs would collide")
     if not models:
         raise UsageError("no .onnx models found in the given inputs")
+    return models
+
+
+def is_batch(models: list[Path], out_dir: Path | None = None) -> bool:
+    """Batch mode: several models, a folder, or (``scan``) an output folder for the reports."""
+    return len(models) > 1 or _is_dir(models[0]) or out_dir is not None
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the file system is not a folder
+        return False
+
+
+def refuse_batch_html(html_path: Path | None) -> None:
+    """--html renders one report; a batch has one per model, rendered by ``otbr-onnx report``."""
+    if html_path is not None:
+        raise UsageError("--html takes one model; render a batch model's NAME.report.json with "
+                         "`otbr-onnx report NAME.report.json -o NAME.html`")
+
+
+def refuse_single_ray(executor: str, batch_is: str) -> None:
+    """``--executor ray`` runs a batch's models as tasks; ``batch_is`` says what makes a batch."""
+    if executor == "ray":
+        raise UsageError(f"--executor ray is for batch mode: {batch_is}")
+
+
+def check_scan_batch(report_path: Path | None, html_path: Path | None, sarif: bool, out_dir: Path | None) -> None:
+    """A batch scan writes one report per model into ``out_dir``, and SARIF is built from them."""
+    if report_path is not None:
+        raise UsageError("--report names one model's report; in batch mode use --out-dir")
+    refuse_batch_html(html_path)
+    if sarif and out_dir is None:
+        raise UsageError("SARIF in batch scan is built from each model's report: give --out-dir")
+
+
+def clean_batch_models(inputs: list[Path], out_dir: Path, force: bool) -> list[Path]:
+    """The models a batch clean of ``inputs`` runs, once the output folder is checked usable."""
+    models = collect_models(inputs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: batch mode needs an output folder, and this is a file")
+    check_batch_paths(inputs, models, out_dir, force)
+    return models
+
+
+def scan_batch_models(inputs: list[Path], out_dir: Path | None) -> list[Path]:
+    """The models a batch scan of ``inputs`` runs, once the report folder is checked usable."""
+    models = collect_models(inputs)
+    if out_dir is not None:
+        check_scan_paths(models, out_dir)
     return models
 
 

@@ -13,11 +13,13 @@ check (``recheck.py``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from otbr_onnx.data.calibration import read_calibration
 from otbr_onnx.data.fingerprint import contents_sha256
 from otbr_onnx.data.images import Images, load_images
 
-__all__ = ["Images", "check_calibration", "contents_sha256", "load_images", "read_calibration",
+__all__ = ["Images", "check_calibration", "check_data", "contents_sha256", "load_images", "read_calibration",
            "read_data"]
 
 
@@ -28,6 +30,16 @@ def read_data(options, input_shape: tuple[int, ...]) -> Images:
     return load_images(options.data, input_shape, options.input_range, options.data_mean, options.data_std,
                        options.limits)
 
+
+def check_data(model: Path, options) -> None:
+    """Fail fast: read ``options.data`` against ``model``'s input before the scan or any output
+    (the pipeline reads it again where it uses it). A bad file or folder ends here, exit 2."""
+    if options.data is None:
+        return
+    from otbr_onnx.load import load_model
+
+    loaded = load_model(model, options.input_shape, options.output_name, options.limits)
+    read_data(options, loaded.input_shape)
 
 def check_calibration(options) -> None:
     """Fail fast: ``options.calibration`` readable as labelled images, before any model is

@@ -22,11 +22,12 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
+from otbr_onnx.data import contents_sha256
 from otbr_onnx.errors import EXIT_SUSPECTED, OtbrError, UsageError, one_line
 from otbr_onnx.executors import Executor, ProcessExecutor, SerialExecutor, Task
 from otbr_onnx.load import sha256_file
 from otbr_onnx.outcome import Outcome
-from otbr_onnx.output import atomic_write, write_result
+from otbr_onnx.output import atomic_write, check_batch_paths, check_scan_paths, write_result
 from otbr_onnx.report import batch_facts
 
 CLEAN_STATUSES = ("cleaned", "skipped", "refused", "failed")
@@ -53,9 +54,71 @@ def collect_models(inputs: list[Path]) -> list[Path]:
     return models
 
 
+def is_batch(models: list[Path], out_dir: Path | None = None) -> bool:
+    """Batch mode: several models, a folder, or (``scan``) an output folder for the reports."""
+    return len(models) > 1 or _is_dir(models[0]) or out_dir is not None
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the file system is not a folder
+        return False
+
+
+def refuse_batch_html(html_path: Path | None) -> None:
+    """--html renders one report; a batch has one per model, rendered by ``otbr-onnx report``."""
+    if html_path is not None:
+        raise UsageError("--html takes one model; render a batch model's NAME.report.json with "
+                         "`otbr-onnx report NAME.report.json -o NAME.html`")
+
+
+def refuse_single_ray(executor: str, batch_is: str) -> None:
+    """``--executor ray`` runs a batch's models as tasks; ``batch_is`` says what makes a batch."""
+    if executor == "ray":
+        raise UsageError(f"--executor ray is for batch mode: {batch_is}")
+
+
+def check_scan_batch(report_path: Path | None, html_path: Path | None, sarif: bool, out_dir: Path | None) -> None:
+    """A batch scan writes one report per model into ``out_dir``, and SARIF is built from them."""
+    if report_path is not None:
+        raise UsageError("--report names one model's report; in batch mode use --out-dir")
+    refuse_batch_html(html_path)
+    if sarif and out_dir is None:
+        raise UsageError("SARIF in batch scan is built from each model's report: give --out-dir")
+
+
+def clean_batch_models(inputs: list[Path], out_dir: Path, force: bool) -> list[Path]:
+    """The models a batch clean of ``inputs`` runs, once the output folder is checked usable."""
+    models = collect_models(inputs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: batch mode needs an output folder, and this is a file")
+    check_batch_paths(inputs, models, out_dir, force)
+    return models
+
+
+def scan_batch_models(inputs: list[Path], out_dir: Path | None) -> list[Path]:
+    """The models a batch scan of ``inputs`` runs, once the report folder is checked usable."""
+    models = collect_models(inputs)
+    if out_dir is not None:
+        check_scan_paths(models, out_dir)
+    return models
+
+
+# The options that name a file of images: the key holds the file's contents, not its path
+DATA_FILE_OPTIONS = {"data": "--data", "calibration": "--calibration"}
+
+
 def options_key(options, command: str = "clean") -> str:
-    """What a rerun must match to skip a model: the options (and, for a scan, that it was one)."""
-    data = json.dumps(dataclasses.asdict(options), sort_keys=True, default=str)
+    """What a rerun must match to skip a model: the options (and, for a scan, that it was one),
+    with the contents of the ``--data`` and ``--calibration`` files in place of their paths, so
+    new images written over the old ones are never skipped as done. Without such files the key
+    is the one earlier versions wrote."""
+    fields = dataclasses.asdict(options)
+    for name, option in DATA_FILE_OPTIONS.items():
+        if fields.get(name) is not None:
+            fields[name] = {"sha256": contents_sha256(fields[name], option)}
+    data = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256((data if command == "clean" else f"{command}:{data}").encode()).hexdigest()
 
 
@@ -87,9 +150,9 @@ def clean_one(model: Path, out_dir: Path, options) -> Outcome:
     from otbr_onnx.pipeline import clean
 
     start = time.perf_counter()
-    key = options_key(options)
     output = out_dir / f"{model.stem}.onnx"
     try:
+        key = options_key(options)  # reads the data files: a failure is this model's outcome
         earlier = finished_report(model, out_dir, key, output)
         if earlier is not None:
             return _outcome(model, "skipped", 0, earlier, start, SKIPPED, output)
@@ -105,8 +168,8 @@ def scan_one(model: Path, out_dir: Path | None, options) -> Outcome:
     from otbr_onnx.pipeline import scan
 
     start = time.perf_counter()
-    key = options_key(options, "scan")
     try:
+        key = options_key(options, "scan")  # reads the data files: a failure is this model's outcome
         earlier = finished_report(model, out_dir, key) if out_dir is not None else None
         if earlier is not None:
             code = EXIT_SUSPECTED if batch_facts(earlier)["targets"] else 0  # a rerun gives the same answer

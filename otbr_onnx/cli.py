@@ -9,15 +9,11 @@ stderr; ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -33,8 +29,10 @@ from otbr_onnx.errors import (
     was_interrupted,
     watch_interrupts,
 )
+from otbr_onnx.executors import EXECUTORS
 from otbr_onnx.files import regular_file_size
-from otbr_onnx.load import MAX_FILE_BYTES, MAX_NODES, MAX_NOISE_ELEMENTS, MAX_TENSOR_ELEMENTS, Limits
+from otbr_onnx.load import Limits
+from otbr_onnx.options import DEVICES, METHODS, ORT_PROVIDERS, RANKINGS, REMOVERS, default
 
 LOG = logging.getLogger("otbr_onnx")
 
@@ -125,13 +123,6 @@ class _DataPath(click.ParamType):
 SHAPE, RANGE, SIZE, FLOATS = _Shape(), _Range(), _Size(), _Floats()
 
 
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except OSError:  # a name too long for the file system is not a folder
-        return False
-
-
 def _echo(text: str, err: bool = False) -> None:
     """click.echo for text that may hold names, paths or messages from untrusted files: every
     control or format character (terminal escape sequences among them) is printed as an escape."""
@@ -153,28 +144,44 @@ class _RegularFile(click.Path):
         return path
 
 
+def _options(*decorators):
+    """One decorator applying ``decorators`` in the order written (the order --help lists them)."""
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
 def _limit_options(command):
     """--max-file-bytes, --max-nodes, --max-noise-elements, --max-tensor-elements: the caps of
     ``load.Limits`` that keep a hostile file from exhausting the machine."""
-    flags = [
-        ("--max-tensor-elements", MAX_TENSOR_ELEMENTS,
-         "Refuse a model in which shape inference finds a tensor with more elements (batch dims as 1)."),
-        ("--max-noise-elements", MAX_NOISE_ELEMENTS, "Refuse a noise batch (or input image) with more float elements."),
-        ("--max-nodes", MAX_NODES, "Refuse a graph with more nodes."),
-        ("--max-file-bytes", MAX_FILE_BYTES,
-         "Refuse a model file (with its external data), or an npz declaring arrays, larger than this."),
-    ]
-    for flag, default, text in flags:
-        command = click.option(flag, type=click.IntRange(min=1), default=default, show_default=True, help=text)(command)
+    texts = {  # Limits' fields, each the option --max-... of the same name
+        "max_tensor_elements": "Refuse a model in which shape inference finds a tensor with more elements "
+                               "(batch dims as 1).",
+        "max_noise_elements": "Refuse a noise batch (or input image) with more float elements.",
+        "max_nodes": "Refuse a graph with more nodes.",
+        "max_file_bytes": "Refuse a model file (with its external data), or an npz declaring arrays, larger than this.",
+    }
+    defaults = default("limits")
+    for name, text in texts.items():
+        command = click.option(_flag(name), type=click.IntRange(min=1), default=getattr(defaults, name),
+                               show_default=True, help=text)(command)
     return command
 
 
-def _limits(max_file_bytes: int, max_nodes: int, max_noise_elements: int, max_tensor_elements: int) -> Limits:
-    return Limits(max_file_bytes=max_file_bytes, max_nodes=max_nodes, max_noise_elements=max_noise_elements,
-                  max_tensor_elements=max_tensor_elements)
+def _flag(field: str) -> str:
+    """The option of a ``CleanOptions`` (or ``Limits``) field: ``max_nodes`` is ``--max-nodes``."""
+    return "--" + field.replace("_", "-")
 
 
-_ARGUMENTS: list[str] = []  # the command line as _Main.main received it, for SARIF's invocation
+def _arguments() -> list[str]:
+    """The command line as given (SARIF's invocation, the report's command): recorded by
+    ``_Main.make_context`` in the context every command inherits."""
+    return click.get_current_context().meta.get(_ARGUMENTS_KEY, [])
+
+
+_ARGUMENTS_KEY = "otbr_onnx.arguments"
 
 
 def _output_options(command):
@@ -199,52 +206,11 @@ def _output_format(output_format: str | None, as_json: bool) -> str:
     return "json" if as_json else output_format or "text"
 
 
-class _Findings:
-    """The SARIF log of one run: on stdout (``--format sarif``) and/or in a file (``--sarif``).
-    Written once, before the command exits, whatever the exit code."""
+def _findings(fmt: str, sarif_path: Path | None, inputs: list[Path]):
+    """The run's SARIF log (``findings.Findings``): on stdout with --format sarif, in --sarif's file."""
+    from otbr_onnx.findings import Findings
 
-    def __init__(self, to_stdout: bool, path: Path | None, inputs: list[Path]) -> None:
-        self.to_stdout, self.path, self.done = to_stdout, path, False
-        if path is not None:
-            from otbr_onnx.output import check_output_path
-
-            check_output_path(path, inputs, False)
-
-    def emit(self, results: list[dict], exit_code: int, error: str | None = None) -> None:
-        if self.done or not (self.to_stdout or self.path):
-            return
-        self.done = True
-        from otbr_onnx.output import atomic_write
-        from otbr_onnx.sarif import log
-
-        text = json.dumps(log(results, _ARGUMENTS, exit_code, error), indent=2)  # \uXXXX for control chars
-        if self.path is not None:
-            atomic_write(self.path, text.encode())
-        if self.to_stdout:
-            click.echo(text)
-
-    @contextmanager
-    def recording(self, model: Path | None) -> Iterator[None]:
-        """Inside: a failure is logged (``failed``) before it propagates to its exit code."""
-        try:
-            yield
-        except Exception as error:
-            self.failed(model, error)
-            raise
-
-    def failed(self, model: Path | None, error: Exception) -> None:
-        """The log of a run that ended in ``error``: a result at ``model`` (when known), and for
-        an error that stopped the check itself, a tool notification. Not after Ctrl-C (130)."""
-        from otbr_onnx.sarif import UNSUCCESSFUL_EXITS, error_result
-
-        if was_interrupted():  # a library turned Ctrl-C into another error: no verdict to log
-            return
-        code = error.exit_code if isinstance(error, OtbrError) else 1
-        message = " ".join(str(error).split())  # raw: SARIF carries names from the model as data
-        if not isinstance(error, OtbrError):
-            message = f"internal error: {type(error).__name__}: {message}"
-        results = [error_result(model, f"{model}: {message}", code)] if model is not None else []
-        self.emit(results, code, message if code in UNSUCCESSFUL_EXITS else None)
+    return Findings(fmt == "sarif", sarif_path, inputs, _arguments(), click.echo)
 
 
 def _html_target(html_path: Path | None, inputs: list[Path]) -> None:
@@ -256,12 +222,6 @@ def _html_target(html_path: Path | None, inputs: list[Path]) -> None:
 
     require_matplotlib()
     check_output_path(html_path, inputs, False)
-
-
-def _no_batch_html(html_path: Path | None) -> None:
-    if html_path is not None:
-        raise UsageError("--html takes one model; render a batch model's NAME.report.json with "
-                         "`otbr-onnx report NAME.report.json -o NAME.html`")
 
 
 def _run(debug: bool, action) -> None:
@@ -306,9 +266,13 @@ class _Main(click.Group):
     line with exit 2, like every other error; Ctrl-C at any point (while click parses, while a
     command imports torch) exits 130 with one line, where click would print "Aborted!" and exit 1."""
 
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        arguments = list(args)  # before parsing, which consumes the list
+        context = super().make_context(info_name, args, parent, **extra)
+        context.meta[_ARGUMENTS_KEY] = arguments
+        return context
+
     def main(self, args=None, *rest, standalone_mode: bool = True, **kwargs):
-        global _ARGUMENTS
-        _ARGUMENTS = list(sys.argv[1:] if args is None else args)
         if not standalone_mode:
             return super().main(args, *rest, standalone_mode=False, **kwargs)
         watch_interrupts()
@@ -337,14 +301,15 @@ def main() -> None:
 def _scan_options(command):
     """The detection options, shared by ``scan`` and ``clean``."""
     for decorator in reversed([
-        click.option("--scan-starts", type=click.IntRange(min=1), default=8, show_default=True,
+        click.option("--scan-starts", type=click.IntRange(min=1), default=default("scan_starts"), show_default=True,
                      help="Random starts per class of the maximum-margin search."),
-        click.option("--scan-steps", type=click.IntRange(min=1), default=100, show_default=True,
+        click.option("--scan-steps", type=click.IntRange(min=1), default=default("scan_steps"), show_default=True,
                      help="Adam steps per start of the maximum-margin search."),
-        click.option("--scan-threshold", type=click.FloatRange(min=0, min_open=True), default=3.5, show_default=True,
+        click.option("--scan-threshold", type=click.FloatRange(min=0, min_open=True), default=default("scan_threshold"),
+                     show_default=True,
                      help="Robust z-score (median/MAD of the other classes) above which a class's maximum "
                           "margin flags it as a backdoor target."),
-        click.option("--max-classes", type=click.IntRange(min=1), default=1000, show_default=True,
+        click.option("--max-classes", type=click.IntRange(min=1), default=default("max_classes"), show_default=True,
                      help="Refuse (exit 3) a model with more classes, before the scan starts: its work grows "
                           "with the class count, which the model file decides."),
     ]):
@@ -384,29 +349,12 @@ def _check_data_paths(options, outputs: list, out_dirs: list) -> None:
                      [d for d in out_dirs if d is not None])
 
 
-def _check_data(model: Path, options) -> None:
-    """Fail fast: read --data against MODEL's input before the scan or any output (the pipeline
-    reads it again where it uses it). A bad file or folder ends here in one line, exit 2."""
-    if options.data is None:
-        return
-    from otbr_onnx.load import load_model
-
-    loaded = load_model(model, options.input_shape, options.output_name, options.limits)
-    _read_data(loaded.input_shape, options)
-
-
-def _read_data(input_shape: tuple[int, ...], options) -> None:
-    from otbr_onnx.data import read_data
-
-    read_data(options, input_shape)
-
-
 def _batch_options(command):
     """Where batch mode runs its models, shared by ``scan`` and ``clean``."""
     for decorator in reversed([
         click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Batch mode: models run in parallel local processes (--executor local)."),
-        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+        click.option("--executor", type=click.Choice(EXECUTORS), default=EXECUTORS[0], show_default=True,
                      help="Batch mode: local (this machine, --jobs processes) or ray (one Ray task per model, "
                           "on a local Ray instance or the cluster at --address; the [ray] extra)."),
         click.option("--address", help="With --executor ray: the cluster to use, e.g. auto, HOST:6379 or "
@@ -420,26 +368,6 @@ def _batch_options(command):
     ]):
         command = decorator(command)
     return command
-
-
-def _executor(jobs: int, executor: str, address: str | None, cpus_per_model: float | None,
-              gpus_per_model: float | None):
-    """The batch executor the options ask for; contradictory options are usage errors."""
-    from otbr_onnx.executors import ProcessExecutor, RayExecutor, SerialExecutor, import_ray
-
-    ray_only = [flag for flag, value in (("--address", address), ("--cpus-per-model", cpus_per_model),
-                                         ("--gpus-per-model", gpus_per_model)) if value is not None]
-    if executor == "local":
-        if ray_only:
-            raise UsageError(f"{ray_only[0]} needs --executor ray")
-        return ProcessExecutor(jobs) if jobs > 1 else SerialExecutor()
-    if jobs != 1:
-        raise UsageError("--jobs is for --executor local; Ray runs as many models at once as the cluster's "
-                         "CPUs and GPUs allow (see --cpus-per-model, --gpus-per-model)")
-    with interrupts_deferred():  # a large import: Ctrl-C held until it is done
-        import_ray()
-    return RayExecutor(address, 1.0 if cpus_per_model is None else cpus_per_model,
-                       0.0 if gpus_per_model is None else gpus_per_model)
 
 
 def _batch_run(run, models: list[Path], out_dir: Path | None, options, executor, quiet: bool,
@@ -468,33 +396,60 @@ def _batch_run(run, models: list[Path], out_dir: Path | None, options, executor,
     return outcomes
 
 
+def _shown(values: tuple[float, ...]) -> str:
+    """A range default as typed on the command line, (0.0, 1.0) as 0,1 (--help shows it so)."""
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _seed_option(text: str):
+    return click.option("--seed", type=int, default=default("seed"), show_default=True, help=text)
+
+
+def _device_option(text: str):
+    return click.option("--device", type=click.Choice(DEVICES), default=default("device"), show_default=True,
+                        help=text)
+
+
+def _interface_options(range_text: str):
+    """--input-shape, --output and --input-range (``range_text``: what the range is of)."""
+    return _options(
+        click.option("--input-shape", type=SHAPE,
+                     help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims."),
+        click.option("--output", "output_name", help="Name of the logits output when the model has several."),
+        click.option("--input-range", type=RANGE, default=_shown(default("input_range")), show_default=True,
+                     help=range_text),
+    )
+
+
+# Where a batch runs, what is printed and written, and the caps: the same in ``scan`` and ``clean``
+_RUN_OPTIONS = _options(
+    _batch_options,
+    click.option("--json", "as_json", is_flag=True,
+                 help="Print the report (batch: the summary) as JSON on stdout (--format json)."),
+    _output_options,
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary."),
+    click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr."),
+    click.option("--debug", is_flag=True, help="Show tracebacks on errors."),
+    _limit_options,
+)
+
+
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_scan_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the search runs; auto picks CUDA when torch sees a GPU.")
+@_seed_option("Seed of the random starts.")
+@_device_option("Where the search runs; auto picks CUDA when torch sees a GPU.")
 @click.option("--max-memory", type=SIZE,
               help="Memory the search may use, e.g. 2G (see clean --help). Default: 2G, or half the "
                    "available memory when less; on CUDA half the free GPU memory.")
-@click.option("--input-shape", type=SHAPE, help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims.")
-@click.option("--output", "output_name", help="Name of the logits output when the model has several.")
-@click.option("--input-range", type=RANGE, default="0,1", show_default=True,
-              help="Value range of the model's input (e.g. -1,1 for normalised inputs, or 0,255).")
+@_interface_options("Value range of the model's input (e.g. -1,1 for normalised inputs, or 0,255).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write the JSON report here (one model; batch mode: see --out-dir).")
 @click.option("--out-dir", type=click.Path(path_type=Path),
               help="Batch mode: write NAME.report.json per model and summary.json into this folder; a rerun "
                    "skips models whose report matches their input and options.")
 @_data_options
-@_batch_options
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the report (batch: the summary) as JSON on stdout (--format json).")
-@_output_options
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-@click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@_limit_options
+@_RUN_OPTIONS
 def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_classes, seed, device, max_memory,
          input_shape, output_name, input_range, report_path, out_dir, data_path, data_mean, data_std, jobs, executor,
          address, cpus_per_model, gpus_per_model, as_json, output_format, sarif_path, html_path, quiet, verbose, debug, **limits) -> None:
@@ -521,6 +476,9 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
 
     def action() -> None:
         with interrupts_deferred():  # imported inside _run, with Ctrl-C held until they are done
+            from otbr_onnx.batch import check_scan_batch, is_batch, refuse_single_ray
+            from otbr_onnx.data import check_data
+            from otbr_onnx.executors import choose_executor
             from otbr_onnx.output import atomic_write, check_output_path
             from otbr_onnx.pipeline import CleanOptions, scan as run_scan
             from otbr_onnx.report import margins_text
@@ -530,31 +488,26 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
         options = CleanOptions(scan_starts=scan_starts, scan_steps=scan_steps, scan_threshold=scan_threshold,
                                max_classes=max_classes, seed=seed, device=device, max_memory=max_memory,
                                input_shape=input_shape, output_name=output_name, input_range=input_range,
-                               limits=_limits(**limits), **_data_fields(data_path, data_mean, data_std))
+                               limits=Limits(**limits), **_data_fields(data_path, data_mean, data_std))
         options.validate()
         _check_data_paths(options, [report_path, sarif_path, html_path], [out_dir])
-        if len(models) > 1 or _is_dir(models[0]) or out_dir is not None:
-            if report_path is not None:
-                raise UsageError("--report names one model's report; in batch mode use --out-dir")
-            _no_batch_html(html_path)
-            if (fmt == "sarif" or sarif_path is not None) and out_dir is None:
-                raise UsageError("SARIF in batch scan is built from each model's report: give --out-dir")
-            runner = _executor(jobs, executor, address, cpus_per_model, gpus_per_model)
-            findings = _Findings(fmt == "sarif", sarif_path, list(models))
+        if is_batch(list(models), out_dir):
+            check_scan_batch(report_path, html_path, fmt == "sarif" or sarif_path is not None, out_dir)
+            runner = choose_executor(jobs, executor, address, cpus_per_model, gpus_per_model)
+            findings = _findings(fmt, sarif_path, list(models))
             with findings.recording(None):
                 _scan_batch(list(models), out_dir, options, runner, fmt, quiet, findings)
             return
-        if executor == "ray":
-            raise UsageError("--executor ray is for batch mode: a folder, several models, or --out-dir")
+        refuse_single_ray(executor, "a folder, several models, or --out-dir")
         model = models[0]
         if report_path is not None:
             check_output_path(report_path, [model], False)
         _html_target(html_path, [model])
-        findings = _Findings(fmt == "sarif", sarif_path, [model])
+        findings = _findings(fmt, sarif_path, [model])
         with findings.recording(model):
-            _check_data(model, options)
+            check_data(model, options)
             with _progress(quiet) as progress:
-                found = run_scan(model, options, progress, command=_ARGUMENTS)
+                found = run_scan(model, options, progress, command=_arguments())
             code = EXIT_SUSPECTED if found.backdoor_suspected else 0
             if report_path is not None:
                 atomic_write(report_path, json.dumps(found.report, indent=2).encode())
@@ -580,12 +533,13 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--always", is_flag=True,
               help="Clean even when the scan finds no backdoor (default: such a model is written unchanged).")
-@click.option("--ranking", type=click.Choice(["auto", "activation", "nwc"]), default="auto", show_default=True,
+@click.option("--ranking", type=click.Choice(RANKINGS), default=default("ranking"), show_default=True,
               help="Neuron score: activation (how much more a neuron fires on the suspected target's "
                    "maximum-margin inputs), nwc (the paper's weight change under random unlearning), auto "
                    "(activation when a class is suspected, else nwc).")
 @_scan_options
-@click.option("--iterations", type=click.IntRange(min=0), help="Random-unlearning steps (nwc ranking).  [default: 20]")
+@click.option("--iterations", type=click.IntRange(min=0),  # no click default: None is "not given" (--reference)
+              help=f"Random-unlearning steps (nwc ranking).  [default: {default('iterations')}]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Noise images per unlearning step.")
 @click.option("--micro-batch", type=click.IntRange(min=1),
               help="Unlearn each noise batch in chunks of this many images: less memory; BatchNorm in "
@@ -601,45 +555,35 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
               help="Share of ranked neurons to prune (gamma). Default: chosen per model, the largest candidate "
                    "within --max-disagreement on probes synthesised from the model (no data), or within "
                    "--max-acc-drop on --calibration images.")
-@click.option("--method", type=click.Choice(["otbr", "prune-only", "clp"]), default="otbr", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default=default("method"), show_default=True,
               help="otbr: the full method; prune-only: stage 1 alone (ablation); clp: channel-Lipschitz pruning baseline.")
-@click.option("--remover", type=click.Choice(["auto", "pruning", "adversarial"]), default="auto", show_default=True,
+@click.option("--remover", type=click.Choice(REMOVERS), default=default("remover"), show_default=True,
               help="How the backdoor is removed. adversarial: triggers found on your --data images are "
                    "unlearnt while the original's answers are kept, and a BatchNorm recalibration must not "
                    "bring them back (needs --data; experimental: see README's limits); pruning: ranking + pruning + "
                    "OT fusion (--method); auto: pruning.")
 @click.option("--calibration", type=_RegularFile(),
               help="npz of CLEAN images (x, y) you trust: choose the prune ratio under --max-acc-drop on them.")
-@click.option("--max-acc-drop", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--max-acc-drop", type=click.FloatRange(min=0), default=default("max_acc_drop"), show_default=True,
               help="With --calibration: accuracy points the cleaning may cost on those images.")
 @_data_options
-@click.option("--max-disagreement", type=click.FloatRange(0, 100), default=10.0, show_default=True,
+@click.option("--max-disagreement", type=click.FloatRange(0, 100), default=default("max_disagreement"),
+              show_default=True,
               help="Without --calibration or --prune-ratio: how much (%) of the original's confidence in its own "
                    "answers on the synthesised probes the cleaning may lose.")
-@click.option("--probes", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--probes", type=click.IntRange(min=1), default=default("probes"), show_default=True,
               help="Probe images synthesised from the model to choose the prune ratio.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for noise, labels and parity inputs.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where unlearning runs; auto picks CUDA when torch sees a GPU.")
-@click.option("--ort-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+@_seed_option("Seed for noise, labels and parity inputs.")
+@_device_option("Where unlearning runs; auto picks CUDA when torch sees a GPU.")
+@click.option("--ort-provider", type=click.Choice(ORT_PROVIDERS), default=default("ort_provider"), show_default=True,
               help="onnxruntime provider for the parity checks (cuda needs onnxruntime-gpu).")
 @click.option("--reference", is_flag=True,
               help="Use the published settings exactly (20 steps, batch 256, lr 1e-4, lambda 0.5, conv layers, "
                    "no grad clipping). Options given explicitly still override.")
-@click.option("--input-shape", type=SHAPE, help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims.")
-@click.option("--output", "output_name", help="Name of the logits output when the model has several.")
-@click.option("--input-range", type=RANGE, default="0,1", show_default=True,
-              help="Value range of the noise images (use the range the model expects, e.g. -1,1 or 0,255).")
+@_interface_options("Value range of the noise images (use the range the model expects, e.g. -1,1 or 0,255).")
 @click.option("--force", is_flag=True,
               help="Allow the output path to be the input path (batch: the output folder to overlap the inputs).")
-@_batch_options
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the report (batch: the summary) as JSON on stdout (--format json).")
-@_output_options
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-@click.option("--verbose", "-v", count=True, help="Log stages (-v) and details (-vv) to stderr.")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@_limit_options
+@_RUN_OPTIONS
 def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, ranking, scan_starts, scan_steps,
           scan_threshold, max_classes, iterations, batch_size, micro_batch, max_memory, lr,
           fusion_lambda, prune_ratio, method, remover, calibration, max_acc_drop, data_path, data_mean, data_std,
@@ -674,13 +618,17 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
     def action() -> None:
         # imported here, inside _run, with Ctrl-C held until they are done (see interrupts_deferred)
         with interrupts_deferred():
+            from otbr_onnx.batch import is_batch, refuse_batch_html, refuse_single_ray
+            from otbr_onnx.data import check_calibration, check_data
+            from otbr_onnx.executors import choose_executor
+            from otbr_onnx.options import from_command_line
             from otbr_onnx.output import check_output_path, write_result
             from otbr_onnx.pipeline import clean as run_clean
             from otbr_onnx.report import summary_text
             from otbr_onnx.sarif import clean_results
 
         fmt = _output_format(output_format, as_json)
-        options = _clean_options(
+        options = from_command_line(
             reference,
             {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
              "prune_ratio": prune_ratio},
@@ -689,37 +637,33 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             output_name=output_name,
             input_range=input_range, micro_batch=micro_batch, max_memory=max_memory, ort_provider=ort_provider,
             calibration=calibration, max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes,
-            limits=_limits(**limits), max_classes=max_classes, **_data_fields(data_path, data_mean, data_std),
+            limits=Limits(**limits), max_classes=max_classes, **_data_fields(data_path, data_mean, data_std),
         )
         options.validate()
-        batch = len(models) > 1 or _is_dir(models[0])
+        batch = is_batch(list(models))
         if batch:
             _check_data_paths(options, [sarif_path], [output])
         else:
             _check_data_paths(options, [output, report_path, sarif_path, html_path], [])
-        if calibration is not None:  # fail fast, before loading or unlearning: the scan reads it last
-            from otbr_onnx.evaluate import load_npz, split_sets
-
-            split_sets(load_npz(calibration, options.limits.max_file_bytes, "--calibration"), {})
-        if len(models) > 1 or _is_dir(models[0]):
-            _no_batch_html(html_path)
-            runner = _executor(jobs, executor, address, cpus_per_model, gpus_per_model)
-            findings = _Findings(fmt == "sarif", sarif_path, list(models))
+        check_calibration(options)  # fail fast, before loading or unlearning: the ratio rule reads it last
+        if batch:
+            refuse_batch_html(html_path)
+            runner = choose_executor(jobs, executor, address, cpus_per_model, gpus_per_model)
+            findings = _findings(fmt, sarif_path, list(models))
             with findings.recording(None):
                 _clean_batch(list(models), output, options, runner, fmt, quiet, force, findings)
             return
-        if executor == "ray":
-            raise UsageError("--executor ray is for batch mode: give a folder or several models")
+        refuse_single_ray(executor, "give a folder or several models")
         model = models[0]
         check_output_path(output, [model], force)
         if report_path is not None:
             check_output_path(report_path, [model, output], False)
         _html_target(html_path, [model, output])
-        findings = _Findings(fmt == "sarif", sarif_path, [model, output])
+        findings = _findings(fmt, sarif_path, [model, output])
         with findings.recording(model):  # refused (3), parity failure (4), ...: logged before the exit
-            _check_data(model, options)
+            check_data(model, options)
             with _progress(quiet) as progress:
-                result = run_clean(model, options, progress, command=_ARGUMENTS)
+                result = run_clean(model, options, progress, command=_arguments())
             report = write_result(result, output, report_path)
             if html_path is not None:
                 from otbr_onnx.html_report import write_html
@@ -735,53 +679,36 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
     _run(debug, action)
 
 
-def _clean_options(reference: bool, given: dict, **fixed):
-    """The published (``--reference``) or default settings, overridden by the options the user
-    gave (``given``: None means not given, so the base keeps its value) and by ``fixed``."""
-    from otbr_onnx.pipeline import CleanOptions
-
-    base = CleanOptions.published() if reference else CleanOptions()
-    if reference:  # the published method has no scan and ranks by NWC
-        fixed = {**fixed, "always": True, "ranking": "nwc"}
-    return replace(base, **{k: v for k, v in given.items() if v is not None}, **fixed)
-
-
 def _clean_batch(inputs: list[Path], out_dir: Path, options, executor, fmt: str, quiet: bool,
-                 force: bool, findings: _Findings) -> None:
-    from otbr_onnx.batch import CLEAN_STATUSES, clean_many, collect_models
+                 force: bool, findings) -> None:
+    from otbr_onnx.batch import CLEAN_STATUSES, clean_batch_models, clean_many
     from otbr_onnx.batch_view import CLEAN_COLUMNS
-    from otbr_onnx.output import check_batch_paths
 
-    models = collect_models(inputs)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir}: batch mode needs an output folder, and this is a file")
-    check_batch_paths(inputs, models, out_dir, force)
+    models = clean_batch_models(inputs, out_dir, force)
     outcomes = _batch_run(clean_many, models, out_dir, options, executor, quiet, True, CLEAN_COLUMNS)
     _batch_end(outcomes, out_dir, CLEAN_STATUSES, fmt, quiet, findings, to_stderr=True)
 
 
 def _scan_batch(inputs: list[Path], out_dir: Path | None, options, executor, fmt: str, quiet: bool,
-                findings: _Findings) -> None:
-    from otbr_onnx.batch import SCAN_STATUSES, collect_models, scan_many
+                findings) -> None:
+    from otbr_onnx.batch import SCAN_STATUSES, scan_batch_models, scan_many
     from otbr_onnx.batch_view import SCAN_COLUMNS
-    from otbr_onnx.output import check_scan_paths
 
-    models = collect_models(inputs)
-    if out_dir is not None:
-        check_scan_paths(models, out_dir)
+    models = scan_batch_models(inputs, out_dir)
     outcomes = _batch_run(scan_many, models, out_dir, options, executor, quiet, fmt != "text", SCAN_COLUMNS)
     _batch_end(outcomes, out_dir, SCAN_STATUSES, fmt, quiet, findings, to_stderr=fmt != "text")
 
 
 def _batch_end(outcomes: list, out_dir: Path | None, statuses: tuple[str, ...], fmt: str, quiet: bool,
-               findings: _Findings, to_stderr: bool) -> None:
+               findings, to_stderr: bool) -> None:
     """The SARIF log, the counts line, the summary on stdout with --json, and the exit code: the
     worst model's."""
     from otbr_onnx.batch import summary, worst_exit_code
+    from otbr_onnx.findings import batch_findings
 
     worst = worst_exit_code(outcomes)
     if out_dir is not None:  # the findings come from the reports written there
-        findings.emit(_batch_findings(outcomes, out_dir), worst)
+        findings.emit(batch_findings(outcomes, out_dir), worst)
     if fmt == "json":  # summary.json's content (scan without --out-dir: what it would hold)
         click.echo(json.dumps(summary(outcomes, statuses), indent=2))
     if not quiet:
@@ -790,21 +717,6 @@ def _batch_end(outcomes: list, out_dir: Path | None, statuses: tuple[str, ...], 
         _echo(f"batch: {counts}{where}", err=to_stderr)
     if worst:
         sys.exit(worst)
-
-
-def _batch_findings(outcomes, out_dir: Path) -> list[dict]:
-    """SARIF results of a batch: each model's written report where it has one."""
-    from otbr_onnx.sarif import batch_results
-
-    reports = {}
-    for outcome in outcomes:
-        path = out_dir / f"{Path(outcome.model).stem}.report.json"
-        if outcome.status not in ("refused", "failed") and path.is_file():  # scan: suspected is 6
-            try:
-                reports[outcome.model] = json.loads(path.read_text())
-            except (OSError, ValueError):  # a report replaced since: the outcome alone is still a finding
-                pass
-    return batch_results([dataclasses.asdict(o) for o in outcomes], reports)
 
 
 class _PrintableFormatter(logging.Formatter):
@@ -914,33 +826,17 @@ def eval_command(model: Path, data_path: Path, poisoned_path: Path | None, targe
 
     def action() -> None:
         with interrupts_deferred():
-            from otbr_onnx import evaluate as ev
-            from otbr_onnx.load import load_model
+            from otbr_onnx.evaluate import evaluate_files
 
-        caps = _limits(**limits)
-        data = ev.load_npz(data_path, caps.max_file_bytes, "--data")
-        poisoned = ev.load_npz(poisoned_path, caps.max_file_bytes, "--poisoned") if poisoned_path else None
-        clean_set, poisoned_set = ev.split_sets(data, poisoned)
-        goal = target if target is not None else ev.npz_target(data)
-        result = {"model": str(model), "target": goal}
-        loaded = load_model(model, limits=caps)
-        ev.check_sets(loaded, clean_set, poisoned_set, goal)
-        metrics = ev.evaluate(loaded.proto, clean_set, poisoned_set, goal)
-        result["metrics"] = metrics.as_dict()
-        if original_path is not None:
-            original = load_model(original_path, limits=caps)
-            ev.check_sets(original, clean_set, poisoned_set, goal)
-            before = ev.evaluate(original.proto, clean_set, poisoned_set, goal)
-            result["original"] = before.as_dict()
-            result["der"] = ev.der(before, metrics)
+        found = evaluate_files(model, data_path, poisoned_path, target, original_path, Limits(**limits))
         if as_json:
-            click.echo(json.dumps(result, indent=2))
+            click.echo(json.dumps(found.as_dict(), indent=2))
             return
-        if original_path is not None:
-            _echo(f"{original_path}: {_metrics_line(before)}")
-        _echo(f"{model}: {_metrics_line(metrics)}")
-        if result.get("der") is not None:
-            click.echo(f"DER: {100 * result['der']:.2f}")
+        if found.original is not None:
+            _echo(f"{original_path}: {_metrics_line(found.original)}")
+        _echo(f"{model}: {_metrics_line(found.metrics)}")
+        if found.der is not None:
+            click.echo(f"DER: {100 * found.der:.2f}")
 
     _run(debug, action)
 
@@ -959,7 +855,7 @@ def inspect_command(model: Path, input_shape, output_name, as_json: bool, debug:
         with interrupts_deferred():
             from otbr_onnx.describe import describe
 
-        info = describe(model, input_shape, output_name, _limits(**limits))
+        info = describe(model, input_shape, output_name, Limits(**limits))
         if as_json:
             click.echo(json.dumps(info, indent=2))
             return
@@ -1018,7 +914,8 @@ def report_command(report_file: Path, html_path: Path, max_file_bytes: int, debu
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="Random inputs to compare.")
 @click.option("--scan", "with_scan", is_flag=True,
               help="Also scan both models and print their per-class maximum margins side by side.")
-@click.option("--input-range", type=RANGE, default="0,1", show_default=True, help="Value range of the model's input (--scan).")
+@click.option("--input-range", type=RANGE, default=_shown(default("input_range")), show_default=True,
+              help="Value range of the model's input (--scan).")
 @_data_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
@@ -1036,21 +933,15 @@ def verify_command(original: Path, cleaned: Path, input_shape, samples: int, wit
 
     def action() -> None:
         with interrupts_deferred():
-            from otbr_onnx.load import load_model
-            from otbr_onnx.pipeline import CleanOptions
-            from otbr_onnx.verify import verify
+            from otbr_onnx.options import CleanOptions
+            from otbr_onnx.verify import verify_files
 
         if data_path is not None and not with_scan:
             raise UsageError("--data is read by the scan: give --scan too")
-        options = CleanOptions(input_shape=input_shape, input_range=input_range, limits=_limits(**limits),
+        options = CleanOptions(input_shape=input_shape, input_range=input_range, limits=Limits(**limits),
                                **_data_fields(data_path, data_mean, data_std))
         options.validate()
-        before = load_model(original, input_shape, limits=options.limits)
-        after = load_model(cleaned, input_shape, limits=options.limits)
-        if options.data is not None:  # fail fast, before the scans
-            _read_data(before.input_shape, options)
-        result = verify(before.proto, after.proto, before.input_name, before.input_shape, samples)
-        scans = _scan_both(before, after, options) if with_scan else None
+        result, scans = verify_files(original, cleaned, options, samples, with_scan)
         if as_json:
             click.echo(json.dumps({**result.as_dict(), **({"scan": scans} if scans else {})}, indent=2))
         elif result.same_graph:
@@ -1067,13 +958,6 @@ def verify_command(original: Path, cleaned: Path, input_shape, samples: int, wit
             sys.exit(5)
 
     _run(debug, action)
-
-
-def _scan_both(before, after, options) -> dict:
-    from otbr_onnx.pipeline import scan as run_scan
-
-    return {"original": run_scan(before.proto, options).report["scan"],
-            "cleaned": run_scan(after.proto, options).report["scan"]}
 
 
 def _margins_side_by_side(original: dict, cleaned: dict) -> list[str]:

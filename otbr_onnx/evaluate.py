@@ -21,7 +21,7 @@ from converters.chunking import Chunking
 from converters.single_score import as_class_scores
 from otbr_onnx.errors import UnsupportedModelError, UsageError, one_line
 from otbr_onnx.files import open_regular
-from otbr_onnx.load import MAX_FILE_BYTES, LoadedModel, ort_errors
+from otbr_onnx.load import MAX_FILE_BYTES, Limits, LoadedModel, load_model, ort_errors
 
 NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats: what can be an image or a label
 # Fixed-width strings cannot carry code (only pickled objects can): kept as metadata, such as the
@@ -242,3 +242,48 @@ def der(before: Metrics, after: Metrics) -> float | None:
     asr_drop = max(0.0, before.asr - after.asr) / 100.0
     acc_drop = max(0.0, before.acc - after.acc) / 100.0
     return (asr_drop - acc_drop + 1.0) / 2.0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """``otbr-onnx eval``: a model's metrics on the sets and, with the model before cleaning,
+    that model's metrics and the DER between them."""
+
+    model: str
+    target: int
+    metrics: Metrics
+    original: Metrics | None = None
+
+    @property
+    def der(self) -> float | None:
+        return der(self.original, self.metrics) if self.original is not None else None
+
+    def as_dict(self) -> dict:
+        out = {"model": self.model, "target": self.target, "metrics": self.metrics.as_dict()}
+        if self.original is not None:
+            out["original"] = self.original.as_dict()
+            out["der"] = self.der
+        return out
+
+
+def evaluate_files(model: Path, data: Path, poisoned: Path | None = None, target: int | None = None,
+                   original: Path | None = None, limits: Limits | None = None) -> Evaluation:
+    """Read the sets (``data``: clean and maybe triggered images; ``poisoned``: triggered ones),
+    check them against ``model`` (and ``original``) and measure both. ``target``: the attack's
+    class (default: ``target`` in the npz, else 0). Every bad input is a ``UsageError`` before
+    onnxruntime runs."""
+    caps = limits or Limits()
+    arrays = load_npz(data, caps.max_file_bytes, "--data")
+    triggered = load_npz(poisoned, caps.max_file_bytes, "--poisoned") if poisoned else None
+    clean_set, poisoned_set = split_sets(arrays, triggered)
+    goal = target if target is not None else npz_target(arrays)
+    metrics = _checked_metrics(load_model(model, limits=caps), clean_set, poisoned_set, goal)
+    before = None
+    if original is not None:
+        before = _checked_metrics(load_model(original, limits=caps), clean_set, poisoned_set, goal)
+    return Evaluation(str(model), goal, metrics, before)
+
+
+def _checked_metrics(loaded: LoadedModel, clean: tuple, poisoned: tuple | None, target: int) -> Metrics:
+    check_sets(loaded, clean, poisoned, target)
+    return evaluate(loaded.proto, clean, poisoned, target)

@@ -31,13 +31,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from otbr_onnx.errors import UsageError, one_line
+from otbr_onnx.errors import UsageError, interrupts_deferred, one_line
 from otbr_onnx.outcome import Outcome
 
 LOG = logging.getLogger("otbr_onnx")
 # A module-level function (pickled by reference to worker processes and Ray workers):
 # task(model, out_dir, options) -> Outcome, never raising.
 Task = Callable[..., Outcome]
+EXECUTORS = ("local", "ray")  # choose_executor's names (--executor)
 RAY_EXTRA = "--executor ray needs Ray: pip install 'otbr-onnx[ray]'"
 # seconds to wait, after cancelling, until Ray reports every task ended (killed workers included)
 RAY_CANCEL_WAIT = 30.0
@@ -50,6 +51,25 @@ CONNECT_TIMEOUT = 10.0
 class Executor(Protocol):
     def map(self, task: Task, models: list[Path], out_dir: Path | None, options) -> Iterator[Outcome]:
         """Run ``task`` on every model; yield each Outcome as its model finishes (any order)."""
+
+
+def choose_executor(jobs: int, executor: str, address: str | None, cpus_per_model: float | None,
+                    gpus_per_model: float | None) -> Executor:
+    """The batch executor the options ask for (``executor``: ``local`` or ``ray``; None means not
+    given); contradictory options are usage errors."""
+    ray_only = [flag for flag, value in (("--address", address), ("--cpus-per-model", cpus_per_model),
+                                         ("--gpus-per-model", gpus_per_model)) if value is not None]
+    if executor == "local":
+        if ray_only:
+            raise UsageError(f"{ray_only[0]} needs --executor ray")
+        return ProcessExecutor(jobs) if jobs > 1 else SerialExecutor()
+    if jobs != 1:
+        raise UsageError("--jobs is for --executor local; Ray runs as many models at once as the cluster's "
+                         "CPUs and GPUs allow (see --cpus-per-model, --gpus-per-model)")
+    with interrupts_deferred():  # a large import: Ctrl-C held until it is done
+        import_ray()
+    return RayExecutor(address, 1.0 if cpus_per_model is None else cpus_per_model,
+                       0.0 if gpus_per_model is None else gpus_per_model)
 
 
 class SerialExecutor:

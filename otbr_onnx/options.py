@@ -1,14 +1,23 @@
 """What a user can set for ``scan`` and ``clean`` (``CleanOptions``), and the study knobs that only
-the benchmarks turn (``Experiment``). Every field is validated in one place, ``validate``."""
+the benchmarks turn (``Experiment``). Every field is validated in one place, ``validate``.
+
+The command line takes its choices and defaults from here (``default``, ``METHODS`` ...), so
+this module imports nothing heavy: ``otbr-onnx --help`` must not load torch."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 from otbr_onnx.errors import UsageError
 from otbr_onnx.load import Limits
-from otbr_onnx.detect import DEFAULT_THRESHOLD
+
+# The scan's robust z above which a class is suspected: the same number as detect.DEFAULT_THRESHOLD
+# (see there; tests/test_cli.py checks both agree), written here so that the CLI reads the
+# default without importing the detector, which imports torch.
+DEFAULT_THRESHOLD = 3.5
+DEVICES = ("auto", "cpu", "cuda")
+ORT_PROVIDERS = ("cpu", "cuda")  # onnxruntime execution providers for the parity checks
 
 METHODS = ("otbr", "prune-only", "clp")
 # How neurons are ranked for pruning and weighted in the fusion (rank.py):
@@ -164,9 +173,9 @@ class CleanOptions:
             raise UsageError("--reference is the published method: its ranking is nwc, not activation")
         if not self.lr > 0:
             raise UsageError(f"--lr must be > 0, got {self.lr}")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.ort_provider not in ("cpu", "cuda"):
+        if self.ort_provider not in ORT_PROVIDERS:
             raise UsageError(f"--ort-provider must be cpu or cuda, got {self.ort_provider!r}")
         low, high = self.input_range
         if not low < high:
@@ -188,3 +197,25 @@ class CleanOptions:
                 raise UsageError(f"{option} must be one or more finite numbers, got {values}")
         if self.data_std is not None and not all(v > 0 for v in self.data_std):
             raise UsageError(f"--data-std must be > 0 for every channel, got {self.data_std}")
+
+
+# What the published method decides whatever the flags say: it has no scan (always cleans) and
+# ranks by NWC. The command line's defaults for these (--always off, --ranking auto) must not
+# override it; the values themselves come from ``CleanOptions.published``.
+PUBLISHED_DECIDES = ("always", "ranking")
+
+
+def default(name: str):
+    """The default of ``CleanOptions`` field ``name`` (the CLI shows it and starts from it)."""
+    found = next(f for f in fields(CleanOptions) if f.name == name)
+    return found.default_factory() if found.default is MISSING else found.default
+
+
+def from_command_line(reference: bool, given: dict, **fixed) -> CleanOptions:
+    """The published (``--reference``) or default settings, overridden by the options the user
+    gave (``given``: None means not given, so the base keeps its value) and by ``fixed`` (options
+    that always have a value), except what the published method decides (``PUBLISHED_DECIDES``)."""
+    base = CleanOptions.published() if reference else CleanOptions()
+    if reference:
+        fixed = {**fixed, **{name: getattr(base, name) for name in PUBLISHED_DECIDES}}
+    return replace(base, **{k: v for k, v in given.items() if v is not None}, **fixed)

@@ -33,7 +33,7 @@ import numpy as np
 from scipy.special import softmax
 
 from otbr_onnx import probes
-from otbr_onnx.errors import FidelityBudgetError, UnsupportedModelError, UsageError
+from otbr_onnx.errors import FidelityBudgetError, UnsupportedModelError
 from otbr_onnx.options import CleanOptions
 from otbr_onnx.rank import Ranking
 from otbr_onnx.repair import Repair, repair
@@ -278,10 +278,6 @@ def _data_images(prepared: "PreparedModel", options: CleanOptions, images: "Imag
 
 
 def _calibration_images(prepared: "PreparedModel", options: CleanOptions) -> tuple[np.ndarray, np.ndarray]:
-    from otbr_onnx.evaluate import load_npz, split_sets
+    from otbr_onnx.data import read_calibration
 
-    (x, y), _ = split_sets(load_npz(options.calibration, options.limits.max_file_bytes, "--calibration"), {})
-    expected = tuple(prepared.loaded.input_shape[1:])
-    if tuple(x.shape[1:]) != expected:
-        raise UsageError(f"--calibration images have shape {tuple(x.shape[1:])}, the model expects {expected}")
-    return x, y
+    return read_calibration(options.calibration, options.limits.max_file_bytes, prepared.loaded.input_shape)

@@ -14,6 +14,8 @@ onnxruntime on the same random inputs.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -25,6 +27,9 @@ from converters.errors import BridgeError
 from converters.single_score import as_class_scores
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.layers import find_weight_layers
+
+if TYPE_CHECKING:
+    from otbr_onnx.options import CleanOptions
 
 VALUE_FIELDS = {"raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data"}
 
@@ -179,3 +184,27 @@ def verify(original: onnx.ModelProto, cleaned: onnx.ModelProto, input_name: str,
     result.top1_agreement = float(np.mean(flat_a.argmax(1) == flat_b.argmax(1)))
     result.max_abs_logit_diff = float(np.max(np.abs(flat_a - flat_b)))
     return result
+
+
+def verify_files(original: Path, cleaned: Path, options: "CleanOptions", samples: int = 64,
+                 with_scan: bool = False) -> tuple[Verification, dict | None]:
+    """``otbr-onnx verify``: both files loaded under ``options`` (input shape, limits), the
+    user's ``options.data`` read first when given (fail fast, before the scans), the comparison,
+    and with ``with_scan`` both models scanned under the same ``options`` (``scan_both``)."""
+    from otbr_onnx.data import read_data
+    from otbr_onnx.load import load_model
+
+    before = load_model(original, options.input_shape, limits=options.limits)
+    after = load_model(cleaned, options.input_shape, limits=options.limits)
+    if options.data is not None:
+        read_data(options, before.input_shape)
+    result = verify(before.proto, after.proto, before.input_name, before.input_shape, samples)
+    return result, scan_both(before.proto, after.proto, options) if with_scan else None
+
+
+def scan_both(original: onnx.ModelProto, cleaned: onnx.ModelProto, options: "CleanOptions") -> dict:
+    """Each model's scan section, both scanned with every option the user gave (limits included)."""
+    from otbr_onnx import pipeline
+
+    return {"original": pipeline.scan(original, options).report["scan"],
+            "cleaned": pipeline.scan(cleaned, options).report["scan"]}

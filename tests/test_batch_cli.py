@@ -257,3 +257,63 @@ def test_summary_lists_outcomes_in_input_order_whatever_order_they_finish(folder
     outcomes = run_many(scan_one, models, None, CleanOptions(), SCAN_STATUSES, Reversed(), seen.append)
     assert [o.model for o in seen] == [str(m) for m in reversed(models)]
     assert [o.model for o in outcomes] == [str(m) for m in models]
+
+
+def test_batch_scan_reruns_a_model_whose_data_changed_at_the_same_path(folder, tmp_path):
+    """The resume key holds the --data file's contents: new images at the old path are a new run."""
+    import numpy as np
+
+    data, out = tmp_path / "mine.npz", tmp_path / "scans"
+    np.savez(data, x=builders.quadrant_images(16, seed=1)[0])
+    args = ["scan", str(folder / "chain.onnx"), *SCAN_FAST, "--data", str(data), "--out-dir", str(out)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code in (0, 6), first.output
+    assert table(CliRunner().invoke(main, args).stdout)["chain.onnx"]["status"] == "skipped"
+    np.savez(data, x=builders.quadrant_images(16, seed=2)[0])  # same path, other images
+    again = CliRunner().invoke(main, args)
+    assert table(again.stdout)["chain.onnx"]["status"] in ("passed", "suspected"), again.output
+
+
+@pytest.mark.parametrize("field", ["data", "calibration"])
+def test_resume_key_follows_the_data_files_contents_not_their_path(tmp_path, field):
+    from otbr_onnx.batch import options_key
+    from otbr_onnx.options import CleanOptions
+
+    first, moved = tmp_path / "a.npz", tmp_path / "b.npz"
+    first.write_bytes(b"images one")
+    moved.write_bytes(b"images one")
+    key = options_key(CleanOptions(**{field: str(first)}))
+    assert options_key(CleanOptions(**{field: str(moved)})) == key  # same contents elsewhere: done
+    first.write_bytes(b"images two")
+    assert options_key(CleanOptions(**{field: str(first)})) != key  # new contents, same path: redo
+    assert options_key(CleanOptions(**{field: str(first)}), "scan") != options_key(CleanOptions(**{field: str(first)}))
+
+
+def test_resume_key_follows_every_image_of_a_data_folder(tmp_path):
+    from otbr_onnx.batch import options_key
+    from otbr_onnx.options import CleanOptions
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        (images / name).write_bytes(name.encode())
+    options = CleanOptions(data=str(images))
+    key = options_key(options)
+    (images / "notes.txt").write_text("not an image: never read, so no change")
+    assert options_key(options) == key
+    (images / "b.png").write_bytes(b"another image")
+    assert options_key(options) != key
+    (images / "b.png").rename(images / "c.png")
+    assert len({key, options_key(options)}) == 2
+
+
+def test_resume_key_without_data_files_is_unchanged():
+    """Reports written before the key read data contents stay valid where no data file is given."""
+    import dataclasses
+    import hashlib
+
+    from otbr_onnx.batch import options_key
+    from otbr_onnx.options import CleanOptions
+
+    plain = json.dumps(dataclasses.asdict(CleanOptions()), sort_keys=True, default=str)
+    assert options_key(CleanOptions()) == hashlib.sha256(plain.encode()).hexdigest()

@@ -52,6 +52,34 @@ def test_reference_switch_records_published_settings(preact, tmp_path):
     assert options["prune_ratio"] == 0.02  # a fixed gamma, as published: no data-free selection
 
 
+def test_reference_keeps_what_the_published_method_decides_over_the_flags_defaults():
+    """``--reference``: the published settings, the options given explicitly on top, and the
+    published method's own choices (it always cleans, ranks by NWC) over the flags' defaults."""
+    from otbr_onnx.options import CleanOptions, from_command_line
+
+    options = from_command_line(True, {"iterations": 2, "lr": None}, always=False, ranking="auto", seed=7)
+    published = CleanOptions.published()
+    assert (options.always, options.ranking) == (published.always, published.ranking) == (True, "nwc")
+    assert options.iterations == 2 and options.lr == published.lr and options.seed == 7
+    plain = from_command_line(False, {"iterations": None}, always=False, ranking="auto")
+    assert plain == CleanOptions()
+
+
+def test_the_command_line_shows_the_options_defaults():
+    """The defaults --help shows are CleanOptions' (the threshold too, which options.py keeps
+    beside the detector's so that --help does not import torch)."""
+    from otbr_onnx import detect
+    from otbr_onnx.options import DEFAULT_THRESHOLD, CleanOptions
+
+    assert DEFAULT_THRESHOLD == detect.DEFAULT_THRESHOLD == detect.ScanConfig().threshold
+    params = {p.name: p for p in main.commands["clean"].params}
+    for name in ("scan_starts", "scan_steps", "scan_threshold", "max_classes", "ranking", "method", "remover",
+                 "max_acc_drop", "max_disagreement", "probes", "seed", "device", "ort_provider"):
+        assert params[name].default == getattr(CleanOptions(), name), name
+    assert params["input_range"].type.convert(params["input_range"].default, None, None) == CleanOptions().input_range
+    assert params["max_nodes"].default == CleanOptions().limits.max_nodes
+
+
 def test_default_ratio_is_chosen_and_said_on_stderr(preact, tmp_path):
     result = CliRunner().invoke(main, ["clean", str(preact), str(tmp_path / "o.onnx"), *FAST[:-2],
                                        "--probes", "8", "--max-disagreement", "25"])

@@ -6,13 +6,21 @@ range. ``pipeline.read_images`` reads them once per model and hands them to ever
 them: detection (trigger inversion in ``scan`` and in ``clean``'s scan and rescan), the ratio
 rule's fidelity check (``ratio.reference_set``), the adversarial remover and the recalibration
 check (``recheck.py``).
+
+``--calibration`` (clean, labelled images for the ratio rule) has one reader too,
+``read_calibration``; ``contents_sha256`` is what a batch rerun compares of both files.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from otbr_onnx.data.calibration import read_calibration
+from otbr_onnx.data.fingerprint import contents_sha256
 from otbr_onnx.data.images import Images, load_images
 
-__all__ = ["Images", "load_images", "read_data"]
+__all__ = ["Images", "check_calibration", "check_data", "contents_sha256", "load_images", "read_calibration",
+           "read_data"]
 
 
 def read_data(options, input_shape: tuple[int, ...]) -> Images:
@@ -21,3 +29,20 @@ def read_data(options, input_shape: tuple[int, ...]) -> Images:
     fail-fast check and the stages that use the images share."""
     return load_images(options.data, input_shape, options.input_range, options.data_mean, options.data_std,
                        options.limits)
+
+
+def check_data(model: Path, options) -> None:
+    """Fail fast: read ``options.data`` against ``model``'s input before the scan or any output
+    (the pipeline reads it again where it uses it). A bad file or folder ends here, exit 2."""
+    if options.data is None:
+        return
+    from otbr_onnx.load import load_model
+
+    loaded = load_model(model, options.input_shape, options.output_name, options.limits)
+    read_data(options, loaded.input_shape)
+
+def check_calibration(options) -> None:
+    """Fail fast: ``options.calibration`` readable as labelled images, before any model is
+    loaded or unlearnt (the ratio rule reads it last, and checks the shape there)."""
+    if options.calibration is not None:
+        read_calibration(options.calibration, options.limits.max_file_bytes)

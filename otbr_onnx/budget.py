@@ -11,7 +11,7 @@ here, by ``CleanOptions.max_classes`` (``--max-classes``), before the first pass
 
 from __future__ import annotations
 
-from otbr_onnx.detect import ScanConfig
+from otbr_onnx.detectors.margin import ScanConfig
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.options import CleanOptions
 

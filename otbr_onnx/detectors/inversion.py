@@ -26,9 +26,11 @@ a cleaned model (``detect.rescan_module``) runs exactly this test with the same 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +40,13 @@ from torch.nn import functional
 from otbr_onnx import statistics
 from otbr_onnx import triggers as trigger_families
 from otbr_onnx.torch_helpers import evaluating
+
+if TYPE_CHECKING:
+    from converters.chunking import Chunking
+    from otbr_onnx.options import CleanOptions
+    from otbr_onnx.prepare import PreparedModel
+
+LOG = logging.getLogger("otbr_onnx")
 
 FAMILIES = trigger_families.FAMILIES
 # Robust z (leave-one-out, over the classes of one model) above which a family flags a class.
@@ -117,6 +126,10 @@ class InversionResult:
     def cleared(self, target: int) -> bool:
         """Whether no family flags ``target`` any more."""
         return all(self.z[f][target] <= self.thresholds[f] for f in self.families)
+
+    def statistic(self, target: int) -> float:
+        """``target``'s largest z across the families."""
+        return float(max(self.z[f][target] for f in self.families))
 
     def as_dict(self) -> dict:
         classes = len(next(iter(self.margins.values()))) if self.margins else 0
@@ -290,3 +303,48 @@ def _arrays(trigger: trigger_families.Trigger) -> dict[str, np.ndarray]:
         if isinstance(trigger, trigger_families.Warp):
             return {"flow": trigger.flow()[0].cpu().numpy()}
     return {}
+
+
+@dataclass(frozen=True)
+class InversionDetector:
+    """The inversion as a ``detectors.base.Detector``: run beside the margin scan on the user's
+    images (``detect.DATA_DETECTORS``)."""
+
+    name: str = "trigger_inversion"
+    section: str = "inversion"
+
+    def run(self, prepared: "PreparedModel", options: "CleanOptions", images: np.ndarray | None,
+            progress: Callable[[str, int, int], None] | None = None) -> InversionResult | None:
+        """The inversion on ``images`` (``read_data(...).x``); None without images, or where the
+        model has too many classes or the images are not (N, C, H, W)."""
+        if images is None:
+            return None
+        loaded = prepared.loaded
+        if prepared.num_classes > MAX_CLASSES or np.ndim(images) != 4:
+            LOG.warning("trigger inversion skipped (%d classes, images of shape %s: it needs at most %d classes and "
+                        "(N, C, H, W) images); the verdict is the data-free margin scan's", prepared.num_classes,
+                        tuple(np.shape(images)), MAX_CLASSES)
+            return None
+        on_step = (lambda done, total: progress("inversion", done, total)) if progress else None
+        return invert_module(prepared.module, images, prepared.num_classes, loaded.output_index,
+                             loaded.output_is_probability,
+                             inversion_config(options, prepared.device, prepared.chunking), on_step)
+
+    def rerun(self, module: nn.Module, before: InversionResult, num_classes: int, output_index: int,
+              is_probability: bool) -> InversionResult | None:
+        """The same images (the scan's subsample), settings and seed on a changed model, so that a
+        rescan and a scan of the written file with the same ``--data`` run the same test."""
+        if before.sample is None or before.config is None:
+            return None
+        return invert_module(module, before.sample, num_classes, output_index, is_probability, before.config,
+                             sampled=True)
+
+
+DETECTOR = InversionDetector()
+
+
+def inversion_config(options: "CleanOptions", device: str, chunking: "Chunking") -> InversionConfig:
+    """The inversion's settings: its calibrated defaults, with the options' seed, input range and
+    device, and the images per pass ``prepare``'s memory plan allows."""
+    return InversionConfig(seed=options.seed, device=device, input_range=tuple(options.input_range),
+                           chunk=chunking.size, exact=chunking.exact)

@@ -10,7 +10,7 @@ first; each is pruned and fused in full (``repair.py``) and evaluated on a copy 
   (``max_disagreement`` %, or ``max_acc_drop`` points) bounds what the cleaning may cost.
 * **rescan** (when the scan suspected a class ``t``): the scan again on the candidate, warm-started
   from the old maximisers (``detect.rescan_module``); the candidate *removes* the backdoor when
-  ``t``'s maximum margin is no larger than the typical class's (robust z <= ``detect.CLEARED_Z``,
+  ``t``'s maximum margin is no larger than the typical class's (robust z <= ``detectors.margin.CLEARED_Z``,
   far stricter than merely falling under the detection threshold).
 
 Rules:

@@ -14,7 +14,7 @@ The statistic of ``(t, family)`` is the mean target margin ``z_t - max_{k != t} 
 reaches on those images: a continuous number, so that classes nothing flips still differ (a flip
 rate near 0 at every class makes a robust z explode on noise). A backdoor's target is reached by a
 trigger far smaller than a natural class needs, so its margin stands out against the other
-classes' in the leave-one-out robust z of ``detect.robust_z``. A class is suspected when its z
+classes' in the leave-one-out robust z of ``detectors.margin.robust_z``. A class is suspected when its z
 exceeds the family's threshold in ANY family; the threshold of each family is set from clean
 models only (``THRESHOLDS``; measured in benchmarks/DETECTION.md).
 
@@ -61,7 +61,7 @@ THRESHOLDS = {"patch": 4.7, "additive": 3.7, "warp": 4.2}
 # Above this many classes the inversion is not run (its cost grows with the classes: each class
 # searches its own trigger in every family); ``detect`` then gives the margin scan's verdict alone.
 MAX_CLASSES = 100
-# The smallest spread a robust z divides by, relative to the typical |margin| (as detect.MIN_SPREAD)
+# The smallest spread a robust z divides by, relative to the typical |margin| (as detectors.margin.MIN_SPREAD)
 MIN_SPREAD = 0.05
 
 

@@ -180,7 +180,7 @@ def clean_verdict(detection: ScanResult | None, rescan: ScanResult | None, optio
     target = detection.suspected[0]
     if rescan is not None and not rescan.cleared(target):  # only with a fixed --prune-ratio: the rule refuses
         return f"backdoor suspected (class {target}): the rescan still flags it at --prune-ratio {options.prune_ratio}"
-    # "cleaned", not "removed": the rescan is a proxy (see detect.CLEARED_Z and the README's limits)
+    # "cleaned", not "removed": the rescan is a proxy (see detectors.margin.CLEARED_Z and the README's limits)
     verdict = (f"backdoor suspected (class {target}): cleaned until the rescan no longer flags it "
                f"(z {rescan.statistic(target):.1f}); the rescan is a proxy, not a proof")
     others = [c for c in rescan.suspected if c != target]

@@ -119,7 +119,10 @@ def test_clean_runs_the_remover_registered_under_the_resolved_name(monkeypatch):
     assert "pruning" not in report and "toy_removal" in report["seconds"]
     assert report["recalibration_check"]["run"] is False and report["parity"]["output"]["ok"]
     from otbr_onnx.report import batch_facts
+    from otbr_onnx.sarif import clean_results
     assert batch_facts(report)["strength"] == 0.25 and batch_facts(report)["fidelity"] == 99.5
+    properties = clean_results(report, "model.onnx")[0]["properties"]
+    assert properties["remover"] == "toy" and properties["strength"] == 0.25 and "pruneRatio" not in properties
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from otbr_onnx.outcome import Outcome
 
-CLEAN_COLUMNS = ("model", "status", "verdict", "target", "gamma", "fidelity", "time")
+CLEAN_COLUMNS = ("model", "status", "verdict", "target", "strength", "fidelity", "time")
 SCAN_COLUMNS = ("model", "status", "verdict", "target", "time")
 NONE = "-"
 
@@ -21,8 +21,8 @@ def outcome_line(outcome: Outcome) -> str:
     if outcome.verdict is None:  # no report: refused or failed
         return head + (f": {outcome.message}" if outcome.message else "")
     facts = [_verdict(outcome)]
-    if outcome.gamma is not None:
-        facts.append(f"gamma {outcome.gamma:g}")
+    if outcome.strength is not None:
+        facts.append(f"strength {outcome.strength:g}")
     if outcome.fidelity is not None:
         facts.append(f"fidelity {_fidelity(outcome)}")
     facts.append(f"{outcome.seconds:.1f}s")
@@ -42,7 +42,7 @@ _CELLS = {
     "status": lambda o: o.status,
     "verdict": lambda o: o.verdict or NONE,
     "target": lambda o: ",".join(str(t) for t in o.targets) or NONE,
-    "gamma": lambda o: NONE if o.gamma is None else f"{o.gamma:g}",
+    "strength": lambda o: NONE if o.strength is None else f"{o.strength:g}",
     "fidelity": lambda o: _fidelity(o),
     "time": lambda o: f"{o.seconds:.1f}s",
 }

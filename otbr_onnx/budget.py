@@ -1,6 +1,6 @@
 """Bounded work: refuse a scan whose size the model file decides before it starts.
 
-The scan's cost is classes x starts x steps forward+backward passes of the model (detect.py:
+The scan's cost is classes x starts x steps forward+backward passes of the model (detectors/margin.py:
 with more than ``refine`` classes every class is first screened with one start and a quarter of
 the steps, then the ``refine`` largest are searched in full). Starts and steps are the user's
 options; the class count is the model's, so a small file whose classifier has 100,000 classes
@@ -11,13 +11,13 @@ here, by ``CleanOptions.max_classes`` (``--max-classes``), before the first pass
 
 from __future__ import annotations
 
-from otbr_onnx.detect import ScanConfig
+from otbr_onnx.detectors.margin import ScanConfig
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.options import CleanOptions
 
 
 def scan_passes(num_classes: int, starts: int, steps: int, refine: int = ScanConfig.refine) -> int:
-    """Image forward+backward passes of one scan of ``num_classes`` classes (detect.scan_module:
+    """Image forward+backward passes of one scan of ``num_classes`` classes (detectors.margin.scan_module:
     the screening of every class where there are more than ``refine``, then the full search;
     each search scores its final step with one more forward pass)."""
     screened = num_classes * (max(steps // 4, 1) + 1) if num_classes > refine else 0

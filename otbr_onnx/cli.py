@@ -610,7 +610,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
     Batch mode: give a folder or several models, and an output folder. Each model gets
     NAME.onnx and NAME.report.json there, plus summary.json; models already cleaned with the
     same input and options are skipped; the exit code is the worst of the models' codes. One
-    line per model as it finishes, then a table (model, status, verdict, target, gamma,
+    line per model as it finishes, then a table (model, status, verdict, target, strength,
     fidelity, time), on stderr. --executor ray runs each model as a Ray task (see --address).
     """
     _logging(verbose)

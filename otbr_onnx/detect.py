@@ -1,169 +1,38 @@
-"""Data-free backdoor detection: does the model reach one class with an abnormally large margin?
+"""Stage 2 (detect): run the registered detectors on the model and combine their verdicts.
 
-Maximum-margin detection (MM-BD: Wang, Xiang, Miller and Kesidis, IEEE S&P 2024, arXiv
-2205.06900). Training a backdoor teaches the network a shortcut from the trigger to the target
-class that no natural feature of any class matches, so over the whole input box the target can be
-reached with a far larger logit margin than the other classes::
+The data-free maximum-margin scan (``detectors/margin.py``, MM-BD) always runs: it needs nothing
+but the model, and its maximisers steer the pruning remover's activation ranking. Given the
+user's images (``--data``), every detector of ``DATA_DETECTORS`` runs beside it (today trigger
+inversion, ``detectors/inversion.py``), and a class flagged by any test is suspected
+(``combine``). A new detector is one module in ``detectors/`` (a ``detectors.base.Detector``) and
+one line in ``DATA_DETECTORS``.
 
-    m_c = max_x  z_c(x) - max_{k != c} z_k(x),   x in [low, high]^d
-
-For every class ``c`` the margin is maximised from ``starts`` random points with Adam, in the
-unconstrained parametrisation ``x = low + (high - low) * sigmoid(3 u)`` (no projection, no
-clipping, so the gradient never dies at the box's faces). The statistic of a class is its largest
-margin over the starts. A class is *suspected* when its statistic stands out against the other
-classes' in a robust z-score (leave-one-out median and MAD, so the suspect cannot hide in its own
-null)::
-
-    z_c = (m_c - median_{k != c} m_k) / (1.4826 * MAD_{k != c} m)
-
-With many classes (ImageNet's 1000) every class is screened with one start and a quarter of the
-steps, and only the ``refine`` classes with the largest screened margins are searched in full; the
-rest keep their screened statistic, which can only understate them.
-
-The search never changes the model: gradients are taken with respect to the inputs only, in eval
-mode, and the module's train flag and device are restored afterwards.
+The rescan (``rescan_module``) reruns every test that ran, with the same settings, on a changed
+copy of the model: the check every remover and the recalibration check make.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from torch import nn
 
-from converters.chunking import Chunking
-from otbr_onnx.detectors.inversion import MAX_CLASSES as INVERSION_MAX_CLASSES
-from otbr_onnx.detectors.inversion import InversionConfig, InversionResult, invert_module
-from otbr_onnx import statistics as statistics_
-from otbr_onnx.torch_helpers import evaluating
+from otbr_onnx.detectors import inversion
+from otbr_onnx.detectors.base import Detection, Detector
+from otbr_onnx.detectors.margin import (  # noqa: F401  (the scan's types and constants, read here by callers)
+    CLEARED_Z, DEFAULT_THRESHOLD, ScanConfig, ScanResult, rescan_margins, scan_config, scan_module,
+)
 
-LOG = logging.getLogger("otbr_onnx")
-# Robust z above which a class is suspected (the false-alarm level: see benchmarks/RESULTS.md,
-# where the largest z over the clean models and the smallest over the detected backdoors are
-# reported next to it).
-DEFAULT_THRESHOLD = 3.5
-from otbr_onnx.statistics import MAD_TO_SIGMA  # noqa: E402  (re-exported: the tests read it here)
-# A MAD this small (relative to the median) would turn noise into huge z-scores.
-MIN_SPREAD = 1e-3
-# After a cleaning, the target counts as cleared only once its maximum margin is back with the
-# typical class's: within half a robust standard deviation of the other classes' median. Falling
-# under the detection threshold is far from enough. Measured (rescan z -> ASR): BadNets MLP of
-# tests/test_scan.py 3.5 -> 91%, 2.5 -> 55%, 0.2 -> 19%, 0.0 -> 13%, -1.1 -> 5%; the demo 7.0 -> 99%,
-# 0.0 -> 2.3%, -1.1 -> 0.6%; a full-width PreAct-ResNet18 passed z <= 1 after a half-length
-# rescan with 66% ASR (the rescan is now full-length).
-CLEARED_Z = 0.5
-# The leave-one-out statistic compares a class with the median and spread of the others: with two
-# classes the reference is a single class with no spread, so any difference between the two
-# margins reads as an outlier (every binary classifier came out "suspected", open_nsfw among
-# them). Below this many classes the scan gives no verdict: nothing suspected, nothing ruled out.
-MIN_CLASSES = 3
+if TYPE_CHECKING:
+    from otbr_onnx.options import CleanOptions
+    from otbr_onnx.prepare import PreparedModel
 
-
-@dataclass(frozen=True)
-class ScanConfig:
-    starts: int = 8  # random starts per class
-    steps: int = 100  # Adam steps per start
-    lr: float = 0.1  # Adam step on the sigmoid parameter u
-    threshold: float = DEFAULT_THRESHOLD
-    refine: int = 32  # with more classes than this, screen all and search only the top ones in full
-    batch: int = 256  # images per forward pass (the micro-batch the memory budget allows)
-    exact: bool = False  # the model runs only at batch ``batch``: the last chunk is padded
-    block: int | None = None  # images searched together (their state held at once); None: all
-    seed: int = 0
-    device: str = "cpu"
-    input_range: tuple[float, float] = (0.0, 1.0)
-
-
-@dataclass
-class MarginSearch:
-    """The largest margin each searched class reached, and the input that reached it."""
-
-    classes: np.ndarray  # (K,) class ids searched
-    margins: np.ndarray  # (K, starts) best margin of each start
-    inputs: np.ndarray  # (K, starts, *input) the input that reached it
-
-    @property
-    def best(self) -> np.ndarray:
-        """(K,) each class's statistic: its largest margin over the starts."""
-        return self.margins.max(axis=1)
-
-
-@dataclass
-class ScanResult:
-    """Per-class statistics and the verdict. ``suspected`` is sorted by z, largest first."""
-
-    margins: np.ndarray  # (C,) each class's maximum margin
-    z: np.ndarray  # (C,) leave-one-out robust z-score of each class's margin
-    threshold: float
-    suspected: list[int]
-    inputs: dict[int, np.ndarray] = field(default_factory=dict)  # refined class -> (starts, *input) reached
-    start_margins: dict[int, np.ndarray] = field(default_factory=dict)  # refined class -> (starts,) margins
-    refined: list[int] = field(default_factory=list)  # classes searched in full
-    steps: int = 0  # forward+backward passes (batches) spent
-    # trigger inversion on the user's images (``scan --data``); None: data-free scan only
-    inversion: InversionResult | None = None
-
-    @property
-    def backdoor_suspected(self) -> bool:
-        return bool(self.suspected)
-
-    @property
-    def margin_suspected(self) -> list[int]:
-        """The classes the maximum-margin statistic alone flags (z above its threshold)."""
-        if self.inconclusive:
-            return []
-        return [int(c) for c in np.argsort(-self.z, kind="stable") if self.z[c] > self.threshold]
-
-    @property
-    def inconclusive(self) -> str | None:
-        """Why the scan cannot judge this model, or None when it can."""
-        if len(self.margins) >= MIN_CLASSES:
-            return None
-        return (f"{len(self.margins)} classes: the margin test compares each class with the others, and needs "
-                f"at least {MIN_CLASSES}")
-
-    @property
-    def top_class(self) -> int:
-        return int(np.argmax(self.z))
-
-    def cleared(self, target: int) -> bool:
-        """Whether ``target``'s maximum margin is no larger than the typical class's (z <= CLEARED_Z)
-        and, with the user's images, no trigger family flags it any more."""
-        return bool(self.z[target] <= CLEARED_Z) and (self.inversion is None or self.inversion.cleared(target))
-
-    def as_dict(self) -> dict:
-        return {
-            "verdict": ("inconclusive" if self.inconclusive else
-                        "backdoor suspected" if self.suspected else "no backdoor found"),
-            "inconclusive": self.inconclusive,
-            "suspected_targets": [int(c) for c in self.suspected],
-            "threshold": self.threshold,
-            "statistic": "leave-one-out robust z of the per-class maximum margin",
-            "evidence": {
-                "max_margin": [int(c) for c in self.margin_suspected],
-                "trigger_inversion": (None if self.inversion is None
-                                      else [int(c) for c in self.inversion.suspected]),
-            },
-            "sees": SEES_WITH_DATA if self.inversion is not None else SEES_DATA_FREE,
-            "classes": [
-                {"class": c, "max_margin": round(float(self.margins[c]), 6), "z": round(float(self.z[c]), 4),
-                 "refined": c in self.refined}
-                for c in range(len(self.margins))
-            ],
-            "inversion": None if self.inversion is None else self.inversion.as_dict(),
-        }
-
-
-# What each test sees, measured on benchmarks/DETECTION.md (28 Fashion-MNIST models): said in the
-# JSON, text and SARIF so that "no backdoor found" is read for what it is.
-SEES_DATA_FREE = ("data-free maximum-margin scan: finds most patch (BadNets) and some low-frequency triggers; "
-                  "misses most global triggers (Blended, SIG, WaNet); give --data for trigger inversion")
-SEES_WITH_DATA = ("maximum-margin scan plus trigger inversion on the user's images (patch, additive, warp "
-                  "families); a class flagged by either is suspected")
-
+# The tests run beside the margin scan on the user's images, in the order the report lists them.
+DATA_DETECTORS: tuple[Detector, ...] = (
+    inversion.DETECTOR,
+)
 
 # With the user's images the margin test's threshold is raised to this calibrated value (never
 # lowered): on the 11 clean models of benchmarks/DETECTION.md the margin's robust z reached 17.8
@@ -174,186 +43,41 @@ SEES_WITH_DATA = ("maximum-margin scan plus trigger inversion on the user's imag
 MARGIN_Z_WITH_DATA = 18.8
 
 
-def combine(margin: ScanResult, inversion: InversionResult | None) -> ScanResult:
-    """``margin`` with the inversion's evidence: a class flagged by either test is suspected,
-    ordered by its larger anomaly (z over threshold) across the two tests. The margin test's
-    threshold becomes ``max(threshold, MARGIN_Z_WITH_DATA)``, calibrated on clean models."""
-    if inversion is None:
-        return margin
+def combine(margin: ScanResult, others: dict[Detector, Detection | None]) -> ScanResult:
+    """``margin`` with the detections run beside it: a class flagged by any test is suspected,
+    ordered by its largest anomaly (statistic over threshold) across the tests. Once any of them
+    ran, the margin test's threshold becomes ``max(threshold, MARGIN_Z_WITH_DATA)``, calibrated
+    on clean models with the tests beside it."""
+    ran = [found for found in others.values() if found is not None]
+    if not ran:
+        return ScanResult(margin.margins, margin.z, margin.threshold, margin.suspected, margin.inputs,
+                          margin.start_margins, margin.refined, margin.steps, dict(others))
     threshold = max(margin.threshold, MARGIN_Z_WITH_DATA)
     raised = ScanResult(margin.margins, margin.z, threshold, [], margin.inputs, margin.start_margins,
                         margin.refined, margin.steps)
-    flagged = set(raised.margin_suspected) | set(inversion.suspected)
+    flagged = set(raised.margin_suspected).union(*(found.suspected for found in ran))
     if margin.inconclusive:
         flagged = set()
-    strength = np.maximum(margin.z / threshold, inversion.anomaly)
+    strength = np.max([raised.anomaly] + [found.anomaly for found in ran], axis=0)
     suspected = sorted(flagged, key=lambda c: (-strength[c], c))
     return ScanResult(margin.margins, margin.z, threshold, [int(c) for c in suspected], margin.inputs,
-                      margin.start_margins, margin.refined, margin.steps, inversion)
+                      margin.start_margins, margin.refined, margin.steps, dict(others))
 
 
-def class_margins(scores: torch.Tensor, classes: torch.Tensor, is_probability: bool) -> torch.Tensor:
-    """``z_c - max_{k != c} z_k`` for row ``i`` and class ``classes[i]``; on log-probabilities for
-    a Softmax output, which gives the same differences as the logits."""
-    scores = scores.reshape(scores.shape[0], -1)
-    if is_probability:
-        scores = torch.log(scores.clamp_min(1e-30))
-    own = scores.gather(1, classes[:, None]).squeeze(1)
-    others = scores.scatter(1, classes[:, None], float("-inf"))
-    return own - others.max(dim=1).values
-
-
-def robust_z(statistics: np.ndarray) -> np.ndarray:
-    """Leave-one-out robust z-score of each entry against the others (median, 1.4826 MAD)."""
-    return statistics_.robust_z(statistics, MIN_SPREAD)
-
-
-def verdict(margins: np.ndarray, threshold: float) -> tuple[np.ndarray, list[int]]:
-    """Robust z of every class and the suspected classes (z above ``threshold``, largest first)."""
-    z = robust_z(margins)
-    if len(margins) < MIN_CLASSES:  # no reference to be an outlier against: no verdict
-        return z, []
-    suspected = [int(c) for c in np.argsort(-z, kind="stable") if z[c] > threshold]
-    return z, suspected
-
-
-def maximise_margins(
-    module: nn.Module,
-    input_shape: tuple[int, ...],
-    classes: np.ndarray,
-    starts: int,
-    steps: int,
-    config: ScanConfig,
-    output_index: int,
-    is_probability: bool,
-    init: np.ndarray | None = None,
-    on_step: Callable[[], None] | None = None,
-    keep_inputs: bool = True,
-) -> MarginSearch:
-    """Maximise each class's margin from ``starts`` points (random, or ``init``: (K, starts, *input)).
-
-    Every (class, start) pair is one image, so the cost is ``steps`` forward and backward passes
-    over ``len(classes) * starts`` images. They are searched ``config.block`` at a time: an
-    image's margin, gradient and Adam moments are its own (eval mode), so a block gives its images
-    the trajectories they have in one batch, and only one block's state (about six copies of the
-    images) is held; 1000 classes at 224x224 would need 3 GB at once. ``on_step`` is called after
-    each step of each block. ``keep_inputs=False`` returns no inputs (screening needs the margins).
-    """
-    image = tuple(input_shape[1:])
-    count = len(classes) * starts
-    block = config.block or count
-    generator = torch.Generator().manual_seed(config.seed)
-    starting = None if init is None else np.asarray(init, dtype=np.float32).reshape((count,) + image)
-    target = np.repeat(np.asarray(classes, dtype=np.int64), starts)
-    best, found = [], []
-    for first in range(0, count, block):
-        last = min(first + block, count)
-        # drawn block after block from one generator: the same numbers as one draw of all images
-        unit = (torch.rand((last - first,) + image, generator=generator) if starting is None else
-                (torch.from_numpy(starting[first:last]) - config.input_range[0])
-                / (config.input_range[1] - config.input_range[0]))
-        margins, inputs = _search_block(module, unit.clamp(1e-4, 1 - 1e-4), torch.from_numpy(target[first:last]),
-                                        steps, config, output_index, is_probability, on_step)
-        best.append(margins)
-        if keep_inputs:
-            found.append(inputs)
-    margins = np.concatenate(best).reshape(len(classes), starts).astype(np.float64)
-    inputs = (np.concatenate(found).reshape((len(classes), starts) + image) if keep_inputs
-              else np.zeros((len(classes), 0) + image, np.float32))
-    return MarginSearch(np.asarray(classes), margins, inputs)
-
-
-def search_images(num_classes: int, config: ScanConfig) -> int:
-    """The most images one margin search holds (what ``sizing.search_block`` sizes): the
-    screening of every class (one start each) where there are more classes than ``refine``, or
-    the full search of the refined classes; the rescan searches 2 starts of them."""
-    screened = num_classes if num_classes > config.refine else 0
-    return max(screened, min(num_classes, config.refine) * max(config.starts, 2))
-
-
-def search_blocks(count: int, config: ScanConfig) -> int:
-    """How many blocks ``maximise_margins`` searches ``count`` images in."""
-    return -(-count // (config.block or count)) if count else 0
-
-
-def _search_block(module: nn.Module, unit: torch.Tensor, target: torch.Tensor, steps: int, config: ScanConfig,
-                  output_index: int, is_probability: bool, on_step: Callable[[], None] | None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Adam on ``u = logit(unit) / 3`` for ``steps`` steps; each image's best margin and the
-    input that reached it."""
-    low, high = config.input_range
-    u = (torch.logit(unit) / 3.0).to(config.device)
-    target = target.to(config.device)
-    u.requires_grad_(True)
-    optimizer = torch.optim.Adam([u], lr=config.lr)
-    best = torch.full((len(target),), float("-inf"), device=config.device)
-    best_x = torch.zeros_like(u)
-    chunking = Chunking(config.batch, config.exact)
-    for step in range(steps + 1):  # the last pass only scores the final step
-        scoring_only = step == steps
-        gradient = None if scoring_only else torch.zeros_like(u)
-        for start, stop in chunking.spans(len(u)):
-            # one chunk's graph at a time: each image's margin depends on its own input only (eval
-            # mode), so the chunked gradients are the whole batch's and memory is one chunk's
-            part = u[start:stop].detach().requires_grad_(not scoring_only)
-            with torch.set_grad_enabled(not scoring_only):
-                x = low + (high - low) * torch.sigmoid(3.0 * part)
-                scores = _output(module, chunking.pad(x), output_index)[:stop - start]
-                margin = class_margins(scores, target[start:stop], is_probability)
-            with torch.no_grad():
-                better = margin.detach() > best[start:stop]
-                best[start:stop] = torch.where(better, margin.detach(), best[start:stop])
-                best_x[start:stop][better] = x.detach()[better]
-            if gradient is not None:
-                (gradient[start:stop],) = torch.autograd.grad(-margin.sum(), [part])
-        if gradient is None:
-            break
-        u.grad = gradient
-        optimizer.step()
-        if on_step is not None:
-            on_step()
-    return best.cpu().numpy(), best_x.cpu().numpy().astype(np.float32)
-
-
-def scan_module(
-    module: nn.Module,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    output_index: int,
-    is_probability: bool,
-    config: ScanConfig = ScanConfig(),
-    progress: Callable[[int, int], None] | None = None,
-) -> ScanResult:
-    """Search every class's maximum margin and give the verdict (see the module docstring)."""
-    classes = np.arange(num_classes)
-    screen_steps = max(config.steps // 4, 1)
-    refine = num_classes > config.refine
-    searched = min(num_classes, config.refine) * config.starts
-    total = search_blocks(searched, config) * config.steps
-    if refine:
-        total += search_blocks(num_classes, config) * screen_steps
-    done = [0]
-
-    def tick() -> None:
-        done[0] += 1
-        if progress is not None:
-            progress(done[0], total)
-
-    with evaluating(module, config.device):
-        if refine:
-            screened = maximise_margins(module, input_shape, classes, 1, screen_steps, config, output_index,
-                                        is_probability, on_step=tick, keep_inputs=False)
-            margins = screened.best
-            chosen = np.sort(np.argsort(-margins, kind="stable")[: config.refine])
-        else:
-            margins, chosen = np.zeros(num_classes), classes
-        search = maximise_margins(module, input_shape, chosen, config.starts, config.steps, config, output_index,
-                                  is_probability, on_step=tick)
-    margins = margins.copy()
-    margins[chosen] = np.maximum(margins[chosen], search.best) if refine else search.best
-    z, suspected = verdict(margins, config.threshold)
-    return ScanResult(margins, z, config.threshold, suspected, dict(zip(chosen.tolist(), search.inputs)),
-                      dict(zip(chosen.tolist(), search.margins)), [int(c) for c in chosen], done[0])
+def detect(prepared: "PreparedModel", options: "CleanOptions", progress: Callable[[str, int, int], None] | None = None,
+           images: np.ndarray | None = None) -> ScanResult:
+    """Stage 2 (detect): scan ``prepared``'s reference module (a ``prepare.PreparedModel``) and
+    run every detector of ``DATA_DETECTORS`` on the user's ``images`` (``read_data(...).x``: the
+    model's layout and range; None: none runs, and the report shows each as ``null``); a class
+    flagged by any test is suspected."""
+    loaded = prepared.loaded
+    on_step = (lambda done, total: progress("scan", done, total)) if progress else None
+    margin = scan_module(prepared.module, loaded.input_shape, prepared.num_classes, loaded.output_index,
+                         loaded.output_is_probability,
+                         scan_config(options, prepared.device, prepared.chunking, prepared.scan_block),
+                         on_step)
+    return combine(margin, {detector: detector.run(prepared, options, images, progress)
+                            for detector in DATA_DETECTORS})
 
 
 def rescan_module(
@@ -364,91 +88,20 @@ def rescan_module(
     is_probability: bool,
     config: ScanConfig = ScanConfig(),
 ) -> ScanResult:
-    """The scan again on a changed model, warm: every refined class restarts from the input that
-    reached its largest margin on the model before (where a trigger would sit), plus one fresh
-    random start, for the scan's full steps. Classes that were only screened keep their statistic.
-
-    Starting from the old maximiser makes the check conservative: a backdoor that survived the
-    change is found again at once, so a class that is no longer flagged has really lost its margin.
-    """
-    classes = np.asarray(before.refined, dtype=np.int64)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    low, high = config.input_range
-    init = np.stack([
-        np.stack([before.inputs[c][int(np.argmax(before.start_margins[c]))],
-                  (torch.rand(before.inputs[c].shape[1:], generator=generator) * (high - low) + low).numpy()])
-        for c in classes.tolist()
-    ])
-    with evaluating(module, config.device):
-        search = maximise_margins(module, input_shape, classes, 2, config.steps, config, output_index,
-                                  is_probability, init=init)
-    margins = before.margins.copy()
-    margins[classes] = search.best
-    z, suspected = verdict(margins, config.threshold)
-    after = ScanResult(margins, z, config.threshold, suspected, dict(zip(classes.tolist(), search.inputs)),
-                       dict(zip(classes.tolist(), search.margins)), before.refined, config.steps)
-    return combine(after, reinvert(module, before.inversion, len(margins), output_index, is_probability))
+    """Every test of ``before`` again on a changed model: the margin scan warm-started from its
+    maximisers (``detectors.margin.rescan_margins``), and each detector that ran beside it with
+    its own settings and images."""
+    after = rescan_margins(module, input_shape, before, output_index, is_probability, config)
+    num_classes = len(after.margins)
+    return combine(after, {detector: None if found is None else
+                           detector.rerun(module, found, num_classes, output_index, is_probability)
+                           for detector, found in before.others.items()})
 
 
-def reinvert(module: nn.Module, before: InversionResult | None, num_classes: int, output_index: int,
-             is_probability: bool) -> InversionResult | None:
-    """The inversion of ``before`` again on a changed model: the same images (the scan's
-    subsample), the same settings and seed, so a rescan and a scan of the written file with the
-    same ``--data`` run the same test."""
-    if before is None or before.sample is None or before.config is None:
-        return None
-    return invert_module(module, before.sample, num_classes, output_index, is_probability, before.config,
-                         sampled=True)
-
-
-def _output(module: nn.Module, x: torch.Tensor, output_index: int) -> torch.Tensor:
-    out = module(x)
-    return out[output_index] if isinstance(out, (tuple, list)) else out
-
-
-def scan_config(options, device: str, chunking: Chunking = Chunking(), block: int | None = None) -> ScanConfig:
-    """The scan's settings from ``CleanOptions``, and the images per pass and per search block
-    from ``prepare``'s memory plan."""
-    return ScanConfig(starts=options.scan_starts, steps=options.scan_steps, threshold=options.scan_threshold,
-                      batch=chunking.size, exact=chunking.exact, block=block, seed=options.seed, device=device,
-                      input_range=tuple(options.input_range))
-
-
-def inversion_config(options, device: str, chunking: Chunking = Chunking()) -> InversionConfig:
-    """The inversion's settings: its calibrated defaults, with the options' seed, input range and
-    device, and the images per pass ``prepare``'s memory plan allows."""
-    return InversionConfig(seed=options.seed, device=device, input_range=tuple(options.input_range),
-                           chunk=chunking.size, exact=chunking.exact)
-
-
-def rescan_prepared(prepared, module: nn.Module, before: ScanResult, options) -> ScanResult:
+def rescan_prepared(prepared: "PreparedModel", module: nn.Module, before: ScanResult,
+                    options: "CleanOptions") -> ScanResult:
     """``rescan_module`` of ``module`` (a changed copy of ``prepared``'s) with the scan's settings
     from ``options`` and ``prepared``'s memory plan: the rescan every remover and check runs."""
     loaded = prepared.loaded
     return rescan_module(module, loaded.input_shape, before, loaded.output_index, loaded.output_is_probability,
                          scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
-
-
-def detect(prepared, options, progress: Callable[[str, int, int], None] | None = None,
-           images: np.ndarray | None = None) -> ScanResult:
-    """Stage 2 (detect): scan ``prepared``'s reference module (a ``prepare.PreparedModel``) and,
-    given the user's ``images`` (``read_data(...).x``: the model's layout and range), run the
-    trigger inversion on them too; a class flagged by either test is suspected."""
-    loaded = prepared.loaded
-    on_step = (lambda done, total: progress("scan", done, total)) if progress else None
-    margin = scan_module(prepared.module, loaded.input_shape, prepared.num_classes, loaded.output_index,
-                         loaded.output_is_probability,
-                         scan_config(options, prepared.device, prepared.chunking, prepared.scan_block),
-                         on_step)
-    if images is None:
-        return margin
-    if prepared.num_classes > INVERSION_MAX_CLASSES or np.ndim(images) != 4:
-        LOG.warning("trigger inversion skipped (%d classes, images of shape %s: it needs at most %d classes and "
-                    "(N, C, H, W) images); the verdict is the data-free margin scan's", prepared.num_classes,
-                    tuple(np.shape(images)), INVERSION_MAX_CLASSES)
-        return margin
-    on_inversion = (lambda done, total: progress("inversion", done, total)) if progress else None
-    inversion = invert_module(prepared.module, images, prepared.num_classes, loaded.output_index,
-                              loaded.output_is_probability,
-                              inversion_config(options, prepared.device, prepared.chunking), on_inversion)
-    return combine(margin, inversion)

@@ -3,6 +3,7 @@ the written model in onnxruntime against the fused PyTorch module before anythin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,8 +28,22 @@ PRECISION_GAP_FACTOR = 2.0
 RELATIVE_MARGIN = {"float32": 0.0, "float16": 8 * 2.0**-10, "bfloat16": 8 * 2.0**-7, "int8": 1e-2}
 
 
-def emit(prepared: "PreparedModel", weights: dict[str, np.ndarray]
-         ) -> tuple[onnx.ModelProto, Parity, WriteNotes, Parity | None]:
+@dataclass
+class Written:
+    """The emit stage's result: the cleaned model and the checks of it."""
+
+    model: onnx.ModelProto
+    parity: Parity  # the written model in onnxruntime against the fused module
+    notes: WriteNotes  # what write-back had to do (clipping, new weight scales)
+    float_copy: Parity | None  # a float16 / int8 model's float32 copy against the fused module
+
+    def as_dict(self) -> dict:
+        """The written model's parities (the report's ``parity`` beside the conversion's)."""
+        return {"output": self.parity.as_dict(),
+                **({"float_copy": self.float_copy.as_dict()} if self.float_copy is not None else {})}
+
+
+def emit(prepared: "PreparedModel", weights: dict[str, np.ndarray]) -> Written:
     """The cleaned ``ModelProto``, its parity against the fused module, what write-back had to
     do (clipping, new weight scales) and, for a float16 / int8 model, the parity of its float32
     copy (``_float_copy_parity``); raises ``ParityError`` (exit 4) when they disagree, so a bad
@@ -62,7 +77,7 @@ def emit(prepared: "PreparedModel", weights: dict[str, np.ndarray]
             f"the cleaned ONNX model disagrees with the fused PyTorch model "
             f"(max abs diff {check.max_abs:.3g} > tolerance {check.tolerance:.3g}); no output written"
         )
-    return cleaned, check, notes, float_copy
+    return Written(cleaned, check, notes, float_copy)
 
 
 def allowance(prepared: "PreparedModel", reference: np.ndarray) -> float:

@@ -350,7 +350,7 @@ def fuse(
     ties: ChannelTies,
     backdoored: dict[int, Neurons],
     pruned: dict[int, Neurons],
-    nwc: dict[int, np.ndarray],
+    neuron_weights: dict[int, np.ndarray],
     lam: float,
     fused_layers: set[int],
     aligned_cost: bool = True,
@@ -383,8 +383,10 @@ def fuse(
         Layer position -> the original neurons, rows ``(n_l, ...)``, bias ``(n_l,)``.
     pruned : dict of int to Neurons
         Layer position -> pruned neurons (pruned rows zeroed), same shapes.
-    nwc : dict of int to ndarray
-        Layer position -> NWC, shape ``(n_l,)``, for every non-follower layer.
+    neuron_weights : dict of int to ndarray
+        Layer position -> each neuron's non-negative weight in the OT marginal, shape ``(n_l,)``,
+        for every non-follower layer: whatever the ranking gives (``rank.Ranking.weights``: the
+        paper's NWC, or the activation score's weights).
     lam : float
         :math:`\lambda` in [0, 1]; 0 returns ``backdoored`` unchanged.
     fused_layers : set of int
@@ -416,7 +418,7 @@ def fuse(
             continue
         members = ties.members(group)
         candidates = [_aligned(m, ties, pruned[m], plans) if aligned_cost else pruned[m] for m in members]
-        plans[group] = group_alignment(candidates, [backdoored[m] for m in members], [nwc[m] for m in members],
+        plans[group] = group_alignment(candidates, [backdoored[m] for m in members], [neuron_weights[m] for m in members],
                                         nwc_power)
         record.plans[group] = "ot"
     result: dict[int, Neurons] = {}

@@ -159,7 +159,7 @@ def ratios_figure(selection: dict, threshold: float | None) -> str:
                 label=f"fidelity ({selection['metric']}, %)")
         floor = selection["baseline"] - selection["budget"]
         ax.axhline(floor, color=BEFORE, linestyle=":", label=f"fidelity floor ({floor:.1f}%)")
-        ax.set_xticks(positions, [f"{t['ratio']:g}" for t in trials])
+        ax.set_xticks(positions, [f"{t['strength']:g}" for t in trials])
         ax.set_xlabel("prune ratio (gamma)")
         ax.set_ylabel("fidelity (%)")
         lines, labels = ax.get_legend_handles_labels()
@@ -172,9 +172,9 @@ def ratios_figure(selection: dict, threshold: float | None) -> str:
             twin.set_ylabel("rescan z")
             more_lines, more_labels = twin.get_legend_handles_labels()
             lines, labels = lines + more_lines, labels + more_labels
-        chosen = selection["chosen_ratio"]
+        chosen = selection["chosen_strength"]
         if chosen is not None:
-            ax.axvline(next(i for i, t in enumerate(trials) if t["ratio"] == chosen), color=AFTER, linewidth=6,
+            ax.axvline(next(i for i, t in enumerate(trials) if t["strength"] == chosen), color=AFTER, linewidth=6,
                        alpha=0.4)
         ax.legend(lines, labels, fontsize=8, loc="lower left")
         return _image(fig, "fidelity and rescan score of each candidate prune ratio")
@@ -349,12 +349,12 @@ def ratios_section(report: dict) -> str:
     threshold = (report.get("scan") or {}).get("threshold")
     rows = []
     for t in selection["trials"]:
-        cells = [_num(t["ratio"], 4), _num(t["score"]), _num(selection["baseline"] - t["score"]),
+        cells = [_num(t["strength"], 4), _num(t["score"]), _num(selection["baseline"] - t["score"]),
                  _num(t.get("target_z")), _num(t.get("still_flagged")) if "still_flagged" in t else "–"]
-        rows.append(("chosen" if t["ratio"] == selection["chosen_ratio"] else "", cells))
+        rows.append(("chosen" if t["strength"] == selection["chosen_strength"] else "", cells))
     explain = (f"Rule: {selection['rule']}. Fidelity: {selection['metric']} on {selection['images']} "
                f"{selection['source']}, baseline {selection['baseline']:.1f}%, budget {selection['budget']:g}. "
-               f"Chosen ratio: {selection['chosen_ratio'] if selection['chosen_ratio'] is not None else 'none'}.")
+               f"Chosen ratio: {selection['chosen_strength'] if selection['chosen_strength'] is not None else 'none'}.")
     return (f'<section id="ratios"><h2>Candidate prune ratios</h2><p class="note">{_e(explain)}</p>'
             + _figure_block(ratios_figure(selection, threshold), "Fidelity (left axis) and the rescan z of the "
                             "target (right axis) per candidate; the shaded line marks the chosen ratio.")

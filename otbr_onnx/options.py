@@ -12,9 +12,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from otbr_onnx.errors import UsageError
 from otbr_onnx.load import Limits
 
-# The scan's robust z above which a class is suspected: the same number as detect.DEFAULT_THRESHOLD
-# (see there; tests/test_cli.py checks both agree), written here so that the CLI reads the
-# default without importing the detector, which imports torch.
+# The scan's robust z above which a class is suspected (detectors/margin.py says why 3.5), here so
+# that the CLI reads the default without importing the detector, which imports torch.
 DEFAULT_THRESHOLD = 3.5
 DEVICES = ("auto", "cpu", "cuda")
 ORT_PROVIDERS = ("cpu", "cuda")  # onnxruntime execution providers for the parity checks

@@ -21,6 +21,7 @@ class Outcome:
     seconds: float = 0.0  # wall time of this run's task (a skipped model: the check alone)
     verdict: str | None = None  # the scan's: "suspected", "none found", "not scanned" (--reference)
     targets: tuple[int, ...] = ()  # suspected target classes
-    gamma: float | None = None  # prune ratio of a changed model
-    fidelity: float | None = None  # chosen ratio's fidelity score, %
-    fidelity_metric: str | None = None  # "soft agreement" (probes, no data) or "accuracy" (--calibration)
+    strength: float | None = None  # the candidate a changed model was cleaned at (pruning: the prune ratio)
+    fidelity: float | None = None  # that candidate's fidelity score, %
+    # "soft agreement" (probes, no data), "accuracy" (--calibration, --data) or "held-out agreement"
+    fidelity_metric: str | None = None

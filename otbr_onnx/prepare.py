@@ -22,7 +22,7 @@ from converters.to_torch import TorchTensorRef, run_torch
 from otbr_onnx import sizing
 from otbr_onnx.bridge import batchnorm_refs, convert, providers, weight_refs
 from otbr_onnx.budget import check_work
-from otbr_onnx.detect import ScanConfig, search_images
+from otbr_onnx.detectors.margin import ScanConfig, search_images
 from otbr_onnx.errors import UnsupportedModelError, one_line
 from otbr_onnx.fuse import Neurons
 from otbr_onnx.layers import SkippedLayer, WeightLayer, find_weight_layers, reachable_layers, to_rows

@@ -10,7 +10,7 @@ first; each is pruned and fused in full (``repair.py``) and evaluated on a copy 
   (``max_disagreement`` %, or ``max_acc_drop`` points) bounds what the cleaning may cost.
 * **rescan** (when the scan suspected a class ``t``): the scan again on the candidate, warm-started
   from the old maximisers (``detect.rescan_module``); the candidate *removes* the backdoor when
-  ``t``'s maximum margin is no larger than the typical class's (robust z <= ``detect.CLEARED_Z``,
+  ``t``'s maximum margin is no larger than the typical class's (robust z <= ``detectors.margin.CLEARED_Z``,
   far stricter than merely falling under the detection threshold).
 
 Rules:
@@ -37,7 +37,7 @@ from otbr_onnx.errors import FidelityBudgetError, UnsupportedModelError
 from otbr_onnx.options import CleanOptions
 from otbr_onnx.rank import Ranking
 from otbr_onnx.repair import Repair, repair
-from otbr_onnx.detect import CLEARED_Z, ScanResult, rescan_module
+from otbr_onnx.detect import CLEARED_Z, ScanResult, rescan_prepared
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,16 +51,18 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class Trial:
-    """One candidate ratio: its fidelity score, and (with a suspect) whether the rescan still flags it."""
+    """One candidate: its strength (opaque here; the pruning remover's is the prune ratio), its
+    fidelity score, and (with a suspect) whether the rescan still flags it."""
 
-    ratio: float
+    strength: float
     score: float
     flagged: bool | None = None
     target_z: float | None = None
     rescan: ScanResult | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        out = {"ratio": self.ratio, "score": self.score}
+        # "ratio" repeats the strength for readers of schema 2, which named it so
+        out = {"strength": self.strength, "ratio": self.strength, "score": self.score}
         if self.flagged is not None:
             out.update(still_flagged=self.flagged, target_z=self.target_z)
         return out
@@ -68,7 +70,7 @@ class Trial:
 
 @dataclass
 class Selection:
-    """How gamma was chosen: the reference set, the budget, every trial, and the choice."""
+    """How the strength was chosen: the reference set, the budget, every trial, and the choice."""
 
     rule: str  # "smallest ratio the rescan clears" or "largest ratio within the budget"
     source: str  # "synthesised probes" or "calibration images"
@@ -77,17 +79,18 @@ class Selection:
     baseline: float
     budget: float
     trials: list[Trial]
-    chosen_ratio: float | None
+    chosen_strength: float | None
     chosen: Repair | None = field(default=None, repr=False)
 
     @property
     def chosen_trial(self) -> Trial | None:
-        return next((t for t in self.trials if t.ratio == self.chosen_ratio), None)
+        return next((t for t in self.trials if t.strength == self.chosen_strength), None)
 
     def as_dict(self) -> dict:
+        # "chosen_ratio" repeats the choice for readers of schema 2, which named it so
         return {"rule": self.rule, "source": self.source, "metric": self.metric, "images": self.images,
-                "baseline": self.baseline, "budget": self.budget, "chosen_ratio": self.chosen_ratio,
-                "trials": [t.as_dict() for t in self.trials]}
+                "baseline": self.baseline, "budget": self.budget, "chosen_strength": self.chosen_strength,
+                "chosen_ratio": self.chosen_strength, "trials": [t.as_dict() for t in self.trials]}
 
 
 def distinct_candidates(ratios: tuple[float, ...], ranked_neurons: int) -> list[float]:
@@ -102,22 +105,22 @@ def distinct_candidates(ratios: tuple[float, ...], ranked_neurons: int) -> list[
     return [by_count[count] for count in sorted(by_count)]
 
 
-def choose_ratio(candidates: list[float], score_at: Callable[[float], float], baseline: float,
-                 budget: float) -> dict:
+def choose_ratio(candidates: list[float], trial_at: Callable[[float], Trial], baseline: float,
+                 budget: float) -> tuple[list[Trial], float | None]:
     """Fidelity first: scan ``candidates`` upwards; keep the last whose score stays within
-    ``budget`` points of ``baseline``. Returns the trials run and the chosen ratio (None: the first
-    is over budget)."""
+    ``budget`` points of ``baseline``. Returns the trials run and the choice (None: the first is
+    over budget)."""
     if not candidates:
         raise ValueError("no candidate ratio prunes any neuron")
-    trials: list[dict] = []
+    trials: list[Trial] = []
     chosen = None
     for ratio in candidates:
-        score = score_at(ratio)
-        trials.append({"ratio": ratio, "score": score})
-        if baseline - score > budget:
+        trial = trial_at(ratio)
+        trials.append(trial)
+        if baseline - trial.score > budget:
             break
         chosen = ratio
-    return {"trials": trials, "chosen_ratio": chosen}
+    return trials, chosen
 
 
 def choose_removing_ratio(candidates: list[float], trial_at: Callable[[float], Trial], baseline: float,
@@ -195,7 +198,7 @@ def reference_set(prepared: "PreparedModel", options: CleanOptions, progress: Pr
 
 
 def select(prepared: "PreparedModel", ranking: Ranking, options: CleanOptions, detection: ScanResult | None,
-           scan_config, progress: Progress | None = None, images: "Images | None" = None) -> Selection:
+           progress: Progress | None = None, images: "Images | None" = None) -> Selection:
     """Try the candidates (see the module docstring) and return the choice, or refuse. The rule
     is the rescan's whenever the scan suspected a class, whatever the ranking."""
     ranked_neurons = sum(prepared.layers[i].out_channels for i in ranking.ranked)
@@ -221,18 +224,15 @@ def select(prepared: "PreparedModel", ranking: Ranking, options: CleanOptions, d
         score = references.score(prepared, module, raw_reference)
         if target is None:
             return Trial(ratio, score)
-        loaded = prepared.loaded
-        after = rescan_module(module, loaded.input_shape, detection, loaded.output_index,
-                              loaded.output_is_probability, scan_config)
-        return Trial(ratio, score, not after.cleared(target), float(after.z[target]), after)
+        after = rescan_prepared(prepared, module, detection, options)
+        return Trial(ratio, score, not after.cleared(target), after.statistic(target), after)
 
     if target is not None:
         trials, chosen = choose_removing_ratio(candidates, trial_at, baseline, references.budget)
         rule = "smallest ratio the rescan clears"
     else:
-        result = choose_ratio(candidates, lambda r: trial_at(r).score, baseline, references.budget)
-        trials = [Trial(t["ratio"], t["score"]) for t in result["trials"]]
-        chosen, rule = result["chosen_ratio"], "largest ratio within the budget"
+        trials, chosen = choose_ratio(candidates, trial_at, baseline, references.budget)
+        rule = "largest ratio within the budget"
     selection = Selection(rule, references.source, references.metric, int(len(references.y)), baseline,
                           references.budget, trials, chosen, repairs.get(chosen) if chosen is not None else None)
     if chosen is None:
@@ -253,15 +253,15 @@ def refusal(selection: Selection, target: int | None) -> FidelityBudgetError:
     if target is not None and over:
         return FidelityBudgetError(
             f"the rescan still flags class {target} at every ratio within {option} {selection.budget:g}: at "
-            f"{last.ratio} the cleaning {damage}; refusing to write a model that is damaged or still backdoored"
+            f"{last.strength} the cleaning {damage}; refusing to write a model that is damaged or still backdoored"
         )
     if target is not None:
         return FidelityBudgetError(
-            f"the rescan still flags class {target} at every candidate ratio up to {last.ratio} "
+            f"the rescan still flags class {target} at every candidate ratio up to {last.strength} "
             f"(z {last.target_z:.1f} > {CLEARED_Z:g}); the backdoor could not be removed, refusing"
         )
     return FidelityBudgetError(
-        f"no prune ratio stays within {option} {selection.budget:g}: the smallest, {last.ratio}, {damage}; "
+        f"no prune ratio stays within {option} {selection.budget:g}: the smallest, {last.strength}, {damage}; "
         f"refusing to write a damaged model (raise {option}, or force one with --prune-ratio)"
     )
 

@@ -60,6 +60,6 @@ def recalibration_rescan(prepared: "PreparedModel", weights: dict[str, np.ndarra
         return Recheck(False, "no BatchNorm nodes: nothing a recalibration could change")
     target = detection.suspected[0]
     after = rescan_prepared(prepared, recalibrate(module, images), detection, options)
-    z_before = float(rescan.z[target]) if rescan is not None else None
+    z_before = rescan.statistic(target) if rescan is not None else None
     return Recheck(True, "BatchNorm statistics re-estimated on the user's images, then rescanned", target,
-                   z_before, float(after.z[target]), after)
+                   z_before, after.statistic(target), after)

@@ -133,6 +133,9 @@ def clean_results(report: dict, model: str | Path | None = None) -> list[dict]:
     output = (report.get("output") or {}).get("path")
     detection, rescan = report.get("scan"), report.get("rescan")
     properties = {"verdict": report["verdict"], "changed": report.get("changed", True), **_scan_properties(detection)}
+    if report.get("remover"):  # any remover: its name and the strength it kept
+        properties["remover"] = report["remover"]["name"]
+        properties["strength"] = report["remover"]["strength"]
     if report.get("pruning"):
         properties["pruneRatio"] = report["pruning"]["ratio"]
         properties["prunedNeurons"] = report["pruning"]["pruned_neurons"]

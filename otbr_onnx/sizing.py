@@ -48,7 +48,7 @@ BACKWARD_FACTOR = 1.5
 BN_PRIOR_FACTOR = 2.0
 # The scan's margin search holds, per image searched: the parameter u, its gradient, Adam's two
 # moments, the best input so far and the starting draw. It may take this share of what is left
-# for activations; more images are searched in blocks (detect.maximise_margins).
+# for activations; more images are searched in blocks (detectors.margin.maximise_margins).
 SEARCH_STATE_COPIES = 6
 SEARCH_SHARE = 0.25
 

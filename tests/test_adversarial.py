@@ -153,6 +153,7 @@ def test_a_target_the_rescan_still_flags_is_refused(backdoored, monkeypatch, tmp
     from otbr_onnx import pipeline
     from otbr_onnx.detect import ScanResult
     from otbr_onnx.errors import FidelityBudgetError
+    from otbr_onnx.removers import unlearning
 
     path, data, _ = backdoored
 
@@ -161,7 +162,7 @@ def test_a_target_the_rescan_still_flags_is_refused(backdoored, monkeypatch, tmp
         z[TARGET] = 9.0
         return ScanResult(before.margins, z, before.threshold, [TARGET])
 
-    monkeypatch.setattr(pipeline, "rescan_prepared", flags_target)
+    monkeypatch.setattr(unlearning, "rescan_prepared", flags_target)
     monkeypatch.setattr(pipeline, "detect", lambda *a, **k: ScanResult(np.zeros(8), np.eye(8)[TARGET] * 9, 3.5,
                                                                      [TARGET]))
     options = CleanOptions(data=str(data), remover="adversarial", scan_starts=2, scan_steps=5)
@@ -173,7 +174,7 @@ def test_the_clean_verdict_names_a_class_the_rescan_still_flags():
     """A rescan that clears the target but flags another class: the verdict says so, as a scan of
     the written file would."""
     from otbr_onnx.detect import ScanResult
-    from otbr_onnx.report import clean_verdict
+    from otbr_onnx.removers.pruning import clean_verdict
 
     found = ScanResult(np.zeros(4), np.array([9.0, 0, 0, 0]), 3.5, [0])
     after = ScanResult(np.zeros(4), np.array([0.0, 0, 5.0, 0]), 3.5, [2])

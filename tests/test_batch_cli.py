@@ -112,7 +112,7 @@ def test_batch_scan_without_out_dir_writes_nothing_and_json_prints_the_summary(f
     assert set(table(result.stderr)) == {"broken.onnx", "chain.onnx", "preact.onnx"}
 
 
-def test_batch_clean_table_shows_gamma_and_fidelity_of_the_reports(folder, tmp_path):
+def test_batch_clean_table_shows_strength_and_fidelity_of_the_reports(folder, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["clean", str(folder), str(out), *FAST_ARGS, "--probes", "8"])
     assert result.exit_code == 2, result.output
@@ -120,14 +120,15 @@ def test_batch_clean_table_shows_gamma_and_fidelity_of_the_reports(folder, tmp_p
     for name in ("chain.onnx", "preact.onnx"):
         report = json.loads((out / f"{Path(name).stem}.report.json").read_text())
         selection = report["ratio_selection"]
-        chosen = next(t for t in selection["trials"] if t["ratio"] == selection["chosen_ratio"])
+        chosen = next(t for t in selection["trials"] if t["strength"] == selection["chosen_strength"])
         assert rows[name]["status"] == "cleaned"
         assert rows[name]["verdict"] == "none found"  # FAST: the scan flags nothing, --always cleans
-        assert float(rows[name]["gamma"]) == report["pruning"]["ratio"]
+        # the pruning remover's strength is its prune ratio
+        assert float(rows[name]["strength"]) == report["remover"]["strength"] == report["pruning"]["ratio"]
         assert rows[name]["fidelity"] == f"{chosen['score']:.1f}%"
-        assert f"gamma {report['pruning']['ratio']:g}" in lines[name]
+        assert f"strength {report['pruning']['ratio']:g}" in lines[name]
         assert f"fidelity {chosen['score']:.1f}%" in lines[name]
-    assert rows["broken.onnx"]["status"] == "failed" and rows["broken.onnx"]["gamma"] == "-"
+    assert rows["broken.onnx"]["status"] == "failed" and rows["broken.onnx"]["strength"] == "-"
     assert "%|" not in result.stderr  # no bar off a terminal
 
 

@@ -52,8 +52,9 @@ def test_new_statistics_are_written_into_the_original_graph_and_pass_parity() ->
     mean, var = node.input[3], node.input[4]
     assert mean in prepared.refs and var in prepared.refs
     weights = {mean: prepared.original[mean] + 0.25, var: prepared.original[var] * 1.5}
-    cleaned, parity, _, _ = emit(prepared, weights)
-    assert parity.ok
+    written_model = emit(prepared, weights)
+    cleaned = written_model.model
+    assert written_model.parity.ok
     assert [n.op_type for n in cleaned.graph.node] == [n.op_type for n in model.graph.node]
     written = {t.name: numpy_helper.to_array(t) for t in cleaned.graph.initializer}
     np.testing.assert_array_equal(written[mean], weights[mean])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from otbr_onnx.budget import check_work, scan_passes
-from otbr_onnx.detect import ScanConfig, scan_module
+from otbr_onnx.detectors.margin import ScanConfig, scan_module
 from otbr_onnx.errors import UnsupportedModelError, UsageError
 from otbr_onnx.options import CleanOptions
 from otbr_onnx.output import check_data_paths

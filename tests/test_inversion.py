@@ -14,7 +14,7 @@ import torch
 
 from otbr_onnx import CleanOptions, scan
 from otbr_onnx.detect import ScanResult, combine, rescan_module
-from otbr_onnx.detectors.inversion import InversionConfig, invert_module, robust_z, subsample
+from otbr_onnx.detectors.inversion import DETECTOR, InversionConfig, invert_module, robust_z, subsample
 from otbr_onnx.triggers import Patch, make
 from tests import builders
 
@@ -96,12 +96,14 @@ def test_classes_searched_in_blocks_give_the_one_pass_result(images):
 
 def test_too_many_classes_or_flat_images_skip_the_inversion(monkeypatch, images):
     from otbr_onnx import detect as detecting
+    from otbr_onnx.detectors import inversion
     from otbr_onnx.prepare import prepare
     options = CleanOptions(**QUICK)
     prepared = prepare(builders.build_backdoored(TARGET)[1], options)
-    monkeypatch.setattr(detecting, "INVERSION_MAX_CLASSES", 4)
-    assert detecting.detect(prepared, options, images=images).inversion is None
-    monkeypatch.setattr(detecting, "INVERSION_MAX_CLASSES", 100)
+    monkeypatch.setattr(inversion, "MAX_CLASSES", 4)
+    skipped = detecting.detect(prepared, options, images=images)
+    assert skipped.inversion is None and skipped.as_dict()["evidence"]["trigger_inversion"] is None
+    monkeypatch.setattr(inversion, "MAX_CLASSES", 100)
     assert detecting.detect(prepared, options, images=images.reshape(len(images), -1)).inversion is None
 
 
@@ -128,10 +130,10 @@ def test_with_data_the_margin_test_counts_above_its_calibrated_threshold_only(tw
     z[5] = 10.0  # flagged by the data-free threshold 3.5, under the clean-calibrated one
     margin = ScanResult(np.zeros(8), z, 3.5, [5], {}, {}, [], 0)
     assert margin.margin_suspected == [5]
-    quiet = combine(margin, twin_result)
+    quiet = combine(margin, {DETECTOR: twin_result})
     assert quiet.suspected == [] and quiet.threshold == MARGIN_Z_WITH_DATA
     z[5] = MARGIN_Z_WITH_DATA + 5
-    loud = combine(ScanResult(np.zeros(8), z, 3.5, [5], {}, {}, [], 0), twin_result)
+    loud = combine(ScanResult(np.zeros(8), z, 3.5, [5], {}, {}, [], 0), {DETECTOR: twin_result})
     assert loud.suspected == [5] and loud.as_dict()["evidence"]["max_margin"] == [5]
 
 
@@ -145,10 +147,11 @@ def test_the_html_report_draws_the_recovered_trigger(backdoored_result):
 def test_combine_flags_a_class_either_test_flags(backdoored_result):
     margins = np.zeros(8)
     margin = ScanResult(margins, np.zeros(8), 3.5, [], {}, {}, [], 0)
-    both = combine(margin, backdoored_result)
+    both = combine(margin, {DETECTOR: backdoored_result})
     assert both.suspected == [TARGET] and both.margin_suspected == []
-    assert not both.cleared(TARGET)
-    assert combine(margin, None) is margin
+    assert not both.cleared(TARGET) and both.evidence == {TARGET: ["trigger_inversion"]}
+    alone = combine(margin, {DETECTOR: None})  # registered, not run: the margin test's verdict, threshold kept
+    assert alone.suspected == margin.suspected and alone.threshold == margin.threshold and alone.cleared(TARGET)
     found = both.as_dict()
     assert found["evidence"] == {"max_margin": [], "trigger_inversion": [TARGET]}
     json.dumps(found)

@@ -7,7 +7,7 @@ import torch
 from converters.to_torch import convert
 from otbr_onnx import CleanOptions, FidelityBudgetError, clean
 from otbr_onnx.probes import ProbeConfig, _BatchNormStatistics, probe_classes, synthesise_probes
-from otbr_onnx.ratio import CANDIDATE_RATIOS, choose_ratio, distinct_candidates
+from otbr_onnx.ratio import CANDIDATE_RATIOS, Trial, choose_ratio, distinct_candidates
 from otbr_onnx.sizing import Chunking
 from tests import builders
 from tests.conftest import FAST
@@ -30,31 +30,31 @@ def test_candidates_that_prune_nothing_or_the_same_are_dropped():
 def _scorer(scores: dict[float, float]):
     asked = []
 
-    def score_at(ratio: float) -> float:
+    def trial_at(ratio: float) -> Trial:
         asked.append(ratio)
-        return scores[ratio]
+        return Trial(ratio, scores[ratio])
 
-    return score_at, asked
+    return trial_at, asked
 
 
 def test_scan_keeps_the_last_ratio_within_budget_and_stops_at_the_first_over_it():
     score_at, asked = _scorer({0.01: 99.0, 0.02: 95.0, 0.05: 80.0, 0.1: 99.0})
-    choice = choose_ratio([0.01, 0.02, 0.05, 0.1], score_at, baseline=100.0, budget=5.0)
-    assert choice["chosen_ratio"] == 0.02
+    trials, chosen = choose_ratio([0.01, 0.02, 0.05, 0.1], score_at, baseline=100.0, budget=5.0)
+    assert chosen == 0.02
     assert asked == [0.01, 0.02, 0.05]  # 0.1 never tried: damage past the first failure is assumed
-    assert [t["ratio"] for t in choice["trials"]] == asked
+    assert [t.strength for t in trials] == asked
 
 
 def test_scan_takes_the_largest_candidate_when_all_fit():
     score_at, asked = _scorer({0.01: 100.0, 0.02: 99.0})
-    choice = choose_ratio([0.01, 0.02], score_at, baseline=100.0, budget=1.0)
-    assert choice["chosen_ratio"] == 0.02 and asked == [0.01, 0.02]
+    _, chosen = choose_ratio([0.01, 0.02], score_at, baseline=100.0, budget=1.0)
+    assert chosen == 0.02 and asked == [0.01, 0.02]
 
 
 def test_scan_chooses_nothing_when_the_smallest_candidate_is_over_budget():
     score_at, asked = _scorer({0.01: 50.0, 0.02: 99.0})
-    choice = choose_ratio([0.01, 0.02], score_at, baseline=100.0, budget=10.0)
-    assert choice["chosen_ratio"] is None and asked == [0.01]
+    _, chosen = choose_ratio([0.01, 0.02], score_at, baseline=100.0, budget=10.0)
+    assert chosen is None and asked == [0.01]
     with pytest.raises(ValueError):
         choose_ratio([], score_at, 100.0, 1.0)
 

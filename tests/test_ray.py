@@ -50,7 +50,7 @@ def _facts(summary: dict, out: Path) -> list[tuple]:
     """What must not depend on the executor (times do; fidelity scores may differ in the last bits),
     with the output folder written as OUT."""
     return [(o["model"], o["status"], o["exit_code"], o["message"], (o["output"] or "").replace(str(out), "OUT"),
-             o["verdict"], tuple(o["targets"]), o["gamma"]) for o in summary["outcomes"]]
+             o["verdict"], tuple(o["targets"]), o["strength"]) for o in summary["outcomes"]]
 
 
 def test_ray_batch_matches_the_local_one_and_resumes(cluster, folder, tmp_path):

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from otbr_onnx import CleanOptions, clean, scan
 from otbr_onnx.cli import EXIT_SUSPECTED, main
-from otbr_onnx.detect import CLEARED_Z, ScanConfig, class_margins, rescan_module, robust_z, scan_module, verdict
+from otbr_onnx.detect import rescan_module
+from otbr_onnx.detectors.margin import CLEARED_Z, ScanConfig, class_margins, robust_z, scan_module, verdict
 from otbr_onnx.ratio import Trial, choose_removing_ratio
 from tests import builders
 
@@ -75,7 +76,7 @@ def test_robust_z_singles_out_the_outlier_and_not_its_neighbours():
 
 def _robust_z_as_written_before(statistics: np.ndarray) -> np.ndarray:
     """robust_z as it was hand-written before scipy's median_abs_deviation (issue 22)."""
-    from otbr_onnx.detect import MAD_TO_SIGMA, MIN_SPREAD
+    from otbr_onnx.detectors.margin import MAD_TO_SIGMA, MIN_SPREAD
 
     values = np.asarray(statistics, dtype=np.float64)
     z = np.zeros_like(values)
@@ -272,8 +273,6 @@ def test_clean_is_deterministic(backdoored):
 
 
 def test_a_rescan_of_the_unchanged_model_still_flags_the_target(backdoored):
-    from otbr_onnx.detect import rescan_module
-
     module = backdoored[0].eval()
     found = scan_module(module, (1, 1, 8, 8), 8, 0, False, ScanConfig(starts=4, steps=50))
     again = rescan_module(module, (1, 1, 8, 8), found, 0, False, ScanConfig(starts=4, steps=50))

@@ -153,7 +153,7 @@ def _chain_module():
 
 
 def test_scan_margins_do_not_depend_on_the_images_per_pass():
-    from otbr_onnx.detect import ScanConfig, maximise_margins
+    from otbr_onnx.detectors.margin import ScanConfig, maximise_margins
 
     module = _chain_module()
     runs = [maximise_margins(module, (1, 1, 8, 8), np.arange(4), 3, 6, ScanConfig(batch=batch, exact=exact), 0, False)

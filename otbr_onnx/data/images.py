@@ -66,6 +66,10 @@ class Images:
     source: str  # for reports and messages: "folder PATH (N images)" or "npz PATH (N images)"
     notes: list[str] = field(default_factory=list)  # what was converted, for the report
 
+    def as_dict(self) -> dict:
+        return {"source": self.source, "images": int(len(self.x)), "labelled": self.y is not None,
+                "notes": list(self.notes)}
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -14,7 +14,7 @@ The statistic of ``(t, family)`` is the mean target margin ``z_t - max_{k != t} 
 reaches on those images: a continuous number, so that classes nothing flips still differ (a flip
 rate near 0 at every class makes a robust z explode on noise). A backdoor's target is reached by a
 trigger far smaller than a natural class needs, so its margin stands out against the other
-classes' in the leave-one-out robust z of ``detect.robust_z``. A class is suspected when its z
+classes' in the leave-one-out robust z of ``detectors.margin.robust_z``. A class is suspected when its z
 exceeds the family's threshold in ANY family; the threshold of each family is set from clean
 models only (``THRESHOLDS``; measured in benchmarks/DETECTION.md).
 
@@ -26,9 +26,11 @@ a cleaned model (``detect.rescan_module``) runs exactly this test with the same 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +40,13 @@ from torch.nn import functional
 from otbr_onnx import statistics
 from otbr_onnx import triggers as trigger_families
 from otbr_onnx.torch_helpers import evaluating
+
+if TYPE_CHECKING:
+    from converters.chunking import Chunking
+    from otbr_onnx.options import CleanOptions
+    from otbr_onnx.prepare import PreparedModel
+
+LOG = logging.getLogger("otbr_onnx")
 
 FAMILIES = trigger_families.FAMILIES
 # Robust z (leave-one-out, over the classes of one model) above which a family flags a class.
@@ -52,7 +61,7 @@ THRESHOLDS = {"patch": 4.7, "additive": 3.7, "warp": 4.2}
 # Above this many classes the inversion is not run (its cost grows with the classes: each class
 # searches its own trigger in every family); ``detect`` then gives the margin scan's verdict alone.
 MAX_CLASSES = 100
-# The smallest spread a robust z divides by, relative to the typical |margin| (as detect.MIN_SPREAD)
+# The smallest spread a robust z divides by, relative to the typical |margin| (as detectors.margin.MIN_SPREAD)
 MIN_SPREAD = 0.05
 
 
@@ -64,6 +73,10 @@ class InversionConfig:
     families: tuple[str, ...] = FAMILIES
     images: int = 200  # at most this many of the user's images (a seeded subsample)
     steps: int = 60  # Adam steps per family (all classes at once)
+    # The patch family's own step count: a mask must first find WHERE the trigger sits, which a
+    # global perturbation need not. At 60 steps the search did not localise a 3x3 BadNets patch
+    # on the benchmark's PreAct model; 150 did (benchmarks/DETECTION.md).
+    patch_steps: int = 150
     batch: int = 16  # images per class per step
     lr: float = 0.2
     patch_area: float = 0.015  # share of the pixels a patch mask may cover (a 3x3 patch on 28x28: 0.011)
@@ -80,6 +93,9 @@ class InversionConfig:
     def budget(self, family: str) -> dict[str, float]:
         return {"patch": {"area": self.patch_area}, "additive": {"eps": self.additive_eps},
                 "warp": {"max_shift": self.warp_shift, "k": self.warp_grid}}[family]
+
+    def steps_of(self, family: str) -> int:
+        return self.patch_steps if family == "patch" else self.steps
 
     def threshold(self, family: str) -> float:
         return dict(self.thresholds)[family]
@@ -117,6 +133,10 @@ class InversionResult:
     def cleared(self, target: int) -> bool:
         """Whether no family flags ``target`` any more."""
         return all(self.z[f][target] <= self.thresholds[f] for f in self.families)
+
+    def statistic(self, target: int) -> float:
+        """``target``'s largest z across the families."""
+        return float(max(self.z[f][target] for f in self.families))
 
     def as_dict(self) -> dict:
         classes = len(next(iter(self.margins.values()))) if self.margins else 0
@@ -203,7 +223,7 @@ def invert_module(module: nn.Module, images: np.ndarray, num_classes: int, outpu
     began = time.perf_counter()
     sample = np.asarray(images, dtype=np.float32) if sampled else subsample(images, config)
     margins, flipped, zs, recovered = {}, {}, {}, {}
-    total, done = len(config.families) * config.steps, [0]
+    total, done = sum(config.steps_of(f) for f in config.families), [0]
     with evaluating(module, config.device):
         x = torch.from_numpy(sample).to(config.device)
         with torch.no_grad():
@@ -250,7 +270,7 @@ def _invert_family(module: nn.Module, x: torch.Tensor, answers: torch.Tensor, nu
     generator = torch.Generator().manual_seed(config.seed)
     active = [c for c in range(num_classes) if len(sources[c])]
     per_pass = max(1, config.chunk // config.batch)
-    for _ in range(config.steps):
+    for _ in range(config.steps_of(family)):
         picks = {c: sources[c][torch.randint(len(sources[c]), (config.batch,), generator=generator)] for c in active}
         for first in range(0, len(active), per_pass):
             block = active[first:first + per_pass]
@@ -290,3 +310,48 @@ def _arrays(trigger: trigger_families.Trigger) -> dict[str, np.ndarray]:
         if isinstance(trigger, trigger_families.Warp):
             return {"flow": trigger.flow()[0].cpu().numpy()}
     return {}
+
+
+@dataclass(frozen=True)
+class InversionDetector:
+    """The inversion as a ``detectors.base.Detector``: run beside the margin scan on the user's
+    images (``detect.DATA_DETECTORS``)."""
+
+    name: str = "trigger_inversion"
+    section: str = "inversion"
+
+    def run(self, prepared: "PreparedModel", options: "CleanOptions", images: np.ndarray | None,
+            progress: Callable[[str, int, int], None] | None = None) -> InversionResult | None:
+        """The inversion on ``images`` (``read_data(...).x``); None without images, or where the
+        model has too many classes or the images are not (N, C, H, W)."""
+        if images is None:
+            return None
+        loaded = prepared.loaded
+        if prepared.num_classes > MAX_CLASSES or np.ndim(images) != 4:
+            LOG.warning("trigger inversion skipped (%d classes, images of shape %s: it needs at most %d classes and "
+                        "(N, C, H, W) images); the verdict is the data-free margin scan's", prepared.num_classes,
+                        tuple(np.shape(images)), MAX_CLASSES)
+            return None
+        on_step = (lambda done, total: progress("inversion", done, total)) if progress else None
+        return invert_module(prepared.module, images, prepared.num_classes, loaded.output_index,
+                             loaded.output_is_probability,
+                             inversion_config(options, prepared.device, prepared.chunking), on_step)
+
+    def rerun(self, module: nn.Module, before: InversionResult, num_classes: int, output_index: int,
+              is_probability: bool) -> InversionResult | None:
+        """The same images (the scan's subsample), settings and seed on a changed model, so that a
+        rescan and a scan of the written file with the same ``--data`` run the same test."""
+        if before.sample is None or before.config is None:
+            return None
+        return invert_module(module, before.sample, num_classes, output_index, is_probability, before.config,
+                             sampled=True)
+
+
+DETECTOR = InversionDetector()
+
+
+def inversion_config(options: "CleanOptions", device: str, chunking: "Chunking") -> InversionConfig:
+    """The inversion's settings: its calibrated defaults, with the options' seed, input range and
+    device, and the images per pass ``prepare``'s memory plan allows."""
+    return InversionConfig(seed=options.seed, device=device, input_range=tuple(options.input_range),
+                           chunk=chunking.size, exact=chunking.exact)

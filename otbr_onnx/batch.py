@@ -145,6 +145,11 @@ def finished_report(model: Path, out_dir: Path, key: str, output: Path | None = 
     return report
 
 
+def final_scan_code(report: dict) -> int:
+    """A clean report's exit code: 6 when the scan of the model it handed back flags a class."""
+    return EXIT_SUSPECTED if (report.get("final_scan") or {}).get("suspected_targets") else 0
+
+
 def clean_one(model: Path, out_dir: Path, options) -> Outcome:
     """Clean one model into ``out_dir``; every failure becomes an Outcome, never an exception."""
     from otbr_onnx.pipeline import clean
@@ -155,10 +160,11 @@ def clean_one(model: Path, out_dir: Path, options) -> Outcome:
         key = options_key(options)  # reads the data files: a failure is this model's outcome
         earlier = finished_report(model, out_dir, key, output)
         if earlier is not None:
-            return _outcome(model, "skipped", 0, earlier, start, SKIPPED, output)
+            return _outcome(model, "skipped", final_scan_code(earlier), earlier, start, SKIPPED, output)
         result = clean(model, options)
         report = write_result(result, output, out_dir / f"{model.stem}.report.json", {"options_key": key})
-        return _outcome(model, "cleaned", 0, report, start, output=output)
+        # written, but a scan of it flags a class: 6, as `scan` of that file would exit
+        return _outcome(model, "cleaned", final_scan_code(report), report, start, output=output)
     except Exception as error:  # noqa: BLE001 - one broken model must not stop the sweep
         return _failure(model, error, start)
 

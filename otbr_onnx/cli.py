@@ -36,7 +36,6 @@ from otbr_onnx.options import DEVICES, METHODS, ORT_PROVIDERS, RANKINGS, REMOVER
 
 LOG = logging.getLogger("otbr_onnx")
 
-EXIT_CODES_HELP = "Exit codes: 0 ok, 2 bad usage or unreadable model, 3 unsupported model, 4 parity failure."
 
 
 class _Shape(click.ParamType):
@@ -602,7 +601,11 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
        while keeping the original's answers on them; none within budget: refused (exit 3);
     3. with --data and BatchNorm nodes: re-estimate the BatchNorm statistics on your images and
        rescan; a removal that comes back is refused as masked (exit 3), nothing written;
-    4. write the new weights into the original graph; check parity in onnxruntime.
+    4. a fresh scan of the cleaned model (what `otbr-onnx scan OUTPUT` reports, with the same
+       --data); write the new weights into the original graph; check parity in onnxruntime.
+
+    Exit codes: 0 written (or MODEL unchanged), 6 written but the fresh scan of it flags a
+    class (named in the verdict: a human should look), 3 refused, 4 parity failure, 2 bad usage.
 
     OUTPUT is the input graph with only weight values changed (same inputs, outputs, node
     names, opset and metadata). It is written only after onnxruntime parity passes.
@@ -669,12 +672,15 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
                 from otbr_onnx.html_report import write_html
 
                 write_html(report, html_path)
-            findings.emit(clean_results(report, model), 0)
+            code = EXIT_SUSPECTED if result.still_suspected else 0  # as `scan` of the written file
+            findings.emit(clean_results(report, model), code)
         if fmt == "json":  # json.dumps writes every control character as \\uXXXX
             click.echo(json.dumps(report, indent=2))
         if not quiet:
             _echo(summary_text(result.report), err=True)
             _echo(f"  wrote {output}" + ("" if result.changed else " (the input, unchanged)"), err=True)
+        if code:
+            sys.exit(code)
 
     _run(debug, action)
 

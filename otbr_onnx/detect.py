@@ -8,7 +8,10 @@ inversion, ``detectors/inversion.py``), and a class flagged by any test is suspe
 one line in ``DATA_DETECTORS``.
 
 The rescan (``rescan_module``) reruns every test that ran, with the same settings, on a changed
-copy of the model: the check every remover and the recalibration check make.
+copy of the model: the check every remover and the recalibration check make. Its margin part is
+warm-started from the maximisers found before (a surviving backdoor is found again at once), so it
+can differ from a fresh scan; ``scan_handed_back`` is the fresh one, the test ``scan`` of the
+written file runs, on which ``clean``'s verdict and exit code rest.
 """
 
 from __future__ import annotations
@@ -105,3 +108,19 @@ def rescan_prepared(prepared: "PreparedModel", module: nn.Module, before: ScanRe
     loaded = prepared.loaded
     return rescan_module(module, loaded.input_shape, before, loaded.output_index, loaded.output_is_probability,
                          scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
+
+
+def scan_handed_back(prepared: "PreparedModel", module: nn.Module, before: ScanResult,
+                     options: "CleanOptions") -> ScanResult:
+    """What ``scan`` of the written model reports, run on ``module`` (the cleaned copy of
+    ``prepared``'s): the margin scan from fresh random starts with the scan's settings and seed
+    (not warm-started, as ``rescan_module`` is), and each detector of ``before`` rerun on the same
+    images with the same settings and seed."""
+    loaded = prepared.loaded
+    margin = scan_module(module, loaded.input_shape, prepared.num_classes, loaded.output_index,
+                         loaded.output_is_probability,
+                         scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
+    return combine(margin, {detector: None if found is None else
+                            detector.rerun(module, found, prepared.num_classes, loaded.output_index,
+                                           loaded.output_is_probability)
+                            for detector, found in before.others.items()})

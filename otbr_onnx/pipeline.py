@@ -12,6 +12,8 @@
                                             (removers/unlearning.py, --data)
     4 recheck  (recheck.py)  a BatchNorm recalibration on the user's images must not bring the
                              backdoor back
+      final    (detect.py)   the scan of the model handed back, fresh (what ``scan`` of the written
+                             file reports): a class it flags makes ``clean`` exit 6
     5 emit     (emit.py)     weights written back into the original graph, onnxruntime parity
     6 report   (report.py)   one JSON report assembled from the stage results
 
@@ -34,7 +36,7 @@ from otbr_onnx import report as reporting
 from otbr_onnx.options import CleanOptions, Experiment
 from otbr_onnx.prepare import PreparedModel, prepare
 from otbr_onnx.emit import emit
-from otbr_onnx.detect import ScanResult, detect
+from otbr_onnx.detect import ScanResult, detect, scan_handed_back
 from otbr_onnx.data import Images, read_data
 from otbr_onnx.removers import REMOVERS
 from otbr_onnx.recheck import Recheck, recalibration_rescan
@@ -57,6 +59,8 @@ class CleanResult:
     changed: bool = True
     detection: ScanResult | None = None
     original_bytes: bytes | None = field(default=None, repr=False)  # what an unchanged model is written as
+    # the classes a scan of the model handed back flags (``detect.scan_handed_back``): clean exits 6
+    still_suspected: list[int] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         if not self.changed and self.original_bytes is not None:
@@ -130,13 +134,28 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
     with timer.stage("recalibration_check"):
         recheck = recalibration_rescan(prepared, removal.weights, _pixels(images), detection, removal.rescan, options)
     _refuse_masked(recheck)
+    with timer.stage("final_scan"):
+        final = None if detection is None else scan_handed_back(
+            prepared, prepared.with_weights(removal.weights), detection, options)
     with timer.stage("write_back_parity"):
         written = emit(prepared, removal.weights)
     results = {"scan": detection, "rescan": removal.rescan, **reporting.removal_sections(remover.name, removal),
-               **({"data": images} if images is not None else {}), "recalibration_check": recheck}
-    report = reporting.clean_report(prepared, options, removal.verdict(detection, options), results, written,
-                                    timer.seconds, command)
-    return CleanResult(written.model, report, written.parity, removal.pruned, True, detection)
+               **({"data": images} if images is not None else {}), "recalibration_check": recheck,
+               "final_scan": final}
+    verdict = with_final_scan(removal.verdict(detection, options), final)
+    report = reporting.clean_report(prepared, options, verdict, results, written, timer.seconds, command)
+    still = [] if final is None else list(final.suspected)
+    return CleanResult(written.model, report, written.parity, removal.pruned, True, detection, still_suspected=still)
+
+
+def with_final_scan(verdict: str, final: ScanResult | None) -> str:
+    """The remover's verdict, and what a scan of the model handed back reports when it flags a class
+    (``clean`` then exits 6, as ``scan`` would)."""
+    if final is None or not final.suspected:
+        return verdict
+    classes = ", ".join(map(str, final.suspected))
+    return (f"{verdict}; but a scan of the model handed back flags class {classes}: written, exit 6, "
+            f"evaluate before deploying")
 
 
 def read_images(prepared: PreparedModel, options: CleanOptions) -> Images | None:

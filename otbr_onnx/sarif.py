@@ -131,7 +131,9 @@ def clean_results(report: dict, model: str | Path | None = None) -> list[dict]:
     (note), and, where the rescan of the written model still flags a class, backdoor suspected."""
     path, sha = _model(report, model), report.get("input", {}).get("sha256")
     output = (report.get("output") or {}).get("path")
-    detection, rescan = report.get("scan"), report.get("rescan")
+    # the fresh scan of the written model where the report has one (what `scan` of it reports, and
+    # what the exit code rests on), else the remover's rescan (reports written before it existed)
+    detection, rescan = report.get("scan"), report.get("final_scan") or report.get("rescan")
     properties = {"verdict": report["verdict"], "changed": report.get("changed", True), **_scan_properties(detection)}
     if report.get("remover"):  # any remover: its name and the strength it kept
         properties["remover"] = report["remover"]["name"]
@@ -152,7 +154,7 @@ def clean_results(report: dict, model: str | Path | None = None) -> list[dict]:
     if report.get("changed", True) and rescan is not None and rescan["suspected_targets"] and output:
         classes = ", ".join(str(c) for c in rescan["suspected_targets"])
         found.append(result("backdoor-suspected", output,
-                            f"{output}: the rescan of the cleaned model still flags class {classes}",
+                            f"{output}: a scan of the cleaned model still flags class {classes}",
                             _scan_properties(rescan), [(path, "the model before cleaning")],
                             (report.get("output") or {}).get("sha256")))
     return found

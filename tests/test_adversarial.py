@@ -170,14 +170,13 @@ def test_a_target_the_rescan_still_flags_is_refused(backdoored, monkeypatch, tmp
         clean(path, replace(options, max_acc_drop=100.0))
 
 
-def test_the_clean_verdict_names_a_class_the_rescan_still_flags():
-    """A rescan that clears the target but flags another class: the verdict says so, as a scan of
-    the written file would."""
+def test_the_clean_verdict_names_a_class_the_final_scan_still_flags():
+    """A final scan (the fresh scan of the model handed back) that flags a class: the verdict
+    names it, as a scan of the written file would; nothing flagged: the verdict is the remover's."""
     from otbr_onnx.detect import ScanResult
-    from otbr_onnx.removers.pruning import clean_verdict
+    from otbr_onnx.pipeline import with_final_scan
 
-    found = ScanResult(np.zeros(4), np.array([9.0, 0, 0, 0]), 3.5, [0])
     after = ScanResult(np.zeros(4), np.array([0.0, 0, 5.0, 0]), 3.5, [2])
-    assert "flags class 2" in clean_verdict(found, after, CleanOptions())
+    assert "flags class 2" in with_final_scan("cleaned", after) and "exit 6" in with_final_scan("cleaned", after)
     quiet = ScanResult(np.zeros(4), np.zeros(4), 3.5, [])
-    assert "flags class" not in clean_verdict(found, quiet, CleanOptions())
+    assert with_final_scan("cleaned", quiet) == "cleaned" == with_final_scan("cleaned", None)

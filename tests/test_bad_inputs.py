@@ -24,6 +24,9 @@ from otbr_onnx.output import atomic_write
 import corpus
 from corpus import CASES, ERROR_PREFIX, QUICK_ARGS, Case, run_clean
 
+# clean wrote its output: 0, or 6 where a fresh scan of the written model flags a class
+WRITTEN = (0, 6)  # otbr_onnx.errors.EXIT_SUSPECTED
+
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -93,7 +96,7 @@ def test_the_untouched_tiny_model_cleans(tmp_path: Path) -> None:
     model.write_bytes(corpus.tiny_bytes())
     output = tmp_path / "cleaned.onnx"
     outcome = run_clean(model, output, *QUICK_ARGS)
-    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.exit_code in WRITTEN, outcome.stderr
     assert outcome.stderr == ""
     session = ort.InferenceSession(output.read_bytes(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"x": corpus.parity_probe()})[0]
@@ -106,7 +109,7 @@ def test_output_is_input_is_allowed_with_force(tmp_path: Path) -> None:
     model = tmp_path / "model.onnx"
     model.write_bytes(corpus.tiny_bytes())
     outcome = run_clean(model, model, *QUICK_ARGS, "--force")
-    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.exit_code in WRITTEN, outcome.stderr
     ort.InferenceSession(model.read_bytes(), providers=["CPUExecutionProvider"])
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
@@ -191,7 +194,7 @@ def test_infinite_clip_bound_is_not_a_bad_weight(tmp_path: Path) -> None:
     model = tmp_path / "model.onnx"
     model.write_bytes(_clip_with_infinite_bound().SerializeToString())
     outcome = run_clean(model, tmp_path / "cleaned.onnx", *QUICK_ARGS)
-    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.exit_code in WRITTEN, outcome.stderr
 
 
 def test_external_data_inside_the_folder_is_accepted(tmp_path: Path) -> None:
@@ -199,7 +202,7 @@ def test_external_data_inside_the_folder_is_accepted(tmp_path: Path) -> None:
     prepared = corpus.external_valid(tmp_path)
     before = {path: _digest(path) for path in prepared.guarded}
     outcome = run_clean(prepared.model, prepared.output, *prepared.args)
-    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.exit_code in WRITTEN, outcome.stderr
     assert {path: _digest(path) for path in prepared.guarded} == before
     # The output inlines the weights: it must not point at the input's weights.bin.
     cleaned = onnx.load_model_from_string(prepared.output.read_bytes())

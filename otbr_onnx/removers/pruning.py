@@ -181,13 +181,9 @@ def clean_verdict(detection: ScanResult | None, rescan: ScanResult | None, optio
     if rescan is not None and not rescan.cleared(target):  # only with a fixed --prune-ratio: the rule refuses
         return f"backdoor suspected (class {target}): the rescan still flags it at --prune-ratio {options.prune_ratio}"
     # "cleaned", not "removed": the rescan is a proxy (see detectors.margin.CLEARED_Z and the README's limits)
-    verdict = (f"backdoor suspected (class {target}): cleaned until the rescan no longer flags it "
-               f"(z {rescan.statistic(target):.1f}); the rescan is a proxy, not a proof")
-    others = [c for c in rescan.suspected if c != target]
-    if others:  # the same test as `scan` of the written file: say what it will report
-        verdict += (f"; the rescan flags class {', '.join(map(str, others))}, which a scan of the written file "
-                    f"reports too: evaluate before deploying")
-    return verdict
+    # what a scan of the model handed back flags besides is the pipeline's final scan to say
+    return (f"backdoor suspected (class {target}): cleaned until the rescan no longer flags it "
+            f"(z {rescan.statistic(target):.1f}); the rescan is a proxy, not a proof")
 
 
 def layers_dict(prepared: "PreparedModel", ranking: Ranking, chosen: Repair) -> list[dict]:

@@ -30,10 +30,14 @@ RANKINGS = ("auto", "activation", "nwc")
 #   adversarial: adversarial unlearning on the user's images (--data): triggers the model still
 #                obeys are found and the weight layers are fine-tuned to ignore them while keeping
 #                the original's answers;
-#   auto:        pruning. Adversarial unlearning is opt-in: on the data benchmark (benchmarks/
-#                WITH_DATA.md, 200 images) it cleaned no model within --max-acc-drop 2 that
-#                pruning did not, refused or was refused as masked on every flagged model, and
-#                cost about four times as long.
+#   auto:        pruning. Adversarial unlearning is opt-in. On the data benchmark (200 images,
+#                11 backdoored PreAct models) the rebuilt remover cleaned 1 model robustly (LF
+#                target 9: ASR 1.6, 2.1 after recalibration, 3.2 after fine-tuning, -1.7 points;
+#                benchmarks/WITH_DATA_ADVERSARIAL.md) and lowered SIG to 29.5; pruning scored on
+#                the same images cleaned none (WITH_DATA.md). One model is too thin a margin to
+#                change the default, the remover costs 2-6 minutes per flagged small model on
+#                2 cores, and 6 of its 7 other flagged models were refused (the rescan still
+#                flagged the target, or no round fitted the budget).
 REMOVERS = ("auto", "pruning", "adversarial")
 
 

@@ -31,13 +31,13 @@ RANKINGS = ("auto", "activation", "nwc")
 #                obeys are found and the weight layers are fine-tuned to ignore them while keeping
 #                the original's answers;
 #   auto:        pruning. Adversarial unlearning is opt-in. On the data benchmark (200 images,
-#                11 backdoored PreAct models) the rebuilt remover cleaned 1 model robustly (LF
-#                target 9: ASR 1.6, 2.1 after recalibration, 3.2 after fine-tuning, -1.7 points;
-#                benchmarks/WITH_DATA_ADVERSARIAL.md) and lowered SIG to 29.5; pruning scored on
-#                the same images cleaned none (WITH_DATA.md). One model is too thin a margin to
-#                change the default, the remover costs 2-6 minutes per flagged small model on
-#                2 cores, and 6 of its 7 other flagged models were refused (the rescan still
-#                flagged the target, or no round fitted the budget).
+#                16 backdoored models) the rebuilt remover cleaned 3 robustly (PreAct LF t9, VGG
+#                LF and WaNet, at -1.7 to -2.4 points; benchmarks/WITH_DATA_ADVERSARIAL.md);
+#                pruning scored on the same images cleaned none of the PreAct ones (WITH_DATA.md).
+#                Not yet the default: it was measured only this late in the round (no 50/1000
+#                image rows, two of its cleans exceed the 2-point budget), it costs 2-6 minutes
+#                per flagged small model on 2 cores, and 8 of its 13 flagged models were refused
+#                (the rescan still flagged the target, or no round fitted the budget).
 REMOVERS = ("auto", "pruning", "adversarial")
 
 

@@ -77,8 +77,7 @@ def detect(prepared: "PreparedModel", options: "CleanOptions", progress: Callabl
     on_step = (lambda done, total: progress("scan", done, total)) if progress else None
     margin = scan_module(prepared.module, loaded.input_shape, prepared.num_classes, loaded.output_index,
                          loaded.output_is_probability,
-                         scan_config(options, prepared.device, prepared.chunking, prepared.scan_block),
-                         on_step)
+                         prepared_config(prepared, options), on_step)
     return combine(margin, {detector: detector.run(prepared, options, images, progress)
                             for detector in DATA_DETECTORS})
 
@@ -95,10 +94,16 @@ def rescan_module(
     maximisers (``detectors.margin.rescan_margins``), and each detector that ran beside it with
     its own settings and images."""
     after = rescan_margins(module, input_shape, before, output_index, is_probability, config)
-    num_classes = len(after.margins)
-    return combine(after, {detector: None if found is None else
-                           detector.rerun(module, found, num_classes, output_index, is_probability)
-                           for detector, found in before.others.items()})
+    return combine(after, rerun_detectors(module, before, len(after.margins), output_index, is_probability))
+
+
+def rerun_detectors(module: nn.Module, before: ScanResult, num_classes: int, output_index: int,
+                    is_probability: bool) -> dict[Detector, Detection | None]:
+    """Each detector that ran beside ``before``'s margin scan, rerun on ``module`` with its own
+    settings, images and seed (None where it did not run)."""
+    return {detector: None if found is None else detector.rerun(module, found, num_classes, output_index,
+                                                                  is_probability)
+            for detector, found in before.others.items()}
 
 
 def rescan_prepared(prepared: "PreparedModel", module: nn.Module, before: ScanResult,
@@ -107,7 +112,7 @@ def rescan_prepared(prepared: "PreparedModel", module: nn.Module, before: ScanRe
     from ``options`` and ``prepared``'s memory plan: the rescan every remover and check runs."""
     loaded = prepared.loaded
     return rescan_module(module, loaded.input_shape, before, loaded.output_index, loaded.output_is_probability,
-                         scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
+                         prepared_config(prepared, options))
 
 
 def scan_handed_back(prepared: "PreparedModel", module: nn.Module, before: ScanResult,
@@ -118,9 +123,12 @@ def scan_handed_back(prepared: "PreparedModel", module: nn.Module, before: ScanR
     images with the same settings and seed."""
     loaded = prepared.loaded
     margin = scan_module(module, loaded.input_shape, prepared.num_classes, loaded.output_index,
-                         loaded.output_is_probability,
-                         scan_config(options, prepared.device, prepared.chunking, prepared.scan_block))
-    return combine(margin, {detector: None if found is None else
-                            detector.rerun(module, found, prepared.num_classes, loaded.output_index,
-                                           loaded.output_is_probability)
-                            for detector, found in before.others.items()})
+                         loaded.output_is_probability, prepared_config(prepared, options))
+    return combine(margin, rerun_detectors(module, before, prepared.num_classes, loaded.output_index,
+                                           loaded.output_is_probability))
+
+
+def prepared_config(prepared: "PreparedModel", options: "CleanOptions") -> ScanConfig:
+    """The margin scan's settings for ``prepared``: ``options``' scan fields, its device and the
+    images per pass its memory plan allows (every scan and rescan of one model uses these)."""
+    return scan_config(options, prepared.device, prepared.chunking, prepared.scan_block)

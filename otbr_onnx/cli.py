@@ -621,7 +621,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
     def action() -> None:
         # imported here, inside _run, with Ctrl-C held until they are done (see interrupts_deferred)
         with interrupts_deferred():
-            from otbr_onnx.batch import is_batch, refuse_batch_html, refuse_single_ray
+            from otbr_onnx.batch import final_scan_code, is_batch, refuse_batch_html, refuse_single_ray
             from otbr_onnx.data import check_calibration, check_data
             from otbr_onnx.executors import choose_executor
             from otbr_onnx.options import from_command_line
@@ -672,7 +672,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
                 from otbr_onnx.html_report import write_html
 
                 write_html(report, html_path)
-            code = EXIT_SUSPECTED if result.still_suspected else 0  # as `scan` of the written file
+            code = final_scan_code(report)  # 6 as `scan` of the written file; batch mode alike
             findings.emit(clean_results(report, model), code)
         if fmt == "json":  # json.dumps writes every control character as \\uXXXX
             click.echo(json.dumps(report, indent=2))

@@ -59,8 +59,6 @@ class CleanResult:
     changed: bool = True
     detection: ScanResult | None = None
     original_bytes: bytes | None = field(default=None, repr=False)  # what an unchanged model is written as
-    # the classes a scan of the model handed back flags (``detect.scan_handed_back``): clean exits 6
-    still_suspected: list[int] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         if not self.changed and self.original_bytes is not None:
@@ -144,8 +142,7 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
                "final_scan": final}
     verdict = with_final_scan(removal.verdict(detection, options), final)
     report = reporting.clean_report(prepared, options, verdict, results, written, timer.seconds, command)
-    still = [] if final is None else list(final.suspected)
-    return CleanResult(written.model, report, written.parity, removal.pruned, True, detection, still_suspected=still)
+    return CleanResult(written.model, report, written.parity, removal.pruned, True, detection)
 
 
 def with_final_scan(verdict: str, final: ScanResult | None) -> str:

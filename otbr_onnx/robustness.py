@@ -27,23 +27,32 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 
 def recalibrate(module: nn.Module, images: np.ndarray, batch: int = 50) -> nn.Module:
     """A copy of ``module`` whose BatchNorm running statistics are re-estimated from ``images``
-    (a cumulative average over batches of ``batch`` images, which weighs every image the same when the batches are equal; weights unchanged), in eval mode. A module without
-    BatchNorm comes back as an unchanged copy."""
+    (``recalibrate_in_place``), in eval mode. A module without BatchNorm comes back as an
+    unchanged copy."""
     copied = copy.deepcopy(module).eval()
-    layers = batchnorm_layers(copied)
+    recalibrate_in_place(copied, images, batch)
+    return copied
+
+
+def recalibrate_in_place(module: nn.Module, images: np.ndarray | torch.Tensor, batch: int = 50) -> None:
+    """Re-estimate ``module``'s BatchNorm running statistics from ``images`` (a cumulative average
+    over batches of ``batch`` images, which weighs every image the same when the batches are equal;
+    weights unchanged); the BatchNorm layers end in eval mode with their momentum as it was."""
+    layers = batchnorm_layers(module)
     if not layers:
-        return copied
-    device = next((p.device for p in copied.parameters()), torch.device("cpu"))
+        return
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    saved = [layer.momentum for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # cumulative moving average: every image counts the same
         layer.train()
     with torch.no_grad():
         for start in range(0, len(images), batch):
-            copied(torch.as_tensor(images[start:start + batch], dtype=torch.float32, device=device))
-    for layer in layers:
-        layer.momentum = 0.1
-    return copied.eval()
+            module(torch.as_tensor(images[start:start + batch], dtype=torch.float32, device=device))
+    for layer, momentum in zip(layers, saved):
+        layer.momentum = momentum
+        layer.eval()
 
 
 def finetune(module: nn.Module, images: np.ndarray, labels: np.ndarray, steps: int = 100, batch: int = 50,

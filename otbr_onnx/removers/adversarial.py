@@ -49,7 +49,7 @@ from torch.nn import functional
 
 from otbr_onnx import triggers
 from otbr_onnx.errors import FidelityBudgetError, UnsupportedModelError
-from otbr_onnx.robustness import batchnorm_layers, recalibrate
+from otbr_onnx.robustness import batchnorm_layers, recalibrate, recalibrate_in_place
 
 
 # A patch budget never smaller than a 3x3 patch, whatever the image size (1.5 % of an 8x8 image
@@ -180,7 +180,7 @@ def unlearn(module: nn.Module, trainable: list[torch.Tensor], images: np.ndarray
     if mode == "train":
         params += _batchnorm_trainable(norms)
         statistics = [t for layer in norms for t in (layer.running_mean, layer.running_var)]
-        _recalibrate_in_place(student, norms, logits_of, x[train], config.batch)
+        recalibrate_in_place(student, x[train], config.batch)
     anchor = _Anchor(student) if config.anchor_weight > 0 else None
     optimiser = torch.optim.Adam(params, lr=config.lr)
     best_state, best_key = None, None
@@ -205,7 +205,7 @@ def unlearn(module: nn.Module, trainable: list[torch.Tensor], images: np.ndarray
                 loss = _step(student, logits, optimiser, xb, labels[batch], pb, found + replayed, anchor, config)
             _apply_masks(masks)
         if mode == "train":  # what a user's recalibration on these images would set
-            _recalibrate_in_place(student, norms, logits_of, x[train], config.batch)
+            recalibrate_in_place(student, x[train], config.batch)
         pool.extend(found)
         measured = _judge(logits, x[held], labels[held], targets, input_range, config, index, loss, soft[held])
         log.rounds.append(measured)
@@ -293,24 +293,6 @@ def _batch_statistics(norms: list[nn.Module]) -> Iterator[None]:
         for layer, (training, momentum) in zip(norms, saved):
             layer.train(training)
             layer.momentum = momentum
-
-
-def _recalibrate_in_place(student: nn.Module, norms: list[nn.Module],
-                          logits_of: Callable[[nn.Module, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                          batch: int) -> None:
-    """Re-estimate ``norms``' running statistics on the clean images ``x`` (a cumulative average,
-    as ``robustness.recalibrate`` does on a copy), in place."""
-    saved = [layer.momentum for layer in norms]
-    for layer in norms:
-        layer.reset_running_stats()
-        layer.momentum = None
-        layer.train()
-    with torch.no_grad():
-        for start in range(0, len(x), batch):
-            logits_of(student, x[start:start + batch])
-    for layer, momentum in zip(norms, saved):
-        layer.momentum = momentum
-        layer.eval()
 
 
 def _search(logits: Logits, x: torch.Tensor, labels: torch.Tensor, targets: list[int],

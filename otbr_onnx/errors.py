@@ -46,6 +46,9 @@ def one_line(error: BaseException, fallback: str = "", limit: int | None = MAX_M
 
 # scan's verdict as an exit code, for gates: 0 nothing found, this when a human must look.
 EXIT_SUSPECTED = 6
+# The exit codes with which ``clean`` has written its output: 0, or EXIT_SUSPECTED when a fresh scan
+# of the written model still flags a class (the file is there; a human must look before deploying).
+WRITTEN_CODES = (0, EXIT_SUSPECTED)
 
 INTERRUPTED = "otbr-onnx: error: interrupted (Ctrl-C); no partial output was written"
 _interrupted = False

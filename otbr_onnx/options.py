@@ -11,6 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 from otbr_onnx.errors import UsageError
 from otbr_onnx.load import Limits
+from otbr_onnx.removers import MODULES as _REMOVER_MODULES
 
 # The scan's robust z above which a class is suspected (detectors/margin.py says why 3.5), here so
 # that the CLI reads the default without importing the detector, which imports torch.
@@ -38,7 +39,7 @@ RANKINGS = ("auto", "activation", "nwc")
 #                image rows, two of its cleans exceed the 2-point budget), it costs 2-6 minutes
 #                per flagged small model on 2 cores, and 8 of its 13 flagged models were refused
 #                (the rescan still flagged the target, or no round fitted the budget).
-REMOVERS = ("auto", "pruning", "adversarial")
+REMOVERS = ("auto", *_REMOVER_MODULES)  # the registry of otbr_onnx/removers/, read without importing them
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,9 @@ class CleanOptions:
             raise UsageError(f"--probes must be >= 1, got {self.probes}")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.remover not in REMOVERS:
-            raise UsageError(f"--remover must be one of {', '.join(REMOVERS)}, got {self.remover!r}")
+        names = ("auto", *_REMOVER_MODULES)  # the registry as it is now, not as it was imported
+        if self.remover not in names:
+            raise UsageError(f"--remover must be one of {', '.join(names)}, got {self.remover!r}")
         if self.remover == "adversarial" and self.data is None:
             raise UsageError("--remover adversarial learns from the user's images: give --data")
         if self.ranking not in RANKINGS:

@@ -38,7 +38,7 @@ from otbr_onnx.prepare import PreparedModel, prepare
 from otbr_onnx.emit import emit
 from otbr_onnx.detect import ScanResult, detect, scan_handed_back
 from otbr_onnx.data import Images, read_data
-from otbr_onnx.removers import REMOVERS
+from otbr_onnx import removers
 from otbr_onnx.recheck import Recheck, recalibration_rescan
 from otbr_onnx.errors import FidelityBudgetError
 from otbr_onnx.timing import Timer
@@ -127,7 +127,7 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
             report = reporting.unchanged_report(prepared, options, detection, timer.seconds, command)
             return CleanResult(prepared.loaded.proto, report, None, changed=False, detection=detection,
                                original_bytes=_original_bytes(prepared))
-    remover = REMOVERS[options.resolved_remover]
+    remover = removers.get(options.resolved_remover)
     removal = remover.remove(prepared, detection, images, options, progress, timer)
     with timer.stage("recalibration_check"):
         recheck = recalibration_rescan(prepared, removal.weights, _pixels(images), detection, removal.rescan, options)

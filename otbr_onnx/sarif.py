@@ -43,10 +43,11 @@ RULES = (
          "a small patch, additive or warp trigger reaches abnormally easily: the model likely carries a backdoor "
          "serving that class."),
     Rule("OTBR002", "backdoor-cleaned", "warning", "A suspected backdoor was cleaned",
-         "The scan suspected a backdoor; clean pruned and fused the model until a rescan no longer flagged the "
-         "class, and wrote the cleaned model. The rescan is a proxy, not a proof: review before deploying."),
+         "The scan suspected a backdoor; clean removed it (pruning + OT fusion, or adversarial unlearning on "
+         "--data images) until a rescan no longer flagged the class, and wrote the cleaned model. The rescan "
+         "is a proxy, not a proof: review before deploying."),
     Rule("OTBR003", "model-refused", "error", "The model was refused",
-         "The model cannot be handled safely (unsupported operator or structure, or no candidate prune ratio "
+         "The model cannot be handled safely (unsupported operator or structure, or no candidate of the remover "
          "removed the backdoor within the fidelity budget); nothing was written."),
     Rule("OTBR004", "parity-failure", "error", "The cleaned model failed the onnxruntime parity check",
          "The weights written back into the original graph did not reproduce the cleaned network's outputs "

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 import corpus
 import hostile_files as hf
 from otbr_onnx.cli import main
-from otbr_onnx.errors import UnsupportedModelError, UsageError, one_line, printable
+from otbr_onnx.errors import EXIT_SUSPECTED, UnsupportedModelError, UsageError, one_line, printable
 from otbr_onnx.evaluate import load_npz, split_sets
 from otbr_onnx.layers import find_weight_layers, reachable_layers
 from otbr_onnx.load import Limits, load_model
@@ -101,7 +101,8 @@ def test_batch_output_linked_into_input_is_refused(tmp_path: Path) -> None:
 def written_code(report: Path) -> int:
     """What ``clean`` exits with once it has written: 6 when the fresh scan of the written model
     (the report's ``final_scan``) flags a class, else 0."""
-    return 6 if (json.loads(report.read_text()).get("final_scan") or {}).get("suspected_targets") else 0
+    flagged = (json.loads(report.read_text()).get("final_scan") or {}).get("suspected_targets")
+    return EXIT_SUSPECTED if flagged else 0
 
 
 def test_batch_in_place_needs_force_and_then_works(tmp_path: Path) -> None:

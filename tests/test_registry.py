@@ -13,7 +13,9 @@ from otbr_onnx import CleanOptions, clean
 from otbr_onnx import detect as detecting
 from otbr_onnx.detectors import inversion
 from otbr_onnx.prepare import prepare
-from otbr_onnx.removers import REMOVERS, pruning, unlearning
+from otbr_onnx import removers
+from otbr_onnx.options import REMOVERS
+from otbr_onnx.removers import pruning, unlearning
 from tests import builders
 
 QUICK = dict(scan_starts=1, scan_steps=3, probes=8)
@@ -63,8 +65,10 @@ class ToyDetector:
 
 def test_the_shipped_registries():
     assert detecting.DATA_DETECTORS == (inversion.DETECTOR,)
-    assert REMOVERS == {"pruning": pruning.REMOVER, "adversarial": unlearning.REMOVER}
-    assert all(name == remover.name for name, remover in REMOVERS.items())
+    assert REMOVERS == ("auto", "pruning", "adversarial")
+    assert removers.get("pruning") is pruning.REMOVER and removers.get("adversarial") is unlearning.REMOVER
+    with pytest.raises(KeyError):
+        removers.get("auto")  # a name options resolve, not a remover
 
 
 def test_a_registered_detector_runs_beside_the_scan_and_in_the_rescan(monkeypatch):
@@ -109,9 +113,12 @@ class ToyRemover:
             return ToyRemoval()
 
 
-def test_clean_runs_the_remover_registered_under_the_resolved_name(monkeypatch):
-    monkeypatch.setitem(REMOVERS, CleanOptions().resolved_remover, ToyRemover())
-    result = clean(builders.build("chain")[1], CleanOptions(always=True, **QUICK))
+REMOVER = ToyRemover()  # this module, registered as a remover's module in the test below
+
+
+def test_a_remover_is_one_module_and_one_registry_line(monkeypatch):
+    monkeypatch.setitem(removers.MODULES, "toy", __name__)
+    result = clean(builders.build("chain")[1], CleanOptions(remover="toy", always=True, **QUICK))
     report = result.report
     assert report["verdict"] == "toy removal" and report["toy"] == {"changed_tensors": 0}
     assert report["remover"] == {"name": "toy", "strength": 0.25, "fidelity": 99.5,
@@ -123,6 +130,12 @@ def test_clean_runs_the_remover_registered_under_the_resolved_name(monkeypatch):
     assert batch_facts(report)["strength"] == 0.25 and batch_facts(report)["fidelity"] == 99.5
     properties = clean_results(report, "model.onnx")[0]["properties"]
     assert properties["remover"] == "toy" and properties["strength"] == 0.25 and "pruneRatio" not in properties
+
+
+def test_a_remover_not_registered_is_a_usage_error():
+    from otbr_onnx.errors import UsageError
+    with pytest.raises(UsageError, match="--remover must be one of auto, pruning, adversarial"):
+        CleanOptions(remover="toy").validate()
 
 
 if __name__ == "__main__":

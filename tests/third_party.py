@@ -51,9 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otbr_onnx.load import sha256_file
+from otbr_onnx.errors import WRITTEN_CODES as WRITTEN
 
 # clean wrote its output: 0, or 6 where a fresh scan of the written model flags a class
-WRITTEN = (0, 6)
 
 PIP_TIMEOUT_S = 300
 # --always: a model the scan passes would come back unchanged, and the write-back would go untested

@@ -49,6 +49,8 @@ def test_adversarial_clean_removes_the_patch_backdoor_and_keeps_answers(backdoor
     removal = result.report["removal"]
     assert removal["remover"] == "adversarial" and removal["chosen_round"] >= 1
     assert removal["images"] == {"train": 150, "holdout": 50}
+    kept = removal["rounds"][removal["chosen_round"] - 1]["reach"]
+    assert any(kept.get(f, 0.0) < reach for f, reach in removal["original"]["reach"].items())
     assert result.report["data"]["images"] == 200 and result.parity.ok
     # graph surgery, not a new graph: the same nodes, only initializer values changed
     assert [n.op_type for n in cleaned.graph.node] == [n.op_type for n in model.graph.node]
@@ -145,6 +147,29 @@ def test_patch_search_finds_the_backdoor_and_not_on_a_clean_twin():
                        float(trigger.size()))
     assert reach["backdoored"][0] > 0.8
     assert reach["backdoored"][1] < reach["clean"][1] or reach["clean"][0] < 0.5
+
+
+def test_reach_fell_needs_one_family_lower_than_on_the_original():
+    original = adversarial.Round(0, 100.0, {"patch": 100.0, "additive": 100.0}, 0.0)
+    assert adversarial.reach_fell(original, adversarial.Round(1, 95.0, {"patch": 96.0, "additive": 100.0}, 0.0))
+    assert not adversarial.reach_fell(original, adversarial.Round(1, 95.0, {"patch": 100.0, "additive": 100.0}, 0.0))
+    assert adversarial.reach_fell(None, None)  # no judge ran: nothing to compare
+
+
+def test_a_round_that_lowered_no_reach_is_refused(backdoored):
+    """Unlearning that changed nothing (no weight updates): the rescan might clear it, but the
+    remover's own judge sees the triggers reach as far as on the original, and refuses."""
+    from otbr_onnx.errors import FidelityBudgetError
+    from otbr_onnx.prepare import prepare
+
+    path, data, _ = backdoored
+    options = CleanOptions(data=str(data), remover="adversarial", max_acc_drop=100.0)
+    prepared = prepare(path, options)
+    x = np.load(data)["x"]
+    config = adversarial.AdversarialConfig(rounds=1, train_steps=0, families=("patch",),
+                                           search=triggers.Search(steps=30, batch=64, lr=0.1))
+    with pytest.raises(FidelityBudgetError, match="did not lower the reach of any trigger"):
+        adversarial.remove(prepared, x, [TARGET], options, config=config)
 
 
 def test_a_target_the_rescan_still_flags_is_refused(backdoored, monkeypatch, tmp_path):

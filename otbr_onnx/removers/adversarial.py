@@ -141,9 +141,15 @@ class UnlearningLog:
     frozen: list[str] = field(default_factory=list)  # weight tensors that could not train (buffers)
     pruned: dict[str, int] = field(default_factory=dict)  # layer -> channels zeroed before unlearning
     batchnorm: str = "none"  # "train", "eval", or "none" (no BatchNorm layer)
+    original: Round | None = None  # the same judge on the original model (round 0)
+
+    @property
+    def kept(self) -> Round | None:
+        return self.rounds[self.chosen - 1] if self.chosen > 0 else None
 
     def as_dict(self) -> dict:
         return {"targets": self.targets, "images": {"train": self.images[0], "holdout": self.images[1]},
+                "original": self.original.as_dict() if self.original is not None else None,
                 "chosen_round": self.chosen, "rounds": [r.as_dict() for r in self.rounds],
                 "not_trained": self.frozen, "pruned_channels": self.pruned, "batchnorm": self.batchnorm}
 
@@ -189,6 +195,10 @@ def unlearn(module: nn.Module, trainable: list[torch.Tensor], images: np.ndarray
     def logits(xb: torch.Tensor) -> torch.Tensor:
         return logits_of(student, xb)
 
+    # the judge on the original (round 0): the reach the kept round must lower (``reach_fell``).
+    # Its searches seed their own generators, so the rounds are the same with or without it.
+    log.original = _judge(lambda xb: logits_of(reference, xb), x[held], labels[held], targets, input_range, config,
+                          0, 0.0, soft[held])
     masks = _prune_responders(student, reference, logits_of, x[train], labels[train], targets, input_range, config)
     log.pruned = {name: int(mask.sum()) for name, (_, mask) in masks.items()}
     pool: list[triggers.Trigger] = []
@@ -548,6 +558,11 @@ def remove(prepared, images: np.ndarray, targets: list[int], options, progress=N
         raise FidelityBudgetError(
             f"adversarial unlearning could not keep the original's answers on the user's images within "
             f"--max-acc-drop {options.max_acc_drop}{detail}; refusing to clean")
+    if not reach_fell(log.original, log.kept):
+        raise FidelityBudgetError(
+            f"adversarial unlearning did not lower the reach of any trigger it searched on the held-out images "
+            f"(before {_reach_text(log.original)}, after {_reach_text(log.kept)}); a rescan that no longer flags "
+            f"the model would be the unlearning fooling its own test; refusing to call it cleaned")
     student = student.cpu()
     weights = {}
     for name, ref in prepared.refs.items():
@@ -566,6 +581,25 @@ def remove(prepared, images: np.ndarray, targets: list[int], options, progress=N
             f"reaches {check['after']:.0f}% of held-out images (class {check['target']}) against "
             f"{check['before']:.0f}% before; refusing to hand back a model a recalibration would re-open")
     return removal
+
+
+def reach_fell(original: Round | None, kept: Round | None) -> bool:
+    """Whether the kept round lowered the held-out reach of at least one trigger family below the
+    original's. The unlearning trains against the same trigger families the detector's inversion
+    searches, so the rescan is no independent witness: on the benchmark's noise-keyed Blended
+    model with target 5 the rescan cleared the kept round while its ASR stayed at 100 %, and the
+    judge's reach had not moved (100 % before and after). A round that changed nothing the
+    remover can measure is not called a removal. (A fall is necessary, not sufficient: on the
+    low-frequency model with target 9, patch reach 100 -> 96 % came with ASR 99.4 -> 11.1 %.)"""
+    if original is None or kept is None:
+        return True  # no judge ran (no family to search): nothing to compare
+    return any(kept.reach.get(family, 0.0) < reach for family, reach in original.reach.items())
+
+
+def _reach_text(measured: Round | None) -> str:
+    if measured is None or not measured.reach:
+        return "n/a"
+    return ", ".join(f"{family} {reach:.0f}%" for family, reach in measured.reach.items())
 
 
 def unlearnt_families(evidence: dict[int, list[str]] | None, targets: list[int],

@@ -24,7 +24,7 @@ Methods (see shared/method.md):
   rescan no longer flags t within the probe fidelity budget, else refused (scored as unchanged).
 - otbr-oracle: a gamma sweep over GAMMAS (every model cleaned, default ranking), the best DER
   picked WITH TEST DATA. An upper bound, not a data-free result.
-- otbr-reference: `CleanOptions.published(prune_ratio=0.05)` (random-noise NWC, no scan).
+- otbr-reference: `CleanOptions.published(removal={"prune_ratio": 0.05})` (random-noise NWC, no scan).
 - prune-only: the default without the fusion; clp: the data-free CLP baseline on every model.
 """
 
@@ -37,7 +37,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +51,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "models")]
 
 import onnxruntime  # noqa: E402
 
-from otbr_onnx import CleanOptions, OtbrError  # noqa: E402
+from otbr_onnx import CleanOptions, OtbrError, RemovalOptions  # noqa: E402
 from otbr_onnx.errors import FidelityBudgetError  # noqa: E402
 from otbr_onnx.pipeline import clean_prepared  # noqa: E402
 from otbr_onnx.prepare import PreparedModel, prepare  # noqa: E402
@@ -130,7 +130,7 @@ def run_clean(prepared: PreparedModel, detection: ScanResult | None, scan_second
         seconds = time.perf_counter() - began + (scan_seconds if options.scans else 0.0)
         return Outcome(before.acc, before.asr, before.ra, unchanged, round(seconds, 2), None, refused=str(error))
     except OtbrError as error:
-        return Outcome(error=f"{type(error).__name__}: {error}", gamma=options.prune_ratio)
+        return Outcome(error=f"{type(error).__name__}: {error}", gamma=options.removal.prune_ratio)
     seconds = time.perf_counter() - began + (scan_seconds if options.scans else 0.0)
     after = evaluate(result.model, sets[0], sets[1], target) if result.changed else before
     rating = der(before, after)
@@ -147,12 +147,16 @@ def score(outcome: Outcome, before: Metrics) -> float:
     return outcome.der if outcome.der is not None else outcome.acc - before.acc
 
 
+def _swept(gamma: float) -> CleanOptions:
+    """The defaults at a fixed ``gamma``, every model cleaned."""
+    return CleanOptions().with_(removal={"prune_ratio": gamma, "always": True})
+
+
 def run_oracle(prepared: PreparedModel, detection: ScanResult, scan_seconds: float, sets: tuple, before: Metrics,
                target: int) -> Outcome:
     """Best of the gamma sweep, chosen with the TEST set: an upper bound, not a data-free result.
     Every model is cleaned (``always``), with the default ranking."""
-    sweep = [run_clean(prepared, detection, scan_seconds, replace(CleanOptions(), prune_ratio=g, always=True), sets,
-                       before, target) for g in GAMMAS]
+    sweep = [run_clean(prepared, detection, scan_seconds, _swept(g), sets, before, target) for g in GAMMAS]
     best = copy.copy(max(sweep, key=lambda o: score(o, before)))
     best.seconds = round(sum(o.seconds or 0.0 for o in sweep) - (len(sweep) - 1) * scan_seconds, 2)  # one scan
     best.sweep = [{k: v for k, v in asdict(o).items() if k != "sweep"} for o in sweep]
@@ -172,12 +176,12 @@ def defend(model: onnx.ModelProto, sets: tuple, before: Metrics, target: int | N
     runs = {
         "otbr": lambda: run_clean(prepared, detection, seconds, defaults, sets, before, goal),
         "otbr-oracle": lambda: run_oracle(prepared, detection, seconds, sets, before, goal),
-        "otbr-reference": lambda: run_clean(prepared, None, 0.0, CleanOptions.published(prune_ratio=0.05), sets,
-                                            before, goal),
-        "prune-only": lambda: run_clean(prepared, detection, seconds, CleanOptions(method="prune-only"), sets,
-                                        before, goal),
-        "clp": lambda: run_clean(prepared, detection, seconds, CleanOptions(method="clp", always=True), sets, before,
-                                 goal),
+        "otbr-reference": lambda: run_clean(prepared, None, 0.0, CleanOptions.published(removal={"prune_ratio": 0.05}),
+                                            sets, before, goal),
+        "prune-only": lambda: run_clean(prepared, detection, seconds,
+                                        CleanOptions(removal=RemovalOptions(method="prune-only")), sets, before, goal),
+        "clp": lambda: run_clean(prepared, detection, seconds,
+                                 CleanOptions(removal=RemovalOptions(method="clp", always=True)), sets, before, goal),
     }
     return found, {method: runs[method]() for method in METHODS}
 
@@ -394,12 +398,12 @@ def detection_section(rows: list[Row]) -> list[str]:
     out = ["", "## Detection: `otbr-onnx scan` on every model", "",
            f"- Backdoored models flagged with their true target first: **{hits} of {len(backdoored)}**; "
            f"clean models flagged (false alarms): **{alarms} of {len(clean)}**; threshold robust z > "
-           f"{CleanOptions().scan_threshold:g}.",
+           f"{CleanOptions().scan.threshold:g}.",
            f"- Largest z on a clean model: {_fmt(max((max(r.detection.z) for r in clean), default=None), 2)}; "
            f"smallest z of a detected target: "
            f"{_fmt(min((r.detection.z[r.detection.target] for r in backdoored if r.detection.correct), default=None), 2)}.",
            f"- Mean scan time on 2 CPU cores: {_fmt(_mean([r.detection.seconds for r in rows if r.device == 'cpu']), 1)} s "
-           f"({CleanOptions().scan_starts} starts x {CleanOptions().scan_steps} steps per class); rows marked "
+           f"({CleanOptions().scan.starts} starts x {CleanOptions().scan.steps} steps per class); rows marked "
            "cuda ran on a GPU.", "",
            "| model | target | flagged | z of target | largest z (class) | scan s |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -56,7 +56,7 @@ def scan_row(name: str, data, options: CleanOptions, images: np.ndarray | None =
     family = "clean" if ATTACKS[attack] is None else ATTACKS[attack].trigger
     # the data-free threshold (with images ``result.threshold`` is the raised MARGIN_Z_WITH_DATA)
     row = {"model": name, "family": family, "target": target, "margin_z": [float(v) for v in result.z],
-           "margin_threshold": options.scan_threshold, "seconds": seconds}
+           "margin_threshold": options.scan.threshold, "seconds": seconds}
     if result.inversion is not None:
         inv = result.inversion
         row["inversion"] = {f: [float(v) for v in inv.z[f]] for f in inv.families}

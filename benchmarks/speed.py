@@ -94,13 +94,14 @@ def measure(name: str, iterations: int, batch_size: int, prune_ratio: float | No
     at ``prune_ratio`` (default 0.02), one rescan, write-back and parity. ``nwc`` is the previous
     default: random unlearning and the fidelity-first scan of every candidate (budget 100%).
     """
-    from otbr_onnx import CleanOptions, clean
+    from otbr_onnx import CleanOptions, RunOptions, clean
 
+    on_cpu = CleanOptions(run=RunOptions(device="cpu"))
     modes = {
-        "default": CleanOptions(device="cpu"),
-        "removal": CleanOptions(device="cpu", always=True, ranking="activation", prune_ratio=prune_ratio or 0.02),
-        "nwc": CleanOptions(device="cpu", always=True, ranking="nwc", iterations=iterations, batch_size=batch_size,
-                            prune_ratio=prune_ratio, max_disagreement=100.0),
+        "default": on_cpu,
+        "removal": on_cpu.with_(removal={"always": True, "ranking": "activation", "prune_ratio": prune_ratio or 0.02}),
+        "nwc": on_cpu.with_(removal={"always": True, "ranking": "nwc", "iterations": iterations,
+                                     "batch_size": batch_size, "prune_ratio": prune_ratio, "max_disagreement": 100.0}),
     }
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{name}.onnx"

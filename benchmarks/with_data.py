@@ -7,7 +7,7 @@ method of ``--methods`` (the table ``METHODS`` below: one line per method):
 
 - the user's images: N unlabeled images drawn (seeded) from the Fashion-MNIST TEST split outside
   the 2000 evaluation images of ``load_data()``, written as an npz holding ``x`` only and given as
-  ``CleanOptions(data=...)``; the sets are nested (the 50 are the first of the 200, ...);
+  ``CleanOptions(data=DataOptions(path=...))``; the sets are nested (the 50 are the first of the 200, ...);
 - a separate, disjoint set of ROBUST_IMAGES clean LABELLED test images (also outside the
   evaluation images) for the robustness checks: (a) BatchNorm statistics re-estimated on them
   (``otbr_onnx.robustness.recalibrate``; n/a where the exported graph has no BatchNorm node:
@@ -61,7 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "models")]
 
-from otbr_onnx import CleanOptions, OtbrError  # noqa: E402
+from otbr_onnx import CleanOptions, DataOptions, OtbrError, RemovalOptions  # noqa: E402
 from otbr_onnx.bridge import convert  # noqa: E402
 from otbr_onnx.detect import detect  # noqa: E402
 from otbr_onnx.evaluate import Metrics, der, evaluate, scored  # noqa: E402
@@ -106,40 +106,45 @@ class Method:
     options: Callable[[str], CleanOptions] | None
     uses_data: bool
     note: str
-    needs_remover: bool = False  # needs CleanOptions.remover and otbr_onnx/removers/
+    needs_remover: bool = False  # needs RemovalOptions.remover and otbr_onnx/removers/
 
 
 METHODS: dict[str, Method] = {
     "default": Method(lambda path: CleanOptions(), False, "CleanOptions(): the data-free default"),
     # The remover is pinned, not 'auto', so that this column keeps measuring the ratio rule scored
     # on the user's images whatever 'auto' stands for (one column per remover).
-    "data": Method(lambda path: CleanOptions(data=path, remover="pruning"), True,
-                   "CleanOptions(data=path, remover='pruning'): pruning + fusion, the ratio rule scored on the "
+    "data": Method(lambda path: _with_images(path, RemovalOptions(remover="pruning")), True,
+                   "remover 'pruning' with data.path: pruning + fusion, the ratio rule scored on the "
                    "user's images"),
-    "adversarial": Method(lambda path: CleanOptions(data=path, remover="adversarial"), True,
-                          "CleanOptions(data=path, remover='adversarial'), `clean --data --remover adversarial`",
+    "adversarial": Method(lambda path: _with_images(path, RemovalOptions(remover="adversarial")), True,
+                          "remover 'adversarial' with data.path, `clean --data --remover adversarial`",
                           needs_remover=True),
     # The same with a looser fidelity budget: what the remover reaches when it may cost more.
-    "adversarial-5": Method(lambda path: CleanOptions(data=path, remover="adversarial", max_acc_drop=5.0), True,
-                            "the same with --max-acc-drop 5", needs_remover=True),
+    "adversarial-5": Method(lambda path: _with_images(path, RemovalOptions(remover="adversarial", max_acc_drop=5.0)),
+                            True, "the same with --max-acc-drop 5", needs_remover=True),
     # Every model, as the CLP baseline of benchmarks/defense.py (CLP itself has no scan).
-    "clp": Method(lambda path: CleanOptions(method="clp", always=True), False,
-                  "CleanOptions(method='clp', always=True): the data-free baseline on every model"),
+    "clp": Method(lambda path: CleanOptions(removal=RemovalOptions(method="clp", always=True)), False,
+                  "method 'clp', always: the data-free baseline on every model"),
     # The paper's settings as benchmarks/defense.py runs them (no scan, NWC ranking, gamma 0.05).
-    "published": Method(lambda path: CleanOptions.published(prune_ratio=0.05), False,
-                        "CleanOptions.published(prune_ratio=0.05): the paper's settings, no scan"),
+    "published": Method(lambda path: CleanOptions.published(removal={"prune_ratio": 0.05}), False,
+                        "CleanOptions.published(removal={'prune_ratio': 0.05}): the paper's settings, no scan"),
     "finetune": Method(None, True, f"plain fine-tuning on the N images labelled by the original model: "
                                    f"{FINETUNE_STEPS} steps SGD lr {FINETUNE_LR:g} momentum {MOMENTUM}, "
                                    f"batch {FINETUNE_BATCH}"),
 }
 
 
+def _with_images(path: str, removal: RemovalOptions) -> CleanOptions:
+    """``removal`` on the user's images in the npz at ``path``."""
+    return CleanOptions(data=DataOptions(path=path), removal=removal)
+
+
 def remover_available() -> bool:
-    """Whether ``CleanOptions`` has ``remover`` AND this tree's pipeline dispatches on it: the field
-    alone (what main had first) silently runs the pruning path under an 'adversarial' name.
+    """Whether ``RemovalOptions`` has ``remover`` AND this tree's pipeline dispatches on it: the
+    field alone (what main had first) silently runs the pruning path under an 'adversarial' name.
     Looked up beside the imported package, not with ``importlib.util.find_spec``: an editable
     install's finder answers for a submodule missing here with another checkout's."""
-    has_field = "remover" in {f.name for f in dataclasses.fields(CleanOptions)}
+    has_field = "remover" in {f.name for f in dataclasses.fields(RemovalOptions)}
     package = Path(pipeline.__file__).parent
     return has_field and (package / "removers").is_dir() and "remover" in Path(pipeline.__file__).read_text()
 
@@ -224,7 +229,7 @@ def run_method(name: str, proto, prepared, shared_scan, users: UserData, n: int,
         options = method.options(users.paths.get(n, ""))
         # The data-free scan is shared (as benchmarks/defense.py); a run given images scans itself,
         # so that a scan that reads them is measured as it is.
-        detection, scan_seconds = shared_scan if options.data is None and options.scans else (None, 0.0)
+        detection, scan_seconds = shared_scan if options.data.path is None and options.scans else (None, 0.0)
         try:
             result = clean_prepared(prepared, options, detection)
             changed = result.changed
@@ -442,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     missing = [m for m in args.methods if METHODS[m].needs_remover and not remover_available()]
     for name in missing:
         args.methods.remove(name)
-        notes.append(f"`{name}` skipped: this tree has no adversarial remover yet (CleanOptions.remover "
+        notes.append(f"`{name}` skipped: this tree has no adversarial remover yet (RemovalOptions.remover "
                      "and otbr_onnx/removers/ are both needed).")
         log("note: " + notes[-1])
     done = read_rows(args.resume)

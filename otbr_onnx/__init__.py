@@ -4,6 +4,7 @@
     >>> scan("suspicious.onnx").result.suspected    # classes a backdoor is suspected to serve
     >>> result = clean("suspicious.onnx", CleanOptions())  # scan -> locate -> remove -> rescan
     >>> result.changed, result.report["verdict"]
+    >>> clean("suspicious.onnx", CleanOptions().with_(removal={"prune_ratio": 0.05}))  # options by group
 
 The pipeline (``scan``, ``clean`` and their option and result types) is imported on first use, for
 import speed only: it pulls in torch, onnx2torch and POT (about 3 s), which ``otbr-onnx
@@ -23,7 +24,12 @@ from otbr_onnx.errors import (
 __all__ = [
     "CleanOptions",
     "CleanResult",
+    "DataOptions",
     "Experiment",
+    "InterfaceOptions",
+    "RemovalOptions",
+    "RunOptions",
+    "ScanOptions",
     "ScanReport",
     "FidelityBudgetError",
     "OtbrError",
@@ -35,7 +41,8 @@ __all__ = [
     "scan",
 ]
 __version__ = "0.1.0"
-_PIPELINE = ("CleanOptions", "CleanResult", "Experiment", "ScanReport", "clean", "scan")
+_PIPELINE = ("CleanOptions", "CleanResult", "DataOptions", "Experiment", "InterfaceOptions", "RemovalOptions",
+             "RunOptions", "ScanOptions", "ScanReport", "clean", "scan")
 
 
 def __getattr__(name: str):

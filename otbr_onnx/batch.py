@@ -105,21 +105,25 @@ def scan_batch_models(inputs: list[Path], out_dir: Path | None) -> list[Path]:
     return models
 
 
-# The options that name a file of images: the key holds the file's contents, not its path
-DATA_FILE_OPTIONS = {"data": "--data", "calibration": "--calibration"}
+# The options (fields of ``CleanOptions.data``) that name a file of images: the key holds the
+# file's contents, not its path
+DATA_FILE_OPTIONS = {"path": "--data", "calibration": "--calibration"}
 
 
 def options_key(options, command: str = "clean") -> str:
     """What a rerun must match to skip a model: the options (and, for a scan, that it was one),
     with the contents of the ``--data`` and ``--calibration`` files in place of their paths, so
     new images written over the old ones are never skipped as done. Without such files the key
-    is the one earlier versions wrote."""
+    hashes the options as they are. The options' JSON is nested by group since the groups came
+    (``CleanOptions.scan`` ...), so a report written before them never matches: a folder an
+    earlier version swept is redone once."""
     fields = dataclasses.asdict(options)
+    data = fields["data"]
     for name, option in DATA_FILE_OPTIONS.items():
-        if fields.get(name) is not None:
-            fields[name] = {"sha256": contents_sha256(fields[name], option)}
-    data = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256((data if command == "clean" else f"{command}:{data}").encode()).hexdigest()
+        if data[name] is not None:
+            data[name] = {"sha256": contents_sha256(data[name], option)}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256((text if command == "clean" else f"{command}:{text}").encode()).hexdigest()
 
 
 def finished_report(model: Path, out_dir: Path, key: str, output: Path | None = None) -> dict | None:

@@ -6,7 +6,7 @@ the steps, then the ``refine`` largest are searched in full). Starts and steps a
 options; the class count is the model's, so a small file whose classifier has 100,000 classes
 (a tiled Gemm) would make a CI gate run for hours with nothing to show. The cost of one pass is
 bounded by the loader's caps (--max-nodes, --max-tensor-elements); the class count is bounded
-here, by ``CleanOptions.max_classes`` (``--max-classes``), before the first pass.
+here, by ``CleanOptions.scan.max_classes`` (``--max-classes``), before the first pass.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ def scan_passes(num_classes: int, starts: int, steps: int, refine: int = ScanCon
 
 def check_work(num_classes: int, options: CleanOptions) -> None:
     """Refuse (exit 3, one line naming --max-classes) a model with more classes than
-    ``options.max_classes``; called once the class count is known, before the scan."""
-    if num_classes <= options.max_classes:
+    ``options.scan.max_classes``; called once the class count is known, before the scan."""
+    if num_classes <= options.scan.max_classes:
         return
-    passes = scan_passes(num_classes, options.scan_starts, options.scan_steps)
+    passes = scan_passes(num_classes, options.scan.starts, options.scan.steps)
     raise UnsupportedModelError(
-        f"the model has {num_classes} classes, above the --max-classes limit of {options.max_classes}: its scan "
+        f"the model has {num_classes} classes, above the --max-classes limit of {options.scan.max_classes}: its scan "
         f"alone would take {passes:,} image passes (forward and backward); raise --max-classes to scan it anyway"
     )

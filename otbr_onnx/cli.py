@@ -170,7 +170,7 @@ def _limit_options(command):
 
 
 def _flag(field: str) -> str:
-    """The option of a ``CleanOptions`` (or ``Limits``) field: ``max_nodes`` is ``--max-nodes``."""
+    """The option of a ``Limits`` field: ``max_nodes`` is ``--max-nodes``."""
     return "--" + field.replace("_", "-")
 
 
@@ -300,15 +300,16 @@ def main() -> None:
 def _scan_options(command):
     """The detection options, shared by ``scan`` and ``clean``."""
     for decorator in reversed([
-        click.option("--scan-starts", type=click.IntRange(min=1), default=default("scan_starts"), show_default=True,
+        click.option("--scan-starts", type=click.IntRange(min=1), default=default("scan.starts"), show_default=True,
                      help="Random starts per class of the maximum-margin search."),
-        click.option("--scan-steps", type=click.IntRange(min=1), default=default("scan_steps"), show_default=True,
+        click.option("--scan-steps", type=click.IntRange(min=1), default=default("scan.steps"), show_default=True,
                      help="Adam steps per start of the maximum-margin search."),
-        click.option("--scan-threshold", type=click.FloatRange(min=0, min_open=True), default=default("scan_threshold"),
+        click.option("--scan-threshold", type=click.FloatRange(min=0, min_open=True), default=default("scan.threshold"),
                      show_default=True,
                      help="Robust z-score (median/MAD of the other classes) above which a class's maximum "
                           "margin flags it as a backdoor target."),
-        click.option("--max-classes", type=click.IntRange(min=1), default=default("max_classes"), show_default=True,
+        click.option("--max-classes", type=click.IntRange(min=1), default=default("scan.max_classes"),
+                     show_default=True,
                      help="Refuse (exit 3) a model with more classes, before the scan starts: its work grows "
                           "with the class count, which the model file decides."),
     ]):
@@ -333,18 +334,18 @@ def _data_options(command):
     return command
 
 
-def _data_fields(data_path: Path | None, data_mean, data_std) -> dict:
-    """CleanOptions' data fields from the command line."""
-    return {"data": None if data_path is None else str(data_path), "data_mean": data_mean, "data_std": data_std}
+def _data_arguments(data_path: Path | None, data_mean, data_std) -> dict:
+    """The --data options as ``options.from_command_line`` takes them (the path as a string)."""
+    return {"data_path": None if data_path is None else str(data_path), "data_mean": data_mean, "data_std": data_std}
 
 
 def _check_data_paths(options, outputs: list, out_dirs: list) -> None:
     """Before any work: nothing is written over or into the --data file or folder."""
-    if options.data is None:
+    if options.data.path is None:
         return
     from otbr_onnx.output import check_data_paths
 
-    check_data_paths(Path(options.data), [p for p in outputs if p is not None],
+    check_data_paths(Path(options.data.path), [p for p in outputs if p is not None],
                      [d for d in out_dirs if d is not None])
 
 
@@ -401,11 +402,11 @@ def _shown(values: tuple[float, ...]) -> str:
 
 
 def _seed_option(text: str):
-    return click.option("--seed", type=int, default=default("seed"), show_default=True, help=text)
+    return click.option("--seed", type=int, default=default("run.seed"), show_default=True, help=text)
 
 
 def _device_option(text: str):
-    return click.option("--device", type=click.Choice(DEVICES), default=default("device"), show_default=True,
+    return click.option("--device", type=click.Choice(DEVICES), default=default("run.device"), show_default=True,
                         help=text)
 
 
@@ -415,7 +416,7 @@ def _interface_options(range_text: str):
         click.option("--input-shape", type=SHAPE,
                      help="Full input shape, e.g. 1,3,224,224, for models with dynamic dims."),
         click.option("--output", "output_name", help="Name of the logits output when the model has several."),
-        click.option("--input-range", type=RANGE, default=_shown(default("input_range")), show_default=True,
+        click.option("--input-range", type=RANGE, default=_shown(default("interface.input_range")), show_default=True,
                      help=range_text),
     )
 
@@ -479,15 +480,18 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
             from otbr_onnx.data import check_data
             from otbr_onnx.executors import choose_executor
             from otbr_onnx.output import atomic_write, check_output_path
-            from otbr_onnx.pipeline import CleanOptions, scan as run_scan
+            from otbr_onnx.options import from_command_line
+            from otbr_onnx.pipeline import scan as run_scan
             from otbr_onnx.report import margins_text
             from otbr_onnx.sarif import scan_results
 
         fmt = _output_format(output_format, as_json)
-        options = CleanOptions(scan_starts=scan_starts, scan_steps=scan_steps, scan_threshold=scan_threshold,
-                               max_classes=max_classes, seed=seed, device=device, max_memory=max_memory,
-                               input_shape=input_shape, output_name=output_name, input_range=input_range,
-                               limits=Limits(**limits), **_data_fields(data_path, data_mean, data_std))
+        options = from_command_line(
+            False, {}, scan_starts=scan_starts, scan_steps=scan_steps, scan_threshold=scan_threshold,
+            max_classes=max_classes, seed=seed, device=device, max_memory=max_memory, input_shape=input_shape,
+            output_name=output_name, input_range=input_range, **limits,
+            **_data_arguments(data_path, data_mean, data_std),
+        )
         options.validate()
         _check_data_paths(options, [report_path, sarif_path, html_path], [out_dir])
         if is_batch(list(models), out_dir):
@@ -532,13 +536,13 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--always", is_flag=True,
               help="Clean even when the scan finds no backdoor (default: such a model is written unchanged).")
-@click.option("--ranking", type=click.Choice(RANKINGS), default=default("ranking"), show_default=True,
+@click.option("--ranking", type=click.Choice(RANKINGS), default=default("removal.ranking"), show_default=True,
               help="Neuron score: activation (how much more a neuron fires on the suspected target's "
                    "maximum-margin inputs), nwc (the paper's weight change under random unlearning), auto "
                    "(activation when a class is suspected, else nwc).")
 @_scan_options
 @click.option("--iterations", type=click.IntRange(min=0),  # no click default: None is "not given" (--reference)
-              help=f"Random-unlearning steps (nwc ranking).  [default: {default('iterations')}]")
+              help=f"Random-unlearning steps (nwc ranking).  [default: {default('removal.iterations')}]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Noise images per unlearning step.")
 @click.option("--micro-batch", type=click.IntRange(min=1),
               help="Unlearn each noise batch in chunks of this many images: less memory; BatchNorm in "
@@ -554,27 +558,29 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
               help="Share of ranked neurons to prune (gamma). Default: chosen per model, the largest candidate "
                    "within --max-disagreement on probes synthesised from the model (no data), or within "
                    "--max-acc-drop on --calibration images.")
-@click.option("--method", type=click.Choice(METHODS), default=default("method"), show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default=default("removal.method"), show_default=True,
               help="otbr: the full method; prune-only: stage 1 alone (ablation); clp: channel-Lipschitz pruning baseline.")
-@click.option("--remover", type=click.Choice(REMOVERS), default=default("remover"), show_default=True,
+@click.option("--remover", type=click.Choice(REMOVERS), default=default("removal.remover"), show_default=True,
               help="How the backdoor is removed. adversarial: triggers found on your --data images are "
                    "unlearnt while the original's answers are kept, and a BatchNorm recalibration must not "
                    "bring them back (needs --data; experimental: see README's limits); pruning: ranking + pruning + "
                    "OT fusion (--method); auto: pruning.")
 @click.option("--calibration", type=_RegularFile(),
               help="npz of CLEAN images (x, y) you trust: choose the prune ratio under --max-acc-drop on them.")
-@click.option("--max-acc-drop", type=click.FloatRange(min=0), default=default("max_acc_drop"), show_default=True,
+@click.option("--max-acc-drop", type=click.FloatRange(min=0), default=default("removal.max_acc_drop"),
+              show_default=True,
               help="With --calibration: accuracy points the cleaning may cost on those images.")
 @_data_options
-@click.option("--max-disagreement", type=click.FloatRange(0, 100), default=default("max_disagreement"),
+@click.option("--max-disagreement", type=click.FloatRange(0, 100), default=default("removal.max_disagreement"),
               show_default=True,
               help="Without --calibration or --prune-ratio: how much (%) of the original's confidence in its own "
                    "answers on the synthesised probes the cleaning may lose.")
-@click.option("--probes", type=click.IntRange(min=1), default=default("probes"), show_default=True,
+@click.option("--probes", type=click.IntRange(min=1), default=default("data.probes"), show_default=True,
               help="Probe images synthesised from the model to choose the prune ratio.")
 @_seed_option("Seed for noise, labels and parity inputs.")
 @_device_option("Where unlearning runs; auto picks CUDA when torch sees a GPU.")
-@click.option("--ort-provider", type=click.Choice(ORT_PROVIDERS), default=default("ort_provider"), show_default=True,
+@click.option("--ort-provider", type=click.Choice(ORT_PROVIDERS), default=default("run.ort_provider"),
+              show_default=True,
               help="onnxruntime provider for the parity checks (cuda needs onnxruntime-gpu).")
 @click.option("--reference", is_flag=True,
               help="Use the published settings exactly (20 steps, batch 256, lr 1e-4, lambda 0.5, conv layers, "
@@ -640,7 +646,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             output_name=output_name,
             input_range=input_range, micro_batch=micro_batch, max_memory=max_memory, ort_provider=ort_provider,
             calibration=calibration, max_acc_drop=max_acc_drop, max_disagreement=max_disagreement, probes=probes,
-            limits=Limits(**limits), max_classes=max_classes, **_data_fields(data_path, data_mean, data_std),
+            max_classes=max_classes, **limits, **_data_arguments(data_path, data_mean, data_std),
         )
         options.validate()
         batch = is_batch(list(models))
@@ -920,7 +926,7 @@ def report_command(report_file: Path, html_path: Path, max_file_bytes: int, debu
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="Random inputs to compare.")
 @click.option("--scan", "with_scan", is_flag=True,
               help="Also scan both models and print their per-class maximum margins side by side.")
-@click.option("--input-range", type=RANGE, default=_shown(default("input_range")), show_default=True,
+@click.option("--input-range", type=RANGE, default=_shown(default("interface.input_range")), show_default=True,
               help="Value range of the model's input (--scan).")
 @_data_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
@@ -939,13 +945,13 @@ def verify_command(original: Path, cleaned: Path, input_shape, samples: int, wit
 
     def action() -> None:
         with interrupts_deferred():
-            from otbr_onnx.options import CleanOptions
+            from otbr_onnx.options import from_command_line
             from otbr_onnx.verify import verify_files
 
         if data_path is not None and not with_scan:
             raise UsageError("--data is read by the scan: give --scan too")
-        options = CleanOptions(input_shape=input_shape, input_range=input_range, limits=Limits(**limits),
-                               **_data_fields(data_path, data_mean, data_std))
+        options = from_command_line(False, {}, input_shape=input_shape, input_range=input_range, **limits,
+                                    **_data_arguments(data_path, data_mean, data_std))
         options.validate()
         result, scans = verify_files(original, cleaned, options, samples, with_scan)
         if as_json:

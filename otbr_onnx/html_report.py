@@ -404,7 +404,7 @@ def page_from_file(path: Path, max_bytes: int) -> str:
     import json
 
     from otbr_onnx.files import regular_file_size
-    from otbr_onnx.report import SCHEMA
+    from otbr_onnx.report import READABLE, SCHEMA
 
     if regular_file_size(path) > max_bytes:
         raise UsageError(f"{path}: larger than --max-file-bytes ({max_bytes})")
@@ -412,7 +412,7 @@ def page_from_file(path: Path, max_bytes: int) -> str:
         report = json.loads(path.read_bytes())
     except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
         raise UsageError(f"{path}: not a JSON report: {error}") from error
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+    if not isinstance(report, dict) or report.get("schema") not in READABLE:
         found = report.get("schema") if isinstance(report, dict) else type(report).__name__
         raise UsageError(f"{path}: not an otbr-onnx report (schema {found!r}, expected {SCHEMA!r})")
     try:

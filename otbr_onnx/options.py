@@ -1,8 +1,24 @@
 """What a user can set for ``scan`` and ``clean`` (``CleanOptions``), and the study knobs that only
-the benchmarks turn (``Experiment``). Every field is validated in one place, ``validate``.
+the benchmarks turn (``Experiment``).
 
-The command line takes its choices and defaults from here (``default``, ``METHODS`` ...), so
-this module imports nothing heavy: ``otbr-onnx --help`` must not load torch."""
+``CleanOptions`` is made of frozen groups, each validated by its own ``validate``:
+
+- ``scan`` (``ScanOptions``): detection, the maximum-margin search and its verdict (detect.py,
+  detectors/);
+- ``data`` (``DataOptions``): the user's images (``--data``), the calibration set and the probes
+  synthesised when there are none;
+- ``removal`` (``RemovalOptions``): how the backdoor is removed: the remover, ranking, unlearning,
+  pruning and fusion, and the fidelity budget;
+- ``interface`` (``InterfaceOptions``): the model's input range, input shape and logits output;
+- ``run`` (``RunOptions``): where and how the run executes: seed, device, memory, providers;
+- ``limits`` (``load.Limits``): the caps that keep a hostile file from exhausting the machine;
+- ``experiment`` (``Experiment``): the benchmarks' study knobs.
+
+A copy with a few fields changed: ``options.with_(removal={"prune_ratio": 0.1})``.
+
+The command line takes its choices and defaults from here (``default``, ``METHODS`` ...) and maps
+its arguments to the groups here (``COMMAND_LINE``, ``from_command_line``), so this module imports
+nothing heavy: ``otbr-onnx --help`` must not load torch."""
 
 from __future__ import annotations
 
@@ -69,23 +85,74 @@ class Experiment:
 
 
 @dataclass(frozen=True)
-class CleanOptions:
-    """Every option of ``scan`` and ``clean``. ``published()`` gives the paper's settings."""
+class ScanOptions:
+    """Detection (detect.py, detectors/): the maximum-margin search and the z above which it flags."""
 
-    # --- detection (detect.py) ---
-    scan_starts: int = 8
-    scan_steps: int = 100
-    scan_threshold: float = DEFAULT_THRESHOLD
-    always: bool = False  # clean even when the scan finds nothing (fidelity-first ratio rule)
-    # --- ranking and random unlearning ---
+    starts: int = 8  # --scan-starts
+    steps: int = 100  # --scan-steps
+    threshold: float = DEFAULT_THRESHOLD  # --scan-threshold
+    # The scan screens every class: a model with more classes is refused before it starts
+    # (budget.check_work), so that a small file declaring 100,000 classes cannot run for hours.
+    max_classes: int = 1000
+
+    def validate(self) -> None:
+        if self.starts < 1 or self.steps < 1:
+            raise UsageError("--scan-starts and --scan-steps must be >= 1")
+        if not self.threshold > 0:
+            raise UsageError(f"--scan-threshold must be > 0, got {self.threshold}")
+        if self.max_classes < 1:
+            raise UsageError(f"--max-classes must be >= 1, got {self.max_classes}")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The images a run reads: the user's (``--data``), the calibration set, and the number of
+    probes synthesised from the model when the ratio rule has neither."""
+
+    # The user's own images (``--data``): a folder of PNG/JPEG or an npz (x, optional y). Folder
+    # images are scaled to the interface's ``input_range``, then normalised with ``mean``/``std``
+    # per channel when given (otbr_onnx/data/images.py). None: surrogate images synthesised from
+    # the model.
+    path: str | None = None
+    mean: tuple[float, ...] | None = None  # --data-mean
+    std: tuple[float, ...] | None = None  # --data-std
+    # With clean images (an npz of x/y) the ratio rule scores accuracy on them under max_acc_drop
+    # points instead of soft agreement on probes. Never triggered data.
+    calibration: str | None = None
+    probes: int = 64
+
+    def validate(self) -> None:
+        if self.probes < 1:
+            raise UsageError(f"--probes must be >= 1, got {self.probes}")
+        self._validate_normalisation()
+
+    def _validate_normalisation(self) -> None:
+        """--data-mean / --data-std: finite numbers (std > 0), and only with --data. Their count
+        against the model's channels is checked where the images are read (data.load_images)."""
+        for option, values in (("--data-mean", self.mean), ("--data-std", self.std)):
+            if values is None:
+                continue
+            if self.path is None:
+                raise UsageError(f"{option} normalises the images of --data; give --data too")
+            if not values or not all(math.isfinite(v) for v in values):
+                raise UsageError(f"{option} must be one or more finite numbers, got {values}")
+        if self.std is not None and not all(v > 0 for v in self.std):
+            raise UsageError(f"--data-std must be > 0 for every channel, got {self.std}")
+
+
+@dataclass(frozen=True)
+class RemovalOptions:
+    """How the backdoor is removed: the remover, the ranking and random unlearning, pruning and
+    fusion, and what the cleaning may cost (the fidelity budget)."""
+
+    remover: str = "auto"  # see REMOVERS
+    method: str = "otbr"  # "otbr", "prune-only" (stage 1 alone) or "clp" (baseline)
     ranking: str = "auto"
+    always: bool = False  # clean even when the scan finds nothing (fidelity-first ratio rule)
+    reference: bool = False  # the published method: no scan, NWC ranking, fixed gamma
+    # --- random unlearning ---
     iterations: int = 20
     batch_size: int = 256
-    micro_batch: int | None = None  # unlearn the batch in chunks of this size (None: from max_memory)
-    # Bytes the run may use (host RSS; on CUDA, device memory): the micro-batch of unlearning,
-    # scan and probes is chosen to fit (sizing.py). None: 2 GiB, or half the available memory
-    # when that is less (CUDA: half the free device memory).
-    max_memory: int | None = None
     # 1e-4 (the paper's, tuned on a full-width CIFAR-10 ResNet-18) barely moves the noise loss of
     # small models in 20 steps (4.36 -> 4.57 nats on the demo); 1e-3 moves it (-> 5.7) without
     # the blow-up seen at 1e-2 (-> 34).
@@ -94,67 +161,17 @@ class CleanOptions:
     fusion_lambda: float = 0.5
     # None: chosen per model (ratio.py). A number fixes it.
     prune_ratio: float | None = None
-    method: str = "otbr"  # "otbr", "prune-only" (stage 1 alone) or "clp" (baseline)
-    remover: str = "auto"  # see REMOVERS
-    reference: bool = False  # the published method: no scan, NWC ranking, fixed gamma
-    # With clean images (an npz of x/y) the ratio rule scores accuracy on them under max_acc_drop
-    # points instead of soft agreement on probes. Never triggered data.
-    calibration: str | None = None
-    # The user's own images (``--data``): a folder of PNG/JPEG or an npz (x, optional y). Folder
-    # images are scaled to ``input_range``, then normalised with ``data_mean``/``data_std`` per
-    # channel when given (otbr_onnx/data/images.py). None: surrogate images synthesised from the model.
-    data: str | None = None
-    data_mean: tuple[float, ...] | None = None
-    data_std: tuple[float, ...] | None = None
+    # --- the fidelity budget ---
+    # Accuracy points the cleaning may cost on real images: --calibration, or --data (against its
+    # labels, else the original's answers).
     max_acc_drop: float = 2.0
-    # The scan screens every class: a model with more classes is refused before it starts
-    # (budget.check_work), so that a small file declaring 100,000 classes cannot run for hours.
-    max_classes: int = 1000
     # % of the original's confidence in its own answers on the synthesised probes that the
     # cleaning may lose (soft disagreement, see ratio.soft_agreement).
     max_disagreement: float = 10.0
-    probes: int = 64
-    # --- the model's interface and the run ---
-    seed: int = 0
-    device: str = "auto"
-    input_range: tuple[float, float] = (0.0, 1.0)
-    input_shape: tuple[int, ...] | None = None
-    output_name: str | None = None
-    ort_provider: str = "cpu"  # onnxruntime execution provider for parity: "cpu" or "cuda"
-    limits: Limits = Limits()
-    experiment: Experiment = field(default_factory=Experiment)
-
-    @classmethod
-    def published(cls, **overrides) -> "CleanOptions":
-        """The paper's settings: 20 steps, batch 256, lr 1e-4, lambda 0.5, conv layers only, NWC
-        ranking, no scan, and a fixed gamma (0.02: the paper sweeps gamma with test data, which a
-        tool cannot do)."""
-        experiment = Experiment(layers="conv", aligned_cost=False, max_grad_norm=None, max_loss=None)
-        base = cls(iterations=20, batch_size=256, lr=1e-4, fusion_lambda=0.5, reference=True, prune_ratio=0.02,
-                   ranking="nwc", always=True, experiment=experiment)
-        return replace(base, **overrides)
-
-    @property
-    def resolved_remover(self) -> str:
-        """The remover ``auto`` stands for: pruning (see REMOVERS for the measurement)."""
-        return "pruning" if self.remover == "auto" else self.remover
-
-    @property
-    def scans(self) -> bool:
-        """Whether ``clean`` runs the scan (and the rescan): every method but the published one."""
-        return not self.reference
 
     def validate(self) -> None:
         if self.iterations < 0 or self.batch_size < 1:
             raise UsageError("--iterations must be >= 0 and --batch-size >= 1")
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise UsageError(f"--micro-batch must be >= 1, got {self.micro_batch}")
-        if self.max_memory is not None and self.max_memory < 1:
-            raise UsageError(f"--max-memory must be a positive size, got {self.max_memory}")
-        if self.scan_starts < 1 or self.scan_steps < 1:
-            raise UsageError("--scan-starts and --scan-steps must be >= 1")
-        if not self.scan_threshold > 0:
-            raise UsageError(f"--scan-threshold must be > 0, got {self.scan_threshold}")
         if not 0.0 <= self.fusion_lambda <= 1.0:
             raise UsageError(f"--fusion-lambda must be in [0, 1], got {self.fusion_lambda}")
         if self.prune_ratio is not None and not 0.0 <= self.prune_ratio < 1.0:
@@ -163,46 +180,138 @@ class CleanOptions:
             raise UsageError(f"--max-disagreement must be in [0, 100], got {self.max_disagreement}")
         if self.max_acc_drop < 0:
             raise UsageError(f"--max-acc-drop must be >= 0, got {self.max_acc_drop}")
-        if self.probes < 1:
-            raise UsageError(f"--probes must be >= 1, got {self.probes}")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         names = ("auto", *_REMOVER_MODULES)  # the registry as it is now, not as it was imported
         if self.remover not in names:
             raise UsageError(f"--remover must be one of {', '.join(names)}, got {self.remover!r}")
-        if self.remover == "adversarial" and self.data is None:
-            raise UsageError("--remover adversarial learns from the user's images: give --data")
         if self.ranking not in RANKINGS:
             raise UsageError(f"--ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
         if self.reference and self.ranking == "activation":
             raise UsageError("--reference is the published method: its ranking is nwc, not activation")
         if not self.lr > 0:
             raise UsageError(f"--lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class InterfaceOptions:
+    """The model's interface: the range of its input values, its input shape when the model's is
+    dynamic, and which output holds the logits when it has several."""
+
+    input_range: tuple[float, float] = (0.0, 1.0)
+    input_shape: tuple[int, ...] | None = None
+    output_name: str | None = None  # --output
+
+    def validate(self) -> None:
+        low, high = self.input_range
+        if not low < high:
+            raise UsageError(f"--input-range must be LOW,HIGH with LOW < HIGH, got {low},{high}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how the run executes: its seed, device, parity provider and memory."""
+
+    seed: int = 0
+    device: str = "auto"
+    ort_provider: str = "cpu"  # onnxruntime execution provider for parity: "cpu" or "cuda"
+    # Bytes the run may use (host RSS; on CUDA, device memory): the micro-batch of unlearning,
+    # scan and probes is chosen to fit (sizing.py). None: 2 GiB, or half the available memory
+    # when that is less (CUDA: half the free device memory).
+    max_memory: int | None = None
+    micro_batch: int | None = None  # unlearn the batch in chunks of this size (None: from max_memory)
+
+    def validate(self) -> None:
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise UsageError(f"--micro-batch must be >= 1, got {self.micro_batch}")
+        if self.max_memory is not None and self.max_memory < 1:
+            raise UsageError(f"--max-memory must be a positive size, got {self.max_memory}")
         if self.device not in DEVICES:
             raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.ort_provider not in ORT_PROVIDERS:
             raise UsageError(f"--ort-provider must be cpu or cuda, got {self.ort_provider!r}")
-        low, high = self.input_range
-        if not low < high:
-            raise UsageError(f"--input-range must be LOW,HIGH with LOW < HIGH, got {low},{high}")
-        if self.max_classes < 1:
-            raise UsageError(f"--max-classes must be >= 1, got {self.max_classes}")
-        self._validate_data()
-        self.experiment.validate()
 
-    def _validate_data(self) -> None:
-        """--data-mean / --data-std: finite numbers (std > 0), and only with --data. Their count
-        against the model's channels is checked where the images are read (data.load_images)."""
-        for option, values in (("--data-mean", self.data_mean), ("--data-std", self.data_std)):
-            if values is None:
-                continue
-            if self.data is None:
-                raise UsageError(f"{option} normalises the images of --data; give --data too")
-            if not values or not all(math.isfinite(v) for v in values):
-                raise UsageError(f"{option} must be one or more finite numbers, got {values}")
-        if self.data_std is not None and not all(v > 0 for v in self.data_std):
-            raise UsageError(f"--data-std must be > 0 for every channel, got {self.data_std}")
 
+@dataclass(frozen=True)
+class CleanOptions:
+    """Every option of ``scan`` and ``clean``, by group (see the module's docstring).
+    ``published()`` gives the paper's settings."""
+
+    scan: ScanOptions = field(default_factory=ScanOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    removal: RemovalOptions = field(default_factory=RemovalOptions)
+    interface: InterfaceOptions = field(default_factory=InterfaceOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+    limits: Limits = field(default_factory=Limits)
+    experiment: Experiment = field(default_factory=Experiment)
+
+    @classmethod
+    def published(cls, **groups: dict) -> "CleanOptions":
+        """The paper's settings: 20 steps, batch 256, lr 1e-4, lambda 0.5, conv layers only, NWC
+        ranking, no scan, and a fixed gamma (0.02: the paper sweeps gamma with test data, which a
+        tool cannot do). ``groups``: fields changed on top, as in ``with_``."""
+        removal = RemovalOptions(iterations=20, batch_size=256, lr=1e-4, fusion_lambda=0.5, reference=True,
+                                 prune_ratio=0.02, ranking="nwc", always=True)
+        experiment = Experiment(layers="conv", aligned_cost=False, max_grad_norm=None, max_loss=None)
+        return cls(removal=removal, experiment=experiment).with_(**groups)
+
+    def with_(self, **groups: dict) -> "CleanOptions":
+        """A copy with some fields of some groups changed, each group's as a dict of field values:
+        ``options.with_(removal={"prune_ratio": 0.1}, run={"seed": 1})``."""
+        return replace(self, **{name: replace(getattr(self, name), **changes) for name, changes in groups.items()})
+
+    @property
+    def resolved_remover(self) -> str:
+        """The remover ``auto`` stands for: pruning (see REMOVERS for the measurement)."""
+        return "pruning" if self.removal.remover == "auto" else self.removal.remover
+
+    @property
+    def scans(self) -> bool:
+        """Whether ``clean`` runs the scan (and the rescan): every method but the published one."""
+        return not self.removal.reference
+
+    def validate(self) -> None:
+        for group in (self.run, self.scan, self.removal, self.interface, self.data, self.experiment):
+            group.validate()
+        if self.removal.remover == "adversarial" and self.data.path is None:
+            raise UsageError("--remover adversarial learns from the user's images: give --data")
+
+
+def default(path: str):
+    """The default of the option at ``path``: a group and its field (``"scan.starts"``) or a whole
+    group (``"limits"``). The CLI shows it and starts from it, so it keeps no copy of a default."""
+    group, _, name = path.partition(".")
+    value = _field_default(CleanOptions, group)
+    return _field_default(type(value), name) if name else value
+
+
+def _field_default(cls: type, name: str):
+    found = next(f for f in fields(cls) if f.name == name)
+    return found.default_factory() if found.default is MISSING else found.default
+
+
+def _same_names(group: str, cls: type) -> dict[str, tuple[str, str]]:
+    return {f.name: (group, f.name) for f in fields(cls)}
+
+
+# Each command-line argument (click's parameter name) and the option it sets: (group, field).
+# The data and scan options carry their group in the flag (--data-mean, --scan-steps); the others
+# are named as their fields.
+COMMAND_LINE: dict[str, tuple[str, str]] = {
+    "scan_starts": ("scan", "starts"),
+    "scan_steps": ("scan", "steps"),
+    "scan_threshold": ("scan", "threshold"),
+    "max_classes": ("scan", "max_classes"),
+    "data_path": ("data", "path"),
+    "data_mean": ("data", "mean"),
+    "data_std": ("data", "std"),
+    "calibration": ("data", "calibration"),
+    "probes": ("data", "probes"),
+    **_same_names("removal", RemovalOptions),
+    **_same_names("interface", InterfaceOptions),
+    **_same_names("run", RunOptions),
+    **_same_names("limits", Limits),
+}
 
 # What the published method decides whatever the flags say: it has no scan (always cleans) and
 # ranks by NWC. The command line's defaults for these (--always off, --ranking auto) must not
@@ -210,17 +319,27 @@ class CleanOptions:
 PUBLISHED_DECIDES = ("always", "ranking")
 
 
-def default(name: str):
-    """The default of ``CleanOptions`` field ``name`` (the CLI shows it and starts from it)."""
-    found = next(f for f in fields(CleanOptions) if f.name == name)
-    return found.default_factory() if found.default is MISSING else found.default
-
-
 def from_command_line(reference: bool, given: dict, **fixed) -> CleanOptions:
     """The published (``--reference``) or default settings, overridden by the options the user
     gave (``given``: None means not given, so the base keeps its value) and by ``fixed`` (options
-    that always have a value), except what the published method decides (``PUBLISHED_DECIDES``)."""
+    that always have a value), except what the published method decides (``PUBLISHED_DECIDES``).
+    Both are keyed by the command line's names (``COMMAND_LINE``)."""
     base = CleanOptions.published() if reference else CleanOptions()
     if reference:
-        fixed = {**fixed, **{name: getattr(base, name) for name in PUBLISHED_DECIDES}}
-    return replace(base, **{k: v for k, v in given.items() if v is not None}, **fixed)
+        fixed = {**fixed, **{name: _argument(base, name) for name in PUBLISHED_DECIDES}}
+    return base.with_(**_grouped({**{k: v for k, v in given.items() if v is not None}, **fixed}))
+
+
+def _argument(options: CleanOptions, name: str):
+    """The value of the command-line argument ``name`` in ``options``."""
+    group, field_name = COMMAND_LINE[name]
+    return getattr(getattr(options, group), field_name)
+
+
+def _grouped(arguments: dict) -> dict[str, dict]:
+    """Command-line arguments as ``with_`` takes them: each group's fields in a dict."""
+    groups: dict[str, dict] = {}
+    for name, value in arguments.items():
+        group, field_name = COMMAND_LINE[name]
+        groups.setdefault(group, {})[field_name] = value
+    return groups

@@ -33,7 +33,15 @@ import onnx
 
 from converters.parity import Parity
 from otbr_onnx import report as reporting
-from otbr_onnx.options import CleanOptions, Experiment
+from otbr_onnx.options import (
+    CleanOptions,
+    DataOptions,
+    Experiment,
+    InterfaceOptions,
+    RemovalOptions,
+    RunOptions,
+    ScanOptions,
+)
 from otbr_onnx.prepare import PreparedModel, prepare
 from otbr_onnx.emit import emit
 from otbr_onnx.detect import ScanResult, detect, scan_handed_back
@@ -43,7 +51,8 @@ from otbr_onnx.recheck import Recheck, recalibration_rescan
 from otbr_onnx.errors import FidelityBudgetError
 from otbr_onnx.timing import Timer
 
-__all__ = ["CleanOptions", "CleanResult", "Experiment", "ScanReport", "clean", "clean_prepared", "scan"]
+__all__ = ["CleanOptions", "CleanResult", "DataOptions", "Experiment", "InterfaceOptions", "RemovalOptions",
+           "RunOptions", "ScanOptions", "ScanReport", "clean", "clean_prepared", "scan"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -81,7 +90,8 @@ class ScanReport:
 def scan(model: str | Path | onnx.ModelProto, options: CleanOptions = CleanOptions(),
          progress: Progress | None = None, command: list[str] | None = None) -> ScanReport:
     """Backdoor detection: the verdict and per-class statistics. Changes nothing. Data-free (the
-    maximum-margin scan) unless ``options.data`` is set: then trigger inversion on those images
+    maximum-margin scan) unless ``options.data.path`` is set: then trigger inversion on those
+    images
     as well (``detect``)."""
     options.validate()
     timer = Timer()
@@ -123,7 +133,7 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
     if not options.scans:
         detection = None
     if detection is not None:
-        if not detection.suspected and not options.always:
+        if not detection.suspected and not options.removal.always:
             report = reporting.unchanged_report(prepared, options, detection, timer.seconds, command)
             return CleanResult(prepared.loaded.proto, report, None, changed=False, detection=detection,
                                original_bytes=_original_bytes(prepared))
@@ -159,7 +169,7 @@ def read_images(prepared: PreparedModel, options: CleanOptions) -> Images | None
     """The data stage: ``--data`` read once for this model (None without it). ``scan`` and
     ``clean`` read them alike, so the rescan inside ``clean`` and a ``scan --data`` of the written
     file run the same trigger inversion on the same images."""
-    return read_data(options, prepared.loaded.input_shape) if options.data is not None else None
+    return read_data(options, prepared.loaded.input_shape) if options.data.path is not None else None
 
 
 def _pixels(images: Images | None) -> np.ndarray | None:

@@ -98,14 +98,15 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
     layers, skipped = reachable_layers(working, layers, skipped, loaded.output_name)
     if not layers:
         raise UnsupportedModelError("no weight layer to clean (Conv, Gemm or MatMul with a constant float weight)")
-    check_noise_budget(loaded.input_shape, options.batch_size, options.limits)
+    check_noise_budget(loaded.input_shape, options.removal.batch_size, options.limits)
     ties = analyse(working, layers, loaded.input_name, loaded.input_shape, loaded.shapes)
     module = convert(working).eval()  # a fixed batch made dynamic where it can be: load.batch_plan
     # the weight layers' tensors, then the BatchNorm statistics a remover may re-estimate
     refs = {**weight_refs(module, working, layers), **batchnorm_refs(module, working, loaded.storage.statistics)}
-    providers_ = providers(options.ort_provider)
+    providers_ = providers(options.run.ort_provider)
     exact = loaded.batch.exact
-    inputs = runtime.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.seed + 1, *options.input_range)
+    inputs = runtime.random_inputs(loaded.input_shape, PARITY_SAMPLES, options.run.seed + 1,
+                                   *options.interface.input_range)
     # the model as given, at its own batch size where fixed (runtime.run chunks it)
     reference = loaded.class_scores(
         runtime.run(runtime.session(loaded.proto, providers_), loaded.input_name, loaded.output_name, inputs))
@@ -120,13 +121,14 @@ def prepare(model: str | Path | onnx.ModelProto, options: CleanOptions) -> Prepa
             f"(max abs diff {check.max_abs:.3g} > {check.tolerance:.3g}); refusing to clean"
         )
     original = {t.name: numpy_helper.to_array(t) for t in working.graph.initializer if t.name in refs}
-    device = resolve_device(options.device)
+    device = resolve_device(options.run.device)
     weight_bytes = sum(value.nbytes for value in original.values())
-    noise_bytes = 4 * options.batch_size * int(np.prod(loaded.input_shape[1:]))  # unlearning's batch, held whole
+    # unlearning's batch, held whole
+    noise_bytes = 4 * options.removal.batch_size * int(np.prod(loaded.input_shape[1:]))
     classes = _num_classes(reference)
     check_work(classes, options)  # before the memory plan sizes a search over every class
-    memory = sizing.memory_plan(module, loaded.input_shape, loaded.batch, weight_bytes, options.max_memory, device,
-                                noise_bytes, search_images(classes, ScanConfig(starts=options.scan_starts)))
+    memory = sizing.memory_plan(module, loaded.input_shape, loaded.batch, weight_bytes, options.run.max_memory, device,
+                                noise_bytes, search_images(classes, ScanConfig(starts=options.scan.starts)))
     chunking = first if exact else sizing.Chunking(memory.chunking_size)
     probe_chunking = first if exact else sizing.Chunking(memory.probe_chunking_size)
     return PreparedModel(loaded, layers, skipped, ties, module, refs, original, classes,
@@ -146,9 +148,10 @@ def _precision_gap(loaded: LoadedModel, reference: np.ndarray, inputs: np.ndarra
 
 
 def _load(model: str | Path | onnx.ModelProto, options: CleanOptions) -> LoadedModel:
+    interface = options.interface
     if isinstance(model, onnx.ModelProto):
-        return load_proto(model, options.input_shape, options.output_name, options.limits)
-    return load_model(model, options.input_shape, options.output_name, options.limits)
+        return load_proto(model, interface.input_shape, interface.output_name, options.limits)
+    return load_model(model, interface.input_shape, interface.output_name, options.limits)
 
 
 def _first_torch_run(module: nn.Module, inputs: np.ndarray, output_index: int,

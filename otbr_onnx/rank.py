@@ -74,7 +74,7 @@ def ranked_layers(prepared: "PreparedModel", options: CleanOptions) -> list[int]
             continue
         if options.experiment.layers == "conv" and layer.op_type not in CONV_OPS:
             continue
-        if options.reference and _is_shortcut(prepared, i):
+        if options.removal.reference and _is_shortcut(prepared, i):
             continue
         chosen.append(i)
     return chosen
@@ -169,22 +169,22 @@ def unlearning_micro_batch(prepared: "PreparedModel", options: CleanOptions) -> 
     when that is less than --batch-size (None: the whole batch in one pass, as before)."""
     if prepared.chunking.exact:
         return prepared.chunking.size  # a fixed-batch model takes nothing else, --micro-batch or not
-    if options.micro_batch is not None:
-        return options.micro_batch
+    if options.run.micro_batch is not None:
+        return options.run.micro_batch
     chosen = prepared.memory.micro_batch if prepared.memory is not None else None
-    return chosen if chosen is not None and chosen < options.batch_size else None
+    return chosen if chosen is not None and chosen < options.removal.batch_size else None
 
 
 def _unlearn(prepared: "PreparedModel", options: CleanOptions, progress) -> tuple[dict[str, np.ndarray], UnlearnLog]:
-    experiment = options.experiment
+    experiment, removal = options.experiment, options.removal
     config = UnlearnConfig(
-        iterations=options.iterations, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
-        device=prepared.device, input_range=options.input_range, max_grad_norm=experiment.max_grad_norm,
+        iterations=removal.iterations, batch_size=removal.batch_size, lr=removal.lr, seed=options.run.seed,
+        device=prepared.device, input_range=options.interface.input_range, max_grad_norm=experiment.max_grad_norm,
         max_loss=experiment.max_loss, micro_batch=unlearning_micro_batch(prepared, options),
         exact=prepared.chunking.exact, train_mode=experiment.unlearn_bn == "train",
     )
     tracked = {layer.weight: prepared.refs[layer.weight] for layer in prepared.layers}
-    on_step = (lambda step, loss: progress("unlearning", step + 1, options.iterations)) if progress else None
+    on_step = (lambda step, loss: progress("unlearning", step + 1, removal.iterations)) if progress else None
     loaded = prepared.loaded
     release_memory()  # what the scan freed, before the student, its momentum and the noise batch
     return random_unlearning(prepared.module, tracked, loaded.input_shape, prepared.num_classes, loaded.output_index,

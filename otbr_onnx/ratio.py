@@ -182,19 +182,19 @@ def reference_set(prepared: "PreparedModel", options: CleanOptions, progress: Pr
     """The user's calibration images, the user's own images (``images``, read by the data stage
     from ``--data``: labelled with their given labels, else with the original's own answers, so
     the score is top-1 agreement), or probes synthesised from the model and labelled by it."""
-    if options.calibration is not None:
+    if options.data.calibration is not None:
         x, y = _calibration_images(prepared, options)
-        return ReferenceSet("calibration images", "accuracy", options.max_acc_drop, x, y)
+        return ReferenceSet("calibration images", "accuracy", options.removal.max_acc_drop, x, y)
     if images is not None:
         return _data_images(prepared, options, images)
     loaded = prepared.loaded
-    config = probes.ProbeConfig(count=options.probes, seed=options.seed, device=prepared.device,
-                                input_range=options.input_range, chunking=prepared.probe_chunking)
+    config = probes.ProbeConfig(count=options.data.probes, seed=options.run.seed, device=prepared.device,
+                                input_range=options.interface.input_range, chunking=prepared.probe_chunking)
     on_step = (lambda step: progress("probes", step + 1, config.steps)) if progress else None
     x = probes.synthesise_probes(prepared.module, loaded.input_shape, prepared.num_classes, loaded.output_index,
                                  loaded.output_is_probability, config, on_step)
     y = prepared.outputs(prepared.module, x).argmax(axis=1)  # the original's own answers
-    return ReferenceSet("synthesised probes", "soft agreement", options.max_disagreement, x, y)
+    return ReferenceSet("synthesised probes", "soft agreement", options.removal.max_disagreement, x, y)
 
 
 def select(prepared: "PreparedModel", ranking: Ranking, options: CleanOptions, detection: ScanResult | None,
@@ -270,14 +270,14 @@ def _data_images(prepared: "PreparedModel", options: CleanOptions, images: "Imag
     """``--data``: real images instead of probes. With labels the score is accuracy; without, the
     share of images on which the candidate gives the original's answer (the original scores 100)."""
     if images.y is not None:
-        return ReferenceSet(f"labelled user images ({images.source})", "accuracy", options.max_acc_drop,
+        return ReferenceSet(f"labelled user images ({images.source})", "accuracy", options.removal.max_acc_drop,
                             images.x, images.y)
     answers = prepared.outputs(prepared.module, images.x).argmax(axis=1)
     return ReferenceSet(f"user images ({images.source}), the original's answers", "accuracy",
-                        options.max_acc_drop, images.x, answers)
+                        options.removal.max_acc_drop, images.x, answers)
 
 
 def _calibration_images(prepared: "PreparedModel", options: CleanOptions) -> tuple[np.ndarray, np.ndarray]:
     from otbr_onnx.data import read_calibration
 
-    return read_calibration(options.calibration, options.limits.max_file_bytes, prepared.loaded.input_shape)
+    return read_calibration(options.data.calibration, options.limits.max_file_bytes, prepared.loaded.input_shape)

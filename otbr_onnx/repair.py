@@ -49,10 +49,10 @@ def repair(prepared: "PreparedModel", ranking: Ranking, ratio: float | None, opt
     backdoored = {i: prepared.neurons(i) for i in range(len(prepared.layers))}
     pruned = {i: _pruned(n, masks.get(i)) for i, n in backdoored.items()}
     record = fusion.FusionRecord()
-    if options.method == "otbr":
+    if options.removal.method == "otbr":
         experiment = options.experiment
         pruned, record = fusion.fuse(
-            prepared.ties, backdoored, pruned, ranking.weights, options.fusion_lambda,
+            prepared.ties, backdoored, pruned, ranking.weights, options.removal.fusion_lambda,
             fused_layers(prepared, masks, options), experiment.aligned_cost, experiment.nwc_power,
         )
     return Repair(ratio, masks, record, changed_weights(prepared, backdoored, pruned))
@@ -63,7 +63,7 @@ def fused_layers(prepared: "PreparedModel", masks: dict[int, np.ndarray], option
     group is fused as a whole or not at all."""
     layers, ties = prepared.layers, prepared.ties
     pruned_nodes = [layers[i].node_index for i, m in masks.items() if m.any()]
-    if not pruned_nodes or options.fusion_lambda == 0.0:
+    if not pruned_nodes or options.removal.fusion_lambda == 0.0:
         return set()
     first = min(pruned_nodes)
     chosen = set()

@@ -5,7 +5,9 @@ The report is versioned (``schema``): pipelines parse it, so fields are only add
 renamed, within a major version. Version 2 adds the scan, the rescan and the verdict, and
 drops version 1's ``calibration`` and ``nwc`` fields (``ratio_selection`` and ``ranking`` hold them);
 later 2.x reports add ``remover`` (any remover's name, strength and fidelity) and each trial's
-``strength`` (``ratio`` repeats it for earlier readers).
+``strength`` (``ratio`` repeats it for earlier readers). Version 3 writes ``options`` by group, as
+``CleanOptions`` holds them (``options.removal.prune_ratio`` was ``options.prune_ratio``); the
+rest is as in 2.x, so the HTML page renders both (``READABLE``).
 
 A clean report is the stage results' ``as_dict()`` in stage order (``clean_report``); the remover
 adds its own sections (``removers.base.Removal.as_dict``).
@@ -27,7 +29,8 @@ if TYPE_CHECKING:
     from otbr_onnx.prepare import PreparedModel
     from otbr_onnx.removers.base import Removal
 
-SCHEMA = "otbr-onnx/report/2"
+SCHEMA = "otbr-onnx/report/3"
+READABLE = ("otbr-onnx/report/2", SCHEMA)  # what `otbr-onnx report` renders: it reads no option
 UNCHANGED = "no backdoor found by scan: model unchanged"
 
 
@@ -42,9 +45,11 @@ def versions() -> dict[str, str]:
 
 
 def options_dict(options: "CleanOptions") -> dict:
+    """Every option, by group as in ``CleanOptions``."""
     data = dataclasses.asdict(options)
-    data["input_range"] = list(options.input_range)
-    data["input_shape"] = list(options.input_shape) if options.input_shape else None
+    interface = options.interface
+    data["interface"]["input_range"] = list(interface.input_range)
+    data["interface"]["input_shape"] = list(interface.input_shape) if interface.input_shape else None
     return data
 
 

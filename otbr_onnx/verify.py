@@ -189,14 +189,15 @@ def verify(original: onnx.ModelProto, cleaned: onnx.ModelProto, input_name: str,
 def verify_files(original: Path, cleaned: Path, options: "CleanOptions", samples: int = 64,
                  with_scan: bool = False) -> tuple[Verification, dict | None]:
     """``otbr-onnx verify``: both files loaded under ``options`` (input shape, limits), the
-    user's ``options.data`` read first when given (fail fast, before the scans), the comparison,
-    and with ``with_scan`` both models scanned under the same ``options`` (``scan_both``)."""
+    user's ``options.data.path`` read first when given (fail fast, before the scans), the
+    comparison, and with ``with_scan`` both models scanned under the same ``options``
+    (``scan_both``)."""
     from otbr_onnx.data import read_data
     from otbr_onnx.load import load_model
 
-    before = load_model(original, options.input_shape, limits=options.limits)
-    after = load_model(cleaned, options.input_shape, limits=options.limits)
-    if options.data is not None:
+    before = load_model(original, options.interface.input_shape, limits=options.limits)
+    after = load_model(cleaned, options.interface.input_shape, limits=options.limits)
+    if options.data.path is not None:
         read_data(options, before.input_shape)
     result = verify(before.proto, after.proto, before.input_name, before.input_shape, samples)
     return result, scan_both(before.proto, after.proto, options) if with_scan else None

@@ -14,9 +14,13 @@ import signal
 
 import pytest
 
-# Options of ``clean`` that keep a tiny model's run under a second, for the API ...
-FAST = dict(iterations=3, batch_size=16, lr=1e-2, seed=0, always=True, ranking="nwc", scan_starts=2, scan_steps=5,
-            scan_threshold=1e9)
+from otbr_onnx.options import CleanOptions, RemovalOptions, RunOptions, ScanOptions
+
+# Options of ``clean`` that keep a tiny model's run under a second, for the API (more fields
+# changed: ``FAST.with_(removal={"prune_ratio": 0.2})``) ...
+FAST = CleanOptions(scan=ScanOptions(starts=2, steps=5, threshold=1e9),
+                    removal=RemovalOptions(iterations=3, batch_size=16, lr=1e-2, always=True, ranking="nwc"),
+                    run=RunOptions(seed=0))
 # ... and the same on the command line.
 FAST_ARGS = ["--iterations", "3", "--batch-size", "16", "--lr", "1e-2", "--always", "--ranking", "nwc",
              "--scan-starts", "2", "--scan-steps", "5", "--scan-threshold", "1e9"]

@@ -2,15 +2,13 @@
 (otbr_onnx/triggers.py), on the tests' BadNets MLP: a 2x2 checkerboard in the corner sends any
 image to class 2."""
 
-from dataclasses import replace
-
 import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
 
-from otbr_onnx import CleanOptions, triggers
+from otbr_onnx import CleanOptions, DataOptions, RemovalOptions, ScanOptions, triggers
 from otbr_onnx.cli import main
 from otbr_onnx.errors import UsageError
 from otbr_onnx.pipeline import clean
@@ -40,7 +38,8 @@ def test_adversarial_clean_removes_the_patch_backdoor_and_keeps_answers(backdoor
     path, data, model = backdoored
     x, y = builders.block_images(400, seed=99)  # test images, never seen by the remover
     assert _asr(model, x, y) > 0.9
-    options = CleanOptions(data=str(data), remover="adversarial", always=True, scan_starts=2, scan_steps=20)
+    options = CleanOptions(scan=ScanOptions(starts=2, steps=20), data=DataOptions(path=str(data)),
+                           removal=RemovalOptions(remover="adversarial", always=True))
     result = clean(path, options)
     cleaned = result.model
     assert _asr(cleaned, x, y) < 0.2
@@ -60,11 +59,12 @@ def test_adversarial_clean_removes_the_patch_backdoor_and_keeps_answers(backdoor
 
 
 def test_remover_auto_means_pruning_and_adversarial_is_opt_in():
-    assert CleanOptions(data="d.npz").resolved_remover == "pruning"
+    adversarial = RemovalOptions(remover="adversarial")
+    assert CleanOptions(data=DataOptions(path="d.npz")).resolved_remover == "pruning"
     assert CleanOptions().resolved_remover == "pruning"
-    assert CleanOptions(data="d.npz", remover="adversarial").resolved_remover == "adversarial"
+    assert CleanOptions(data=DataOptions(path="d.npz"), removal=adversarial).resolved_remover == "adversarial"
     with pytest.raises(UsageError, match="--data"):
-        CleanOptions(remover="adversarial").validate()
+        CleanOptions(removal=adversarial).validate()
 
 
 def test_adversarial_without_data_is_one_line_exit_2(backdoored, tmp_path):
@@ -163,7 +163,8 @@ def test_a_round_that_lowered_no_reach_is_refused(backdoored):
     from otbr_onnx.prepare import prepare
 
     path, data, _ = backdoored
-    options = CleanOptions(data=str(data), remover="adversarial", max_acc_drop=100.0)
+    options = CleanOptions(data=DataOptions(path=str(data)),
+                           removal=RemovalOptions(remover="adversarial", max_acc_drop=100.0))
     prepared = prepare(path, options)
     x = np.load(data)["x"]
     config = adversarial.AdversarialConfig(rounds=1, train_steps=0, families=("patch",),
@@ -190,9 +191,10 @@ def test_a_target_the_rescan_still_flags_is_refused(backdoored, monkeypatch, tmp
     monkeypatch.setattr(unlearning, "rescan_prepared", flags_target)
     monkeypatch.setattr(pipeline, "detect", lambda *a, **k: ScanResult(np.zeros(8), np.eye(8)[TARGET] * 9, 3.5,
                                                                      [TARGET]))
-    options = CleanOptions(data=str(data), remover="adversarial", scan_starts=2, scan_steps=5)
+    options = CleanOptions(scan=ScanOptions(starts=2, steps=5), data=DataOptions(path=str(data)),
+                           removal=RemovalOptions(remover="adversarial", max_acc_drop=100.0))
     with pytest.raises(FidelityBudgetError, match=f"still flags class {TARGET}"):
-        clean(path, replace(options, max_acc_drop=100.0))
+        clean(path, options)
 
 
 def test_the_clean_verdict_names_a_class_the_final_scan_still_flags():

@@ -276,30 +276,33 @@ def test_batch_scan_reruns_a_model_whose_data_changed_at_the_same_path(folder, t
     assert table(again.stdout)["chain.onnx"]["status"] in ("passed", "suspected"), again.output
 
 
-@pytest.mark.parametrize("field", ["data", "calibration"])
+@pytest.mark.parametrize("field", ["path", "calibration"])  # --data, --calibration
 def test_resume_key_follows_the_data_files_contents_not_their_path(tmp_path, field):
     from otbr_onnx.batch import options_key
     from otbr_onnx.options import CleanOptions
 
+    def reading(path):
+        return CleanOptions().with_(data={field: str(path)})
+
     first, moved = tmp_path / "a.npz", tmp_path / "b.npz"
     first.write_bytes(b"images one")
     moved.write_bytes(b"images one")
-    key = options_key(CleanOptions(**{field: str(first)}))
-    assert options_key(CleanOptions(**{field: str(moved)})) == key  # same contents elsewhere: done
+    key = options_key(reading(first))
+    assert options_key(reading(moved)) == key  # same contents elsewhere: done
     first.write_bytes(b"images two")
-    assert options_key(CleanOptions(**{field: str(first)})) != key  # new contents, same path: redo
-    assert options_key(CleanOptions(**{field: str(first)}), "scan") != options_key(CleanOptions(**{field: str(first)}))
+    assert options_key(reading(first)) != key  # new contents, same path: redo
+    assert options_key(reading(first), "scan") != options_key(reading(first))
 
 
 def test_resume_key_follows_every_image_of_a_data_folder(tmp_path):
     from otbr_onnx.batch import options_key
-    from otbr_onnx.options import CleanOptions
+    from otbr_onnx.options import CleanOptions, DataOptions
 
     images = tmp_path / "images"
     images.mkdir()
     for name in ("a.png", "b.png"):
         (images / name).write_bytes(name.encode())
-    options = CleanOptions(data=str(images))
+    options = CleanOptions(data=DataOptions(path=str(images)))
     key = options_key(options)
     (images / "notes.txt").write_text("not an image: never read, so no change")
     assert options_key(options) == key
@@ -309,8 +312,8 @@ def test_resume_key_follows_every_image_of_a_data_folder(tmp_path):
     assert len({key, options_key(options)}) == 2
 
 
-def test_resume_key_without_data_files_is_unchanged():
-    """Reports written before the key read data contents stay valid where no data file is given."""
+def test_resume_key_without_data_files_is_the_options_hash():
+    """Without a data file the key is the hash of the options as they are: nothing is read."""
     import dataclasses
     import hashlib
 

@@ -11,7 +11,7 @@ from torch import nn
 from otbr_onnx.budget import check_work, scan_passes
 from otbr_onnx.detectors.margin import ScanConfig, scan_module
 from otbr_onnx.errors import UnsupportedModelError, UsageError
-from otbr_onnx.options import CleanOptions
+from otbr_onnx.options import CleanOptions, DataOptions, ScanOptions
 from otbr_onnx.output import check_data_paths
 
 
@@ -42,14 +42,14 @@ def test_check_work_refuses_above_max_classes_and_names_the_option() -> None:
     message = str(caught.value)
     assert caught.value.exit_code == 3 and "--max-classes" in message and "100000 classes" in message
     assert f"{scan_passes(100_000, 8, 100):,}" in message
-    check_work(100_000, CleanOptions(max_classes=100_000))
+    check_work(100_000, CleanOptions(scan=ScanOptions(max_classes=100_000)))
 
 
 @pytest.mark.parametrize("options, match", [
-    (CleanOptions(data_mean=(0.5,)), "give --data too"),
-    (CleanOptions(data="d", data_std=(0.0,)), "--data-std must be > 0"),
-    (CleanOptions(data="d", data_mean=(float("nan"),)), "finite"),
-    (CleanOptions(max_classes=0), "--max-classes"),
+    (CleanOptions(data=DataOptions(mean=(0.5,))), "give --data too"),
+    (CleanOptions(data=DataOptions(path="d", std=(0.0,))), "--data-std must be > 0"),
+    (CleanOptions(data=DataOptions(path="d", mean=(float("nan"),))), "finite"),
+    (CleanOptions(scan=ScanOptions(max_classes=0)), "--max-classes"),
 ])
 def test_options_validate_the_data_fields(options: CleanOptions, match: str) -> None:
     with pytest.raises(UsageError, match=match):

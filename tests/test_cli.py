@@ -35,7 +35,7 @@ def test_clean_writes_model_and_report(preact, tmp_path):
     data = json.loads(report.read_text())
     assert data["input"]["sha256"] == hashlib.sha256(before).hexdigest()
     assert data["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
-    assert data["options"]["prune_ratio"] == 0.2 and data["options"]["seed"] == 0
+    assert data["options"]["removal"]["prune_ratio"] == 0.2 and data["options"]["run"]["seed"] == 0
     assert data["pruning"]["pruned_neurons"] > 0 and data["parity"]["output"]["ok"]
     assert set(data["seconds"]) >= {"prepare", "scan", "ranking", "repair", "rescan", "write_back_parity"}
     assert "pruned" in result.stderr and "parity" in result.stderr
@@ -47,9 +47,10 @@ def test_reference_switch_records_published_settings(preact, tmp_path):
                                        "--iterations", "2", "--batch-size", "8"])
     assert result.exit_code == 0, result.output
     options = json.loads(report.read_text())["options"]
-    assert options["reference"] and options["lr"] == 1e-4 and options["fusion_lambda"] == 0.5
-    assert options["experiment"]["layers"] == "conv" and options["iterations"] == 2  # explicit options still win
-    assert options["prune_ratio"] == 0.02  # a fixed gamma, as published: no data-free selection
+    removal = options["removal"]
+    assert removal["reference"] and removal["lr"] == 1e-4 and removal["fusion_lambda"] == 0.5
+    assert options["experiment"]["layers"] == "conv" and removal["iterations"] == 2  # explicit options still win
+    assert removal["prune_ratio"] == 0.02  # a fixed gamma, as published: no data-free selection
 
 
 def test_reference_keeps_what_the_published_method_decides_over_the_flags_defaults():
@@ -58,9 +59,9 @@ def test_reference_keeps_what_the_published_method_decides_over_the_flags_defaul
     from otbr_onnx.options import CleanOptions, from_command_line
 
     options = from_command_line(True, {"iterations": 2, "lr": None}, always=False, ranking="auto", seed=7)
-    published = CleanOptions.published()
-    assert (options.always, options.ranking) == (published.always, published.ranking) == (True, "nwc")
-    assert options.iterations == 2 and options.lr == published.lr and options.seed == 7
+    removal, published = options.removal, CleanOptions.published().removal
+    assert (removal.always, removal.ranking) == (published.always, published.ranking) == (True, "nwc")
+    assert removal.iterations == 2 and removal.lr == published.lr and options.run.seed == 7
     plain = from_command_line(False, {"iterations": None}, always=False, ranking="auto")
     assert plain == CleanOptions()
 
@@ -69,14 +70,16 @@ def test_the_command_line_shows_the_options_defaults():
     """The defaults --help shows are CleanOptions' (the threshold too, which options.py keeps
     beside the detector's so that --help does not import torch)."""
     from otbr_onnx import detect
-    from otbr_onnx.options import DEFAULT_THRESHOLD, CleanOptions
+    from otbr_onnx.options import COMMAND_LINE, DEFAULT_THRESHOLD, CleanOptions
 
     assert DEFAULT_THRESHOLD == detect.DEFAULT_THRESHOLD == detect.ScanConfig().threshold
     params = {p.name: p for p in main.commands["clean"].params}
     for name in ("scan_starts", "scan_steps", "scan_threshold", "max_classes", "ranking", "method", "remover",
                  "max_acc_drop", "max_disagreement", "probes", "seed", "device", "ort_provider"):
-        assert params[name].default == getattr(CleanOptions(), name), name
-    assert params["input_range"].type.convert(params["input_range"].default, None, None) == CleanOptions().input_range
+        group, field = COMMAND_LINE[name]
+        assert params[name].default == getattr(getattr(CleanOptions(), group), field), name
+    shown_range = params["input_range"].type.convert(params["input_range"].default, None, None)
+    assert shown_range == CleanOptions().interface.input_range
     assert params["max_nodes"].default == CleanOptions().limits.max_nodes
 
 
@@ -87,11 +90,12 @@ def test_default_ratio_is_chosen_and_said_on_stderr(preact, tmp_path):
     assert "chosen on 8 synthesised probes" in result.stderr and "25% disagreement" in result.stderr
 
 
-@pytest.mark.parametrize("args, field, value, words", [
-    (["--max-disagreement", "150"], "max_disagreement", 150.0, "--max-disagreement must be in [0, 100], got 150.0"),
-    (["--probes", "0"], "probes", 0, "--probes must be >= 1, got 0"),
+@pytest.mark.parametrize("args, group, value, words", [
+    (["--max-disagreement", "150"], "removal", {"max_disagreement": 150.0},
+     "--max-disagreement must be in [0, 100], got 150.0"),
+    (["--probes", "0"], "data", {"probes": 0}, "--probes must be >= 1, got 0"),
 ])
-def test_bad_selection_options_are_usage_errors(args, field, value, words, preact, tmp_path):
+def test_bad_selection_options_are_usage_errors(args, group, value, words, preact, tmp_path):
     """Refused twice over: on the command line by click's range (exit 2, the option named,
     nothing written), and for a library caller, who bypasses click, by ``CleanOptions.validate``,
     which ``clean`` runs before anything else."""
@@ -101,7 +105,7 @@ def test_bad_selection_options_are_usage_errors(args, field, value, words, preac
     result = CliRunner().invoke(main, ["clean", str(preact), str(tmp_path / "o.onnx"), *args])
     assert result.exit_code == 2 and args[0] in result.stderr and not (tmp_path / "o.onnx").exists()
     with pytest.raises(UsageError) as refused:
-        clean(str(preact), CleanOptions(**{field: value}))
+        clean(str(preact), CleanOptions().with_(**{group: value}))
     assert str(refused.value) == words
 
 

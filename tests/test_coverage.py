@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -28,7 +27,7 @@ import pytest
 from onnx import numpy_helper
 
 from converters.write_back import changed_initializers
-from otbr_onnx import CleanOptions, clean, fuse
+from otbr_onnx import clean, fuse
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.layers import find_weight_layers, to_rows
 from otbr_onnx.ties import FOLLOWER, PINNED, analyse
@@ -37,8 +36,8 @@ from tests.builders import logits, weight_neurons
 from tests.conftest import FAST
 
 
-MATRIX = CleanOptions(**{**FAST, "iterations": 2, "batch_size": 8, "prune_ratio": 0.1})
-LAMBDA_ZERO = replace(MATRIX, fusion_lambda=0.0, iterations=1)
+MATRIX = FAST.with_(removal={"iterations": 2, "batch_size": 8, "prune_ratio": 0.1})
+LAMBDA_ZERO = MATRIX.with_(removal={"fusion_lambda": 0.0, "iterations": 1})
 SAME_FUNCTION_ATOL = 1e-4
 
 # (family, exporter, requested opset) -> why torch's exporter cannot write it. Empty with

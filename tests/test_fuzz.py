@@ -396,9 +396,9 @@ def apply(mutations: list) -> bytes:
 
 
 def _probe_for(session: ort.InferenceSession) -> np.ndarray:
-    """Two random images in the declared input shape (a symbolic batch becomes 2)."""
+    """Random images in the declared input shape: two where the batch is symbolic, else as many as
+    a fixed batch declares (the tool cleans fixed-batch models and keeps their shapes)."""
     shape = [d if isinstance(d, int) else 2 for d in session.get_inputs()[0].shape]
-    shape[0] = 2
     return np.random.default_rng(3).uniform(0, 1, shape).astype(np.float32)
 
 

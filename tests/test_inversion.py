@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from otbr_onnx import CleanOptions, scan
+from otbr_onnx import CleanOptions, DataOptions, ScanOptions, scan
 from otbr_onnx.detect import ScanResult, combine, rescan_module
 from otbr_onnx.detectors.inversion import DETECTOR, InversionConfig, invert_module, robust_z, subsample
 from otbr_onnx.triggers import Patch, make
@@ -21,7 +21,7 @@ from tests import builders
 TARGET = 2
 # The defaults but a patch budget that fits the tiny model's 2x2 trigger on 8x8 images
 TINY = InversionConfig(patch_area=0.07)
-QUICK = dict(scan_starts=2, scan_steps=20, probes=16)
+QUICK = CleanOptions(scan=ScanOptions(starts=2, steps=20), data=DataOptions(probes=16))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_too_many_classes_or_flat_images_skip_the_inversion(monkeypatch, images)
     from otbr_onnx import detect as detecting
     from otbr_onnx.detectors import inversion
     from otbr_onnx.prepare import prepare
-    options = CleanOptions(**QUICK)
+    options = QUICK
     prepared = prepare(builders.build_backdoored(TARGET)[1], options)
     monkeypatch.setattr(inversion, "MAX_CLASSES", 4)
     skipped = detecting.detect(prepared, options, images=images)
@@ -161,7 +161,7 @@ def test_scan_with_data_runs_the_inversion_and_the_rescan_runs_the_same_test(tmp
     _, model = builders.build_backdoored(TARGET)
     data = tmp_path / "images.npz"
     np.savez(data, x=images)
-    options = CleanOptions(data=str(data), **QUICK)
+    options = QUICK.with_(data={"path": str(data)})
     found = scan(model, options)
     report = found.report["scan"]
     assert report["inversion"] is not None and report["inversion"]["images"] == len(images)
@@ -185,7 +185,7 @@ def test_scan_with_data_runs_the_inversion_and_the_rescan_runs_the_same_test(tmp
     page = render(json.loads(json.dumps(found.report)))
     assert 'id="inversion"' in page and "Trigger inversion on your images" in page
     # without --data: the data-free scan only, and it says so
-    plain = scan(model, CleanOptions(**QUICK)).report["scan"]
+    plain = scan(model, QUICK).report["scan"]
     assert plain["inversion"] is None and plain["evidence"]["trigger_inversion"] is None
     assert "give --data" in plain["sees"]
 

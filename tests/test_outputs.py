@@ -147,7 +147,7 @@ def test_scan_sarif_on_stdout_is_written_before_exit_6(cleaned, tmp_path):
 def test_json_is_still_the_report_and_contradicting_formats_are_refused(cleaned, tmp_path):
     folder, _, _ = cleaned
     result = invoke(["scan", folder / "bd.onnx", "--json", *QUICK[:4]])
-    assert result.exit_code == 6 and json.loads(result.stdout)["schema"] == "otbr-onnx/report/2"
+    assert result.exit_code == 6 and json.loads(result.stdout)["schema"] == "otbr-onnx/report/3"
     refused = invoke(["scan", folder / "bd.onnx", "--json", "--format", "sarif"])
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1 and "--format sarif" in refused.stderr
 
@@ -405,6 +405,18 @@ def test_report_command_renders_the_same_page_from_the_json(cleaned, tmp_path):
     result = invoke(["report", folder / "r.json", "-o", tmp_path / "again.html"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "again.html").read_text() == (folder / "r.html").read_text()  # deterministic figures
+
+
+def test_report_command_renders_a_version_2_report(cleaned, tmp_path):
+    """Version 3 only grouped the options, which the page does not show: a version-2 report (flat
+    options) renders as before."""
+    folder, _, _ = cleaned
+    report = json.loads((folder / "r.json").read_text())
+    flat = {name: value for group in report["options"].values() for name, value in group.items()}
+    (tmp_path / "v2.json").write_text(json.dumps({**report, "schema": "otbr-onnx/report/2", "options": flat}))
+    result = invoke(["report", tmp_path / "v2.json", "-o", tmp_path / "v2.html"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "v2.html").read_text() == (folder / "r.html").read_text()
 
 
 def test_report_command_refuses_what_is_not_a_report_in_one_line(cleaned, tmp_path):

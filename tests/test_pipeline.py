@@ -7,12 +7,13 @@ import torch
 from onnx import helper, numpy_helper, TensorProto
 
 from converters.write_back import changed_initializers
-from otbr_onnx import CleanOptions, Experiment, clean
+from otbr_onnx import clean
 from otbr_onnx.errors import UnsupportedModelError
 from tests import builders
 from tests.conftest import FAST
 
-FIXED = {**FAST, "prune_ratio": 0.2}  # a fixed ratio (calibration images still choose one: see the last test)
+# a fixed ratio (calibration images still choose one: see the last test)
+FIXED = FAST.with_(removal={"prune_ratio": 0.2})
 
 
 def _strip_initializer_values(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -29,7 +30,7 @@ def test_clean_changes_only_initializer_values(kind):
     _, model = builders.build(kind)
     model.doc_string = "third-party model"
     helper.set_model_props(model, {"author": "someone", "license": "x"})
-    result = clean(model, CleanOptions(**FIXED))
+    result = clean(model, FIXED)
     cleaned = result.model
     # field by field: with the values blanked the two files are the same message
     assert _strip_initializer_values(cleaned) == _strip_initializer_values(model)
@@ -44,7 +45,7 @@ def test_clean_changes_only_initializer_values(kind):
 @pytest.mark.parametrize("override", [dict(fusion_lambda=0.0), dict(prune_ratio=0.0)])
 def test_lambda_zero_or_gamma_zero_gives_back_the_original_weights_exactly(override):
     _, model = builders.build("preact")
-    cleaned = clean(model, CleanOptions(**{**FIXED, **override})).model
+    cleaned = clean(model, FIXED.with_(removal=override)).model
     assert changed_initializers(model, cleaned) == []
     assert cleaned.SerializeToString() == model.SerializeToString()
 
@@ -60,8 +61,8 @@ def test_permuting_hidden_neurons_gives_the_same_cleaned_function(kind, permute)
     permuted = builders.export(permute(torch_model, perm), (1, 1, 8, 8))
     x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
     np.testing.assert_allclose(builders.logits(permuted, x), builders.logits(model, x), atol=1e-5)
-    a = clean(model, CleanOptions(**FIXED)).model
-    b = clean(permuted, CleanOptions(**FIXED)).model
+    a = clean(model, FIXED).model
+    b = clean(permuted, FIXED).model
     assert changed_initializers(model, a)
     np.testing.assert_allclose(builders.logits(a, x), builders.logits(b, x), atol=1e-4)
 
@@ -70,7 +71,7 @@ def test_residual_graph_report_explains_the_ties():
     """The report's tie groups are the graph's residual Adds (the two convs feeding each), and
     the head is pinned because it reaches the graph output, as the report says."""
     _, model = builders.build("preact")
-    report = clean(model, CleanOptions(**FIXED)).report
+    report = clean(model, FIXED).report
     producers = {out: node.name for node in model.graph.node for out in node.output}
     adds = sorted(sorted(producers[name] for name in node.input) for node in model.graph.node if node.op_type == "Add")
     assert adds == [["/b1/c2/Conv", "/stem/Conv"], ["/b2/c2/Conv", "/b2/sc/Conv"]]  # the model's two blocks
@@ -103,7 +104,7 @@ def _matmul_model(trans_b_gemm: bool = False) -> onnx.ModelProto:
 @pytest.mark.parametrize("trans_b", [False, True])
 def test_matmul_weights_held_as_buffers_are_unlearned_and_written_back(trans_b):
     model = _matmul_model(trans_b)
-    result = clean(model, CleanOptions(**{**FIXED, "experiment": Experiment(fuse_head=True)}))
+    result = clean(model, FIXED.with_(experiment={"fuse_head": True}))
     layers = {entry["node"]: entry for entry in result.report["layers"]}
     assert layers["fc1"]["score_max"] > 0  # the buffer did train
     assert layers["fc1"]["pruned"] > 0 and layers["fc1"]["fused"]
@@ -119,12 +120,12 @@ def test_model_without_weight_layers_is_refused():
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 16])],
     )
     with pytest.raises(UnsupportedModelError, match="no weight layer"):
-        clean(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), CleanOptions(**FIXED))
+        clean(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), FIXED)
 
 
 def test_same_seed_same_bytes_and_report_and_other_seed_other_bytes():
     _, model = builders.build("preact")
-    one, two = clean(model, CleanOptions(**FIXED)), clean(model, CleanOptions(**FIXED))
+    one, two = clean(model, FIXED), clean(model, FIXED)
     first = one.to_bytes()
     assert two.to_bytes() == first
     # the memory section, like the seconds, is a measurement of the process (its size varies);
@@ -132,7 +133,7 @@ def test_same_seed_same_bytes_and_report_and_other_seed_other_bytes():
     assert {**one.report, "seconds": None, "memory": None} == {**two.report, "seconds": None, "memory": None}
     for key in ("images_per_pass", "unlearning_micro_batch", "per_sample_bytes"):
         assert one.report["memory"][key] == two.report["memory"][key], key
-    assert clean(model, CleanOptions(**{**FIXED, "seed": 1})).to_bytes() != first
+    assert clean(model, FIXED.with_(run={"seed": 1})).to_bytes() != first
 
 
 @pytest.mark.parametrize("budget", [0.0, 100.0])
@@ -140,8 +141,8 @@ def test_calibration_picks_the_largest_ratio_within_the_accuracy_budget(budget, 
     _, model = builders.build("preact")
     x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
     np.savez(tmp_path / "calib.npz", x=x, y=builders.logits(model, x).argmax(1))  # baseline: 100%
-    report = clean(model, CleanOptions(**{**FIXED, "calibration": str(tmp_path / "calib.npz"),
-                                          "max_acc_drop": budget})).report
+    report = clean(model, FIXED.with_(data={"calibration": str(tmp_path / "calib.npz")},
+                                      removal={"max_acc_drop": budget})).report
     selection = report["ratio_selection"]
     assert selection["source"] == "calibration images" and selection["metric"] == "accuracy"
     assert selection["baseline"] == 100.0 and "calibration" not in report  # schema 2 dropped the legacy field

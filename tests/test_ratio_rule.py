@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from converters.to_torch import convert
-from otbr_onnx import CleanOptions, FidelityBudgetError, clean
+from otbr_onnx import FidelityBudgetError, clean
 from otbr_onnx.probes import ProbeConfig, _BatchNormStatistics, probe_classes, synthesise_probes
 from otbr_onnx.ratio import CANDIDATE_RATIOS, Trial, choose_ratio, distinct_candidates
 from otbr_onnx.sizing import Chunking
 from tests import builders
 from tests.conftest import FAST
 
-SELECTING = {**FAST, "probes": 16}  # no prune_ratio: the ratio is chosen
+SELECTING = FAST.with_(data={"probes": 16})  # no prune_ratio: the ratio is chosen
 
 
 # --- candidates -------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def _consistent(selection: dict, ratio: float) -> None:
 @pytest.mark.parametrize("kind", ["chain", "preact"])
 def test_default_chooses_the_ratio_on_synthesised_probes(kind):
     _, model = builders.build(kind)
-    report = clean(model, CleanOptions(**SELECTING)).report
+    report = clean(model, SELECTING).report
     selection = report["ratio_selection"]
     assert selection["source"] == "synthesised probes" and selection["metric"] == "soft agreement"
     assert selection["images"] == 16 and selection["baseline"] == 100.0 and selection["budget"] == 10.0
@@ -134,7 +134,7 @@ def test_default_chooses_the_ratio_on_synthesised_probes(kind):
 
 def test_an_unlimited_budget_tries_every_candidate_and_keeps_the_largest():
     _, model = builders.build("preact")
-    report = clean(model, CleanOptions(**SELECTING, max_disagreement=100.0)).report
+    report = clean(model, SELECTING.with_(removal={"max_disagreement": 100.0})).report
     selection = report["ratio_selection"]
     _consistent(selection, report["pruning"]["ratio"])
     ranked = report["pruning"]["ranked_neurons"]
@@ -150,12 +150,12 @@ def test_a_budget_nothing_meets_is_refused(tmp_path):
     # Labelled with the original's own answers (baseline 100%): a zero budget allows no changed
     # answer at all, and one pruned-and-fused neuron changes some of 256.
     with pytest.raises(FidelityBudgetError, match="max-acc-drop 0"):
-        clean(model, CleanOptions(**SELECTING, calibration=str(tmp_path / "calib.npz"), max_acc_drop=0.0))
+        clean(model, SELECTING.with_(data={"calibration": str(tmp_path / "calib.npz")}, removal={"max_acc_drop": 0.0}))
 
 
 def test_a_fixed_ratio_skips_the_selection():
     _, model = builders.build("chain")
-    report = clean(model, CleanOptions(**SELECTING, prune_ratio=0.2)).report
+    report = clean(model, SELECTING.with_(removal={"prune_ratio": 0.2})).report
     assert report["ratio_selection"] is None and report["pruning"]["ratio"] == 0.2
     assert "ratio_selection" not in report["seconds"]
 
@@ -163,7 +163,7 @@ def test_a_fixed_ratio_skips_the_selection():
 def test_progress_covers_probe_synthesis_and_the_candidates_tried():
     _, model = builders.build("chain")
     calls = []
-    report = clean(model, CleanOptions(**SELECTING), progress=lambda *call: calls.append(call)).report
+    report = clean(model, SELECTING, progress=lambda *call: calls.append(call)).report
     probe_steps = [done for stage, done, _ in calls if stage == "probes"]
     assert probe_steps == list(range(1, ProbeConfig().steps + 1))
     tried = [done for stage, done, _ in calls if stage == "ratio candidates"]

@@ -101,9 +101,9 @@ def test_a_crashed_worker_fails_its_model_and_the_sweep_goes_on(cluster, folder)
 
         return scan_one(model, out_dir, options)
 
-    from otbr_onnx.pipeline import CleanOptions
+    from otbr_onnx.pipeline import CleanOptions, ScanOptions
 
-    options = CleanOptions(scan_starts=2, scan_steps=5, scan_threshold=1e9)
+    options = CleanOptions(scan=ScanOptions(starts=2, steps=5, threshold=1e9))
     outcomes = run_many(crashing, collect_models([folder]), None, options, SCAN_STATUSES, RayExecutor())
     status = {Path(o.model).name: (o.status, o.exit_code) for o in outcomes}
     assert status == {"broken.onnx": ("failed", 2), "chain.onnx": ("passed", 0), "crash.onnx": ("failed", 1),

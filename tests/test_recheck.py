@@ -2,7 +2,6 @@
 user's images re-opens is refused; where the check cannot apply, the report says why."""
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -30,7 +29,7 @@ def preact_with_data(tmp_path):
 
 def _flag_everything(options: CleanOptions) -> CleanOptions:
     """A threshold every class passes: the scan suspects a class, so the check has a target."""
-    return replace(options, scan_threshold=1e-9)
+    return options.with_(scan={"threshold": 1e-9})
 
 
 def test_the_rescan_runs_on_the_recalibrated_model(preact_with_data, monkeypatch):
@@ -39,7 +38,7 @@ def test_the_rescan_runs_on_the_recalibrated_model(preact_with_data, monkeypatch
     from otbr_onnx.prepare import prepare
 
     path, data = preact_with_data
-    options = CleanOptions(**FAST)
+    options = FAST
     prepared = prepare(path, options)
     seen = []
 
@@ -78,15 +77,15 @@ def test_cli_refusal_of_a_masked_removal_writes_nothing(preact_with_data, monkey
 
 def test_the_report_says_why_the_check_did_not_run(preact_with_data, tmp_path):
     path, data = preact_with_data
-    options = _flag_everything(CleanOptions(**FAST, prune_ratio=0.2))  # no --data
+    options = _flag_everything(FAST.with_(removal={"prune_ratio": 0.2}))  # no --data
     report = clean(path, options).report
     assert report["recalibration_check"]["run"] is False and "--data" in report["recalibration_check"]["why"]
     _, mlp = builders.build_backdoored(2)
     onnx.save(mlp, tmp_path / "mlp.onnx")
     x, _ = builders.block_images(32, seed=1)
     np.savez(tmp_path / "x.npz", x=x)
-    options = _flag_everything(CleanOptions(**FAST, prune_ratio=0.2, data=str(tmp_path / "x.npz"),
-                                            remover="pruning", max_acc_drop=100.0))
+    options = _flag_everything(FAST.with_(removal={"prune_ratio": 0.2, "remover": "pruning", "max_acc_drop": 100.0},
+                                          data={"path": str(tmp_path / "x.npz")}))
     report = clean(tmp_path / "mlp.onnx", options).report
     assert report["recalibration_check"]["run"] is False and "BatchNorm" in report["recalibration_check"]["why"]
     json.dumps(report)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from otbr_onnx import CleanOptions, clean
+from otbr_onnx import CleanOptions, DataOptions, ScanOptions, clean
 from otbr_onnx import detect as detecting
 from otbr_onnx.detectors import inversion
 from otbr_onnx.prepare import prepare
@@ -18,7 +18,7 @@ from otbr_onnx.options import REMOVERS
 from otbr_onnx.removers import pruning, unlearning
 from tests import builders
 
-QUICK = dict(scan_starts=1, scan_steps=3, probes=8)
+QUICK = CleanOptions(scan=ScanOptions(starts=1, steps=3), data=DataOptions(probes=8))
 FLAGGED = 1
 
 
@@ -73,7 +73,7 @@ def test_the_shipped_registries():
 
 def test_a_registered_detector_runs_beside_the_scan_and_in_the_rescan(monkeypatch):
     monkeypatch.setattr(detecting, "DATA_DETECTORS", detecting.DATA_DETECTORS + (ToyDetector(),))
-    options = CleanOptions(**QUICK)
+    options = QUICK
     prepared = prepare(builders.build("chain")[1], options)
     found = detecting.detect(prepared, options)
     assert found.suspected == [FLAGGED] and found.evidence == {FLAGGED: ["toy"]}
@@ -118,7 +118,7 @@ REMOVER = ToyRemover()  # this module, registered as a remover's module in the t
 
 def test_a_remover_is_one_module_and_one_registry_line(monkeypatch):
     monkeypatch.setitem(removers.MODULES, "toy", __name__)
-    result = clean(builders.build("chain")[1], CleanOptions(remover="toy", always=True, **QUICK))
+    result = clean(builders.build("chain")[1], QUICK.with_(removal={"remover": "toy", "always": True}))
     report = result.report
     assert report["verdict"] == "toy removal" and report["toy"] == {"changed_tensors": 0}
     assert report["remover"] == {"name": "toy", "strength": 0.25, "fidelity": 99.5,
@@ -135,7 +135,7 @@ def test_a_remover_is_one_module_and_one_registry_line(monkeypatch):
 def test_a_remover_not_registered_is_a_usage_error():
     from otbr_onnx.errors import UsageError
     with pytest.raises(UsageError, match="--remover must be one of auto, pruning, adversarial"):
-        CleanOptions(remover="toy").validate()
+        CleanOptions().with_(removal={"remover": "toy"}).validate()
 
 
 if __name__ == "__main__":

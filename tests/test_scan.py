@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from otbr_onnx import CleanOptions, clean, scan
+from otbr_onnx import CleanOptions, DataOptions, ScanOptions, clean, scan
 from otbr_onnx.cli import EXIT_SUSPECTED, main
 from otbr_onnx.detect import rescan_module
 from otbr_onnx.detectors.margin import CLEARED_Z, ScanConfig, class_margins, robust_z, scan_module, verdict
@@ -21,7 +21,7 @@ from tests import builders
 
 TARGET = 2
 # Small but real searches: the tiny MLP's target reaches z 8-18 with these.
-QUICK = dict(scan_starts=4, scan_steps=50, probes=16)
+QUICK = CleanOptions(scan=ScanOptions(starts=4, steps=50), data=DataOptions(probes=16))
 # The clean twin's classes differ in how easy they are, which a 7-class null judges noisily: the
 # pass-through tests use a stricter gate so that they test the pass-through, not the threshold
 # (which benchmarks/RESULTS.md measures on real models).
@@ -123,19 +123,19 @@ def test_verdict_orders_suspects_by_z_and_respects_the_threshold():
 
 
 def test_scan_flags_the_backdoor_target_first(backdoored):
-    found = scan(backdoored[1], CleanOptions(**QUICK)).result
+    found = scan(backdoored[1], QUICK).result
     assert found.suspected[:1] == [TARGET]
     assert found.z[TARGET] > 2 * found.threshold
 
 
 def test_the_target_stands_out_more_than_any_class_of_the_clean_twin(backdoored, twin):
-    bd = scan(backdoored[1], CleanOptions(**QUICK)).result
-    clean_twin = scan(twin[1], CleanOptions(**QUICK)).result
+    bd = scan(backdoored[1], QUICK).result
+    clean_twin = scan(twin[1], QUICK).result
     assert bd.z[TARGET] > clean_twin.z.max()
 
 
 def test_the_maximiser_of_the_target_reaches_its_margin_and_carries_the_trigger(backdoored):
-    found = scan(backdoored[1], CleanOptions(**QUICK)).result
+    found = scan(backdoored[1], QUICK).result
     best = found.inputs[TARGET][int(np.argmax(found.start_margins[TARGET]))]
     logits = builders.logits(backdoored[1], best[None])[0]
     assert np.isclose(logits[TARGET] - np.delete(logits, TARGET).max(), found.margins[TARGET], rtol=1e-3, atol=1e-3)
@@ -217,8 +217,8 @@ def test_scan_cli_exits_0_when_nothing_stands_out(twin, tmp_path):
 def test_scan_and_unchanged_reports_follow_the_schema(backdoored, twin, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "report.schema.json").read_text())
-    jsonschema.validate(scan(backdoored[1], CleanOptions(**QUICK)).report, schema)
-    unchanged = clean(twin[1], CleanOptions(**QUICK, scan_threshold=STRICT)).report
+    jsonschema.validate(scan(backdoored[1], QUICK).report, schema)
+    unchanged = clean(twin[1], QUICK.with_(scan={"threshold": STRICT})).report
     jsonschema.validate(unchanged, schema)
     broken = {**unchanged, "changed": True}  # a changed model must carry its layers, rescan, parity...
     with pytest.raises(jsonschema.ValidationError):
@@ -242,14 +242,15 @@ def test_nothing_suspected_writes_the_input_byte_for_byte(twin, tmp_path):
 
 
 def test_always_cleans_an_unflagged_model(twin):
-    result = clean(twin[1], CleanOptions(**QUICK, scan_threshold=STRICT, always=True, max_disagreement=100.0))
+    options = QUICK.with_(scan={"threshold": STRICT}, removal={"always": True, "max_disagreement": 100.0})
+    result = clean(twin[1], options)
     assert result.changed and result.report["ranking"]["source"] == "nwc"
     assert result.report["verdict"] == "no backdoor found by scan: cleaned anyway (--always)"
     assert result.report["ratio_selection"]["rule"] == "largest ratio within the budget"
 
 
 def test_clean_removes_the_backdoor_at_the_smallest_ratio_the_rescan_clears(backdoored):
-    result = clean(backdoored[1], CleanOptions(**QUICK))
+    result = clean(backdoored[1], QUICK)
     report = result.report
     selection = report["ratio_selection"]
     assert report["ranking"] == {**report["ranking"], "source": "activation", "target": TARGET}
@@ -266,8 +267,8 @@ def test_clean_removes_the_backdoor_at_the_smallest_ratio_the_rescan_clears(back
 
 
 def test_clean_is_deterministic(backdoored):
-    one = clean(backdoored[1], CleanOptions(**QUICK))
-    two = clean(backdoored[1], CleanOptions(**QUICK))
+    one = clean(backdoored[1], QUICK)
+    two = clean(backdoored[1], QUICK)
     assert one.to_bytes() == two.to_bytes()
     assert one.report["scan"] == two.report["scan"] and one.report["rescan"] == two.report["rescan"]
 
@@ -325,7 +326,7 @@ def test_a_backdoor_that_survives_every_candidate_is_refused_with_the_failed_che
 
 def test_verify_scan_prints_both_models_margins(backdoored, tmp_path):
     original = _save(backdoored[1], tmp_path / "bd.onnx")
-    cleaned = _save(clean(backdoored[1], CleanOptions(**QUICK)).model, tmp_path / "clean.onnx")
+    cleaned = _save(clean(backdoored[1], QUICK).model, tmp_path / "clean.onnx")
     result = CliRunner().invoke(main, ["verify", str(original), str(cleaned), "--scan", "--json"])
     assert result.exit_code == 0, result.output
     scans = json.loads(result.stdout)["scan"]

@@ -17,7 +17,7 @@ from torch import nn
 from builders import Chain, export, logits
 from conftest import FAST, FAST_ARGS
 from converters.single_score import single_score_kind, two_class_graph, two_class_scores
-from otbr_onnx import CleanOptions, clean
+from otbr_onnx import clean
 from otbr_onnx.cli import main
 from otbr_onnx.evaluate import predict
 from otbr_onnx.load import load_proto
@@ -78,7 +78,7 @@ def test_load_reads_one_column_as_two_classes(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["logit", "probability"])
 def test_clean_keeps_the_single_column_graph_with_parity(kind: str) -> None:
     model = single_column(kind)
-    result = clean(model, CleanOptions(**FAST, prune_ratio=0.25))
+    result = clean(model, FAST.with_(removal={"prune_ratio": 0.25}))
     assert result.changed
     assert_same_graph(model, result.model)
     x = images(32)

@@ -19,7 +19,6 @@ from torch import nn
 
 from converters import runtime
 from converters.write_back import changed_initializers
-from otbr_onnx import CleanOptions
 from otbr_onnx.cli import main
 from otbr_onnx.sizing import BatchPlan, Chunking, parse_size
 from tests import builders
@@ -96,7 +95,7 @@ def test_a_batch_hardcoding_reshape_is_detected_and_its_converted_module_runs_at
     loaded = load_proto(model)
     assert loaded.batch.path == "fixed" and loaded.working is loaded.proto
     assert "batch 2" in loaded.batch.reason
-    prepared = prepare(model, CleanOptions(**FAST, device="cpu"))
+    prepared = prepare(model, FAST.with_(run={"device": "cpu"}))
     x = runtime.random_inputs(loaded.input_shape, 1, seed=3)
     with torch.no_grad():  # onnx2torch keeps the constant [1, -1] shape: batch 1 is what it runs
         torch_out = prepared.module(torch.from_numpy(x)).numpy()
@@ -193,11 +192,11 @@ def test_the_memory_budget_chooses_the_micro_batch_and_the_report_says_so(tmp_pa
     from otbr_onnx.pipeline import clean
 
     _, model = builders.build("chain")
-    roomy = clean(model, CleanOptions(**FAST, device="cpu", max_memory=64 * 1024**3)).report["memory"]
+    roomy = clean(model, FAST.with_(run={"device": "cpu", "max_memory": 64 * 1024**3})).report["memory"]
     assert roomy["source"] == "--max-memory" and roomy["images_per_pass"] == 256
     assert roomy["unlearning_micro_batch"] is None  # the whole batch of 16 fits: no chunking
     # a budget the process already exceeds: one image per pass, flagged as over budget
-    tight = clean(model, CleanOptions(**FAST, device="cpu", max_memory=1024)).report["memory"]
+    tight = clean(model, FAST.with_(run={"device": "cpu", "max_memory": 1024})).report["memory"]
     assert tight["micro_batch"] == 1 and tight["images_per_pass"] == 1 and tight["over_budget"]
     assert tight["unlearning_micro_batch"] == 1
     assert tight["per_sample_bytes"] == roomy["per_sample_bytes"] > 6 * 8 * 8 * 4  # at least c1's output

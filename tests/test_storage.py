@@ -19,13 +19,13 @@ from builders import build, export
 from conftest import FAST, FAST_ARGS
 from converters import storage
 from models.architectures import build as build_architecture
-from otbr_onnx import CleanOptions, clean
+from otbr_onnx import clean
 from otbr_onnx.cli import main
 from otbr_onnx.errors import UnsupportedModelError
 from otbr_onnx.verify import verify
 
 SHAPE = (1, 1, 8, 8)
-OPTIONS = CleanOptions(**FAST, prune_ratio=0.25)
+OPTIONS = FAST.with_(removal={"prune_ratio": 0.25})
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_fresh_preact_resnet18_from_the_legacy_exporter_cleans() -> None:
                              blocks=(2, 2, 2, 2))
     original = export(net, (1, 3, 32, 32))
     assert sum(n.op_type == "Identity" for n in original.graph.node) == 36
-    result = clean(original, CleanOptions(**FAST, prune_ratio=0.02))
+    result = clean(original, FAST.with_(removal={"prune_ratio": 0.02}))
     parity_ok(result)
     assert_same_graph(original, result.model, shape=(1, 3, 32, 32))
     assert changed(original, result.model)

@@ -24,25 +24,26 @@ __all__ = ["Images", "check_calibration", "check_data", "contents_sha256", "load
 
 
 def read_data(options, input_shape: tuple[int, ...]) -> Images:
-    """``options.data`` (a ``CleanOptions`` with ``data`` set) read for a model whose input is
-    ``input_shape``, with the options' range, mean, std and limits: the one call the CLI's
+    """``options.data.path`` (a ``CleanOptions`` with ``data.path`` set) read for a model whose input
+    is ``input_shape``, with the options' range, mean, std and limits: the one call the CLI's
     fail-fast check and the stages that use the images share."""
-    return load_images(options.data, input_shape, options.input_range, options.data_mean, options.data_std,
-                       options.limits)
+    data = options.data
+    return load_images(data.path, input_shape, options.interface.input_range, data.mean, data.std, options.limits)
 
 
 def check_data(model: Path, options) -> None:
-    """Fail fast: read ``options.data`` against ``model``'s input before the scan or any output
+    """Fail fast: read ``options.data.path`` against ``model``'s input before the scan or any output
     (the pipeline reads it again where it uses it). A bad file or folder ends here, exit 2."""
-    if options.data is None:
+    if options.data.path is None:
         return
     from otbr_onnx.load import load_model
 
-    loaded = load_model(model, options.input_shape, options.output_name, options.limits)
+    interface = options.interface
+    loaded = load_model(model, interface.input_shape, interface.output_name, options.limits)
     read_data(options, loaded.input_shape)
 
 def check_calibration(options) -> None:
-    """Fail fast: ``options.calibration`` readable as labelled images, before any model is
+    """Fail fast: ``options.data.calibration`` readable as labelled images, before any model is
     loaded or unlearnt (the ratio rule reads it last, and checks the shape there)."""
-    if options.calibration is not None:
-        read_calibration(options.calibration, options.limits.max_file_bytes)
+    if options.data.calibration is not None:
+        read_calibration(options.data.calibration, options.limits.max_file_bytes)

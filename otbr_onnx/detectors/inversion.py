@@ -354,5 +354,5 @@ DETECTOR = InversionDetector()
 def inversion_config(options: "CleanOptions", device: str, chunking: "Chunking") -> InversionConfig:
     """The inversion's settings: its calibrated defaults, with the options' seed, input range and
     device, and the images per pass ``prepare``'s memory plan allows."""
-    return InversionConfig(seed=options.seed, device=device, input_range=tuple(options.input_range),
+    return InversionConfig(seed=options.run.seed, device=device, input_range=tuple(options.interface.input_range),
                            chunk=chunking.size, exact=chunking.exact)

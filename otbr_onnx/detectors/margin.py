@@ -408,8 +408,9 @@ def _output(module: nn.Module, x: torch.Tensor, output_index: int) -> torch.Tens
 def scan_config(options, device: str, chunking: Chunking = Chunking(), block: int | None = None) -> ScanConfig:
     """The scan's settings from ``CleanOptions``, and the images per pass and per search block
     from ``prepare``'s memory plan."""
-    return ScanConfig(starts=options.scan_starts, steps=options.scan_steps, threshold=options.scan_threshold,
-                      batch=chunking.size, exact=chunking.exact, block=block, seed=options.seed, device=device,
-                      input_range=tuple(options.input_range))
+    scan = options.scan
+    return ScanConfig(starts=scan.starts, steps=scan.steps, threshold=scan.threshold,
+                      batch=chunking.size, exact=chunking.exact, block=block, seed=options.run.seed, device=device,
+                      input_range=tuple(options.interface.input_range))
 
 

@@ -539,7 +539,7 @@ def remove(prepared, images: np.ndarray, targets: list[int], options, progress=N
     ``FidelityBudgetError`` when no round keeps the original's answers, or when the removal is
     masked."""
     loaded = prepared.loaded
-    config = config or AdversarialConfig(seed=options.seed, device=prepared.device)
+    config = config or AdversarialConfig(seed=options.run.seed, device=prepared.device)
     config = replace(config, families=unlearnt_families(evidence, targets, config.families))
     statistics = loaded.storage.statistics
     trainable = [ref.tensor(prepared.module) for name, ref in prepared.refs.items() if name not in statistics]
@@ -549,15 +549,16 @@ def remove(prepared, images: np.ndarray, targets: list[int], options, progress=N
         if progress is not None:
             progress("unlearning", measured.index, config.rounds)
 
-    student, log = unlearn(prepared.module, trainable, images, targets, logits_of, tuple(options.input_range),
-                           options.max_acc_drop, config, on_round, writable_batchnorm(prepared))
+    input_range = tuple(options.interface.input_range)
+    student, log = unlearn(prepared.module, trainable, images, targets, logits_of, input_range,
+                           options.removal.max_acc_drop, config, on_round, writable_batchnorm(prepared))
     if log.chosen < 0:
         best = min(log.rounds, key=lambda r: r.expected_drop, default=None)
         detail = "" if best is None else (f" (least expected drop {best.expected_drop:.1f} points, "
                                           f"{best.agreement:.1f}% of held-out answers kept)")
         raise FidelityBudgetError(
             f"adversarial unlearning could not keep the original's answers on the user's images within "
-            f"--max-acc-drop {options.max_acc_drop}{detail}; refusing to clean")
+            f"--max-acc-drop {options.removal.max_acc_drop}{detail}; refusing to clean")
     if not reach_fell(log.original, log.kept):
         raise FidelityBudgetError(
             f"adversarial unlearning did not lower the reach of any trigger it searched on the held-out images "
@@ -572,8 +573,7 @@ def remove(prepared, images: np.ndarray, targets: list[int], options, progress=N
         if not np.array_equal(value, prepared.original[name]):
             weights[name] = value
     removal = Removal(weights, log)
-    removal.recalibration = recalibration_check(student, images, targets, logits_of, tuple(options.input_range),
-                                                config)
+    removal.recalibration = recalibration_check(student, images, targets, logits_of, input_range, config)
     if removal.recalibration.get("masked"):
         check = removal.recalibration
         raise FidelityBudgetError(

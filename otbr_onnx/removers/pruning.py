@@ -117,7 +117,7 @@ class PruningRemoval:
                 "pruned_neurons": chosen.pruned,
             },
             "fusion": {
-                "lambda": options.fusion_lambda if options.method == "otbr" else None,
+                "lambda": options.removal.fusion_lambda if options.removal.method == "otbr" else None,
                 "fused_layers": [layers[i].label for i in chosen.record.fused],
                 "plans": {str(g): p for g, p in chosen.record.plans.items()},
             },
@@ -131,11 +131,12 @@ class PruningRemoval:
 
 def rank(prepared: "PreparedModel", options: "CleanOptions", detection: ScanResult | None,
          progress: Progress | None = None) -> Ranking:
-    """The neuron scores ``options.ranking`` asks for (``auto``: activation given a suspect)."""
-    if options.method == "clp":
+    """The neuron scores ``options.removal.ranking`` asks for (``auto``: activation given a suspect)."""
+    if options.removal.method == "clp":
         return clp_ranking(prepared, options)
-    wants_target = options.ranking == "activation" or (options.ranking == "auto" and detection is not None
-                                                       and bool(detection.suspected))
+    ranking = options.removal.ranking
+    wants_target = ranking == "activation" or (ranking == "auto" and detection is not None
+                                               and bool(detection.suspected))
     if not wants_target:
         return nwc_ranking(prepared, options, progress)
     target = detection.suspected[0] if detection.suspected else detection.top_class
@@ -147,7 +148,7 @@ def choose(prepared: "PreparedModel", ranking: Ranking, options: "CleanOptions",
            progress: Progress | None = None, images: "Images | None" = None) -> tuple[Selection | None, Repair]:
     """A fixed ratio (or CLP's own masks) as given, else the ratio rule of ``ratio.py``."""
     if not selects_ratio(options, ranking):
-        return None, repair(prepared, ranking, options.prune_ratio, options)
+        return None, repair(prepared, ranking, options.removal.prune_ratio, options)
     selection = select(prepared, ranking, options, detection, progress, images)
     return selection, selection.chosen
 
@@ -155,7 +156,7 @@ def choose(prepared: "PreparedModel", ranking: Ranking, options: "CleanOptions",
 def selects_ratio(options: "CleanOptions", ranking: Ranking) -> bool:
     """Whether gamma is chosen per model: not for CLP (its own masks) nor a fixed --prune-ratio
     (calibration images always decide it)."""
-    return ranking.source != "clp" and (options.prune_ratio is None or options.calibration is not None)
+    return ranking.source != "clp" and (options.removal.prune_ratio is None or options.data.calibration is not None)
 
 
 def verify_removal(prepared: "PreparedModel", chosen: Repair, selection: Selection | None,
@@ -179,7 +180,8 @@ def clean_verdict(detection: ScanResult | None, rescan: ScanResult | None, optio
         return "no backdoor found by scan: cleaned anyway (--always)"
     target = detection.suspected[0]
     if rescan is not None and not rescan.cleared(target):  # only with a fixed --prune-ratio: the rule refuses
-        return f"backdoor suspected (class {target}): the rescan still flags it at --prune-ratio {options.prune_ratio}"
+        return (f"backdoor suspected (class {target}): the rescan still flags it at --prune-ratio "
+                f"{options.removal.prune_ratio}")
     # "cleaned", not "removed": the rescan is a proxy (see detectors.margin.CLEARED_Z and the README's limits)
     # what a scan of the model handed back flags besides is the pipeline's final scan to say
     return (f"backdoor suspected (class {target}): cleaned until the rescan no longer flags it "

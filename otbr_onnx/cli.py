@@ -564,7 +564,8 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
               help="How the backdoor is removed. adversarial: triggers found on your --data images are "
                    "unlearnt while the original's answers are kept, and a BatchNorm recalibration must not "
                    "bring them back (needs --data; experimental: see README's limits); pruning: ranking + pruning + "
-                   "OT fusion (--method); auto: pruning.")
+                   "OT fusion (--method); auto: adversarial with --data (unless --reference, --method, "
+                   "--prune-ratio or --calibration ask for pruning), else pruning.")
 @click.option("--calibration", type=_RegularFile(),
               help="npz of CLEAN images (x, y) you trust: choose the prune ratio under --max-acc-drop on them.")
 @click.option("--max-acc-drop", type=click.FloatRange(min=0), default=default("removal.max_acc_drop"),

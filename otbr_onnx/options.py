@@ -47,14 +47,18 @@ RANKINGS = ("auto", "activation", "nwc")
 #   adversarial: adversarial unlearning on the user's images (--data): triggers the model still
 #                obeys are found and the weight layers are fine-tuned to ignore them while keeping
 #                the original's answers;
-#   auto:        pruning. Adversarial unlearning is opt-in. On the data benchmark (200 images,
-#                16 backdoored models) the rebuilt remover cleaned 3 robustly (PreAct LF t9, VGG
-#                LF and WaNet, at -1.7 to -2.4 points; benchmarks/WITH_DATA_ADVERSARIAL.md);
-#                pruning scored on the same images cleaned none of the PreAct ones (WITH_DATA.md).
-#                Not yet the default: it was measured only this late in the round (no 50/1000
-#                image rows, two of its cleans exceed the 2-point budget), it costs 2-6 minutes
-#                per flagged small model on 2 cores, and 8 of its 13 flagged models were refused
-#                (the rescan still flagged the target, or no round fitted the budget).
+#   auto:        adversarial when the user gives images (--data) and asks for nothing only pruning
+#                reads (--reference, --method prune-only/clp, --prune-ratio, --calibration);
+#                pruning otherwise.
+#                Measured on the data benchmark (200 images, 16 backdoored models,
+#                benchmarks/WITH_DATA_ADVERSARIAL.md): adversarial unlearning cleaned 3 for good
+#                (PreAct LF t9, VGG LF and WaNet, ASR <= 4.5 after recalibration and fine-tuning, at
+#                -1.6 to -2.5 points) and lowered two more (SIG 93.5 -> 29.5, VGG Blended 99.7 ->
+#                17.0); pruning scored on the same images cleaned none of the PreAct ones
+#                (WITH_DATA.md), its candidates that cleared the target costing 2.5-30 points. The
+#                price: 1.5-6 minutes per flagged small model on 2 CPU cores, and most flagged models
+#                refused rather than cleaned (the rescan still flags the target, no round fits the
+#                budget, or no trigger's reach fell).
 REMOVERS = ("auto", *_REMOVER_MODULES)  # the registry of otbr_onnx/removers/, read without importing them
 
 
@@ -262,8 +266,14 @@ class CleanOptions:
 
     @property
     def resolved_remover(self) -> str:
-        """The remover ``auto`` stands for: pruning (see REMOVERS for the measurement)."""
-        return "pruning" if self.removal.remover == "auto" else self.removal.remover
+        """The remover ``auto`` stands for (see REMOVERS for the measurement): adversarial
+        unlearning when the user gave images, unless an option only pruning reads was set."""
+        removal = self.removal
+        if removal.remover != "auto":
+            return removal.remover
+        pruning_asked = (removal.reference or removal.method != "otbr" or removal.prune_ratio is not None
+                         or self.data.calibration is not None)
+        return "adversarial" if self.data.path is not None and not pruning_asked else "pruning"
 
     @property
     def scans(self) -> bool:

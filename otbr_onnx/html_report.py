@@ -233,10 +233,9 @@ def verdict_sentence(report: dict) -> str:
 
 
 def _alarming(report: dict) -> bool:
-    rescan = report.get("rescan")
     if report.get("changed") is None:  # a scan report
         return bool(report["scan"]["suspected_targets"])
-    return bool(rescan and rescan["suspected_targets"])
+    return any((report.get(key) or {}).get("suspected_targets") for key in ("rescan", "final_scan"))
 
 
 def _header(report: dict) -> str:
@@ -362,6 +361,29 @@ def ratios_section(report: dict) -> str:
             + "</section>")
 
 
+def unlearning_section(report: dict) -> str:
+    """The adversarial remover's rounds: how far fresh triggers still reach the held-out images
+    after each, beside the original's reach (round 0) and the fidelity that decided the kept one."""
+    removal = report.get("removal")
+    if not removal or removal.get("remover") != "adversarial":
+        return ""
+    rounds = ([{**removal["original"], "round": "original"}] if removal.get("original") else []) + removal["rounds"]
+    families = list(dict.fromkeys(f for r in rounds for f in r["reach"]))
+    rows = [("chosen" if r["round"] == removal["chosen_round"] else "",
+             [_e(r["round"]), _num(r["agreement"]), _num(r["expected_accuracy_drop"])]
+             + [_num(r["reach"].get(f)) for f in families]) for r in rounds]
+    images = removal.get("images") or {}
+    explain = (f"Targets {removal['targets']}; {images.get('train')} images trained on, {images.get('holdout')} "
+               f"held out; BatchNorm {removal.get('batchnorm')}. Reach: % of held-out images a fresh trigger "
+               f"sends to the target. The kept round (highlighted: round {removal['chosen_round']}) has the lowest "
+               "reach among those within the accuracy budget, and must lower some family's reach below the "
+               "original's.")
+    return ('<section id="unlearning"><h2>Adversarial unlearning rounds</h2>'
+            f'<p class="note">{_e(explain)}</p>'
+            + _table(["round", "held-out agreement (%)", "expected accuracy drop (points)"]
+                     + [f"{f} reach (%)" for f in families], rows, 1) + "</section>")
+
+
 def parity_section(report: dict) -> str:
     parity = {k: v for k, v in (report.get("parity") or {}).items() if v is not None}
     if not parity:
@@ -390,7 +412,8 @@ def render(report: dict) -> str:
     """The whole page as a string."""
     require_matplotlib()
     body = "".join([_header(report), margins_section(report), inversion_section(report), scores_section(report),
-                    ratios_section(report), parity_section(report), time_section(report)])
+                    ratios_section(report), unlearning_section(report), parity_section(report),
+                    time_section(report)])
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

@@ -50,6 +50,10 @@ def test_adversarial_clean_removes_the_patch_backdoor_and_keeps_answers(backdoor
     assert removal["images"] == {"train": 150, "holdout": 50}
     kept = removal["rounds"][removal["chosen_round"] - 1]["reach"]
     assert any(kept.get(f, 0.0) < reach for f, reach in removal["original"]["reach"].items())
+    from otbr_onnx.html_report import unlearning_section
+    section = unlearning_section(result.report)
+    assert section.count('<tr class="chosen">') == 1 and "<td class=\"text\">original</td>" in section
+    assert section.count("<tr") == 2 + len(removal["rounds"])  # header, original, every round
     assert result.report["data"]["images"] == 200 and result.parity.ok
     # graph surgery, not a new graph: the same nodes, only initializer values changed
     assert [n.op_type for n in cleaned.graph.node] == [n.op_type for n in model.graph.node]

@@ -502,3 +502,13 @@ def test_the_page_renders_in_chromium_without_errors(which, request, tmp_path):
     assert image.shape[1] == 1200 and image.shape[0] > 1500  # the whole page, not one screen
     colours = len(np.unique(image.reshape(-1, 3), axis=0))
     assert image.std() > 10 and colours > 50  # text, bars and highlights, not a blank page
+
+
+def test_the_html_verdict_is_an_alert_when_the_final_scan_flags_a_class():
+    """A written model whose fresh scan still flags a class (exit 6) is shown as an alert, as one
+    whose rescan does; a clean report with neither is not."""
+    from otbr_onnx.html_report import _alarming
+    quiet = {"changed": True, "rescan": {"suspected_targets": []}, "final_scan": {"suspected_targets": []}}
+    assert not _alarming(quiet)
+    assert _alarming({**quiet, "final_scan": {"suspected_targets": [4]}})
+    assert _alarming({**quiet, "rescan": {"suspected_targets": [0]}, "final_scan": None})

@@ -32,7 +32,8 @@ from otbr_onnx.errors import (
 from otbr_onnx.executors import EXECUTORS
 from otbr_onnx.files import regular_file_size
 from otbr_onnx.load import Limits
-from otbr_onnx.options import DEVICES, METHODS, ORT_PROVIDERS, RANKINGS, REMOVERS, default
+from otbr_onnx import removers
+from otbr_onnx.options import DEVICES, METHODS, ORT_PROVIDERS, RANKINGS, default
 
 LOG = logging.getLogger("otbr_onnx")
 
@@ -560,7 +561,7 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
                    "--max-acc-drop on --calibration images.")
 @click.option("--method", type=click.Choice(METHODS), default=default("removal.method"), show_default=True,
               help="otbr: the full method; prune-only: stage 1 alone (ablation); clp: channel-Lipschitz pruning baseline.")
-@click.option("--remover", type=click.Choice(REMOVERS), default=default("removal.remover"), show_default=True,
+@click.option("--remover", type=click.Choice(removers.choices()), default=default("removal.remover"), show_default=True,
               help="How the backdoor is removed. adversarial: triggers found on your --data images are "
                    "unlearnt while the original's answers are kept, and a BatchNorm recalibration must not "
                    "bring them back (needs --data; experimental: see README's limits); pruning: ranking + pruning + "

@@ -112,6 +112,7 @@ def clean(model: str | Path | onnx.ModelProto, options: CleanOptions = CleanOpti
     and a report. Raises ``OtbrError`` subclasses for anything the user must act on.
     """
     options.validate()
+    removers.check(options.resolved_remover)  # before the model is loaded
     timer = Timer()
     with timer.stage("prepare"):
         prepared = prepare(model, options)
@@ -124,6 +125,7 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
     """``clean`` from an already prepared model, and optionally its scan (``detect`` with the
     same scan options), so that several cleanings of one model share both (the benchmarks)."""
     options.validate()
+    remover = removers.get(options.resolved_remover)
     timer = timer or Timer()
     with timer.stage("data"):
         images = read_images(prepared, options)
@@ -137,7 +139,6 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
             report = reporting.unchanged_report(prepared, options, detection, timer.seconds, command)
             return CleanResult(prepared.loaded.proto, report, None, changed=False, detection=detection,
                                original_bytes=_original_bytes(prepared))
-    remover = removers.get(options.resolved_remover)
     removal = remover.remove(prepared, detection, images, options, progress, timer)
     with timer.stage("recalibration_check"):
         recheck = recalibration_rescan(prepared, removal.weights, _pixels(images), detection, removal.rescan, options)

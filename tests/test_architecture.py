@@ -68,6 +68,12 @@ def imports(module: str) -> set[str]:
         for alias in node.names:
             candidate = f"{base}.{alias.name}"
             found.add(candidate if candidate in MODULES else base)
+    # a registry that names modules by string and imports them on demand (``removers.MODULES`` and
+    # ``importlib.import_module``) depends on them as much as an import statement does. Dotted
+    # names only: a logger named after the package ("otbr_onnx") imports nothing.
+    found.update(node.value for node in ast.walk(tree)
+                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value
+                 and node.value in MODULES)
     return found
 
 
@@ -142,6 +148,11 @@ def test_imports_inside_functions_are_read():
     names = {alias.name if isinstance(node, ast.Import) else node.module
              for node in _import_nodes(ast.parse(code)) for alias in node.names}
     assert names == {"typing", "inside_f", "inside_g", "inside_m"}
+
+
+def test_a_registry_of_module_names_is_read_as_imports():
+    """``otbr_onnx.removers`` imports its removers by name, on demand: the graph still sees them."""
+    assert {"otbr_onnx.removers.pruning", "otbr_onnx.removers.unlearning"} <= graph()["otbr_onnx.removers"]
 
 
 def test_circles_are_found():

@@ -12,9 +12,9 @@ import pytest
 from otbr_onnx import CleanOptions, DataOptions, ScanOptions, clean
 from otbr_onnx import detect as detecting
 from otbr_onnx.detectors import inversion
+from otbr_onnx.errors import UsageError
 from otbr_onnx.prepare import prepare
 from otbr_onnx import removers
-from otbr_onnx.options import REMOVERS
 from otbr_onnx.removers import pruning, unlearning
 from tests import builders
 
@@ -65,9 +65,9 @@ class ToyDetector:
 
 def test_the_shipped_registries():
     assert detecting.DATA_DETECTORS == (inversion.DETECTOR,)
-    assert REMOVERS == ("auto", "pruning", "adversarial")
+    assert removers.choices() == ("auto", "pruning", "adversarial")
     assert removers.get("pruning") is pruning.REMOVER and removers.get("adversarial") is unlearning.REMOVER
-    with pytest.raises(KeyError):
+    with pytest.raises(UsageError):
         removers.get("auto")  # a name options resolve, not a remover
 
 
@@ -132,10 +132,11 @@ def test_a_remover_is_one_module_and_one_registry_line(monkeypatch):
     assert properties["remover"] == "toy" and properties["strength"] == 0.25 and "pruneRatio" not in properties
 
 
-def test_a_remover_not_registered_is_a_usage_error():
-    from otbr_onnx.errors import UsageError
-    with pytest.raises(UsageError, match="--remover must be one of auto, pruning, adversarial"):
-        CleanOptions().with_(removal={"remover": "toy"}).validate()
+def test_a_remover_not_registered_is_a_usage_error_before_the_model_is_read(tmp_path):
+    """The registry checks the name, not options: a name it lacks stops ``clean`` before the file
+    (here one that does not exist) is opened."""
+    with pytest.raises(UsageError, match="--remover must be one of auto, pruning, adversarial, got 'toy'"):
+        clean(tmp_path / "absent.onnx", CleanOptions().with_(removal={"remover": "toy"}))
 
 
 if __name__ == "__main__":

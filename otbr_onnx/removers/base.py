@@ -2,7 +2,7 @@
 
 A ``Remover`` takes the prepared model, the scan's detection and the user's images (or None) and
 returns a ``Removal``: the new weights, the rescan of the model they make, and what the report
-shows of it. The pipeline picks one by ``CleanOptions.resolved_remover`` from ``REMOVERS``
+shows of it. The pipeline picks one by ``CleanOptions.resolved_remover`` with ``removers.get``
 (``removers/__init__.py``) and runs the same stages after any of them: the recalibration check,
 write-back and parity, the report. A remover refuses (raises ``FidelityBudgetError``) rather than
 hand back a model its own rule does not accept.

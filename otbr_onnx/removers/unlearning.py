@@ -72,8 +72,9 @@ class UnlearningRemoval:
     def verdict(self, detection: ScanResult | None, options: "CleanOptions") -> str:
         log = self.removal.log
         targets = log.targets
+        before = f" from {log.original.worst_reach:.0f}%" if log.original is not None else ""
         verdict = (f"backdoor suspected (class {', '.join(map(str, targets))}): triggers found on the user's images "
-                   f"unlearnt (held-out reach {log.rounds[log.chosen - 1].worst_reach:.0f}%)"
+                   f"unlearnt (held-out reach of the worst trigger family {log.kept.worst_reach:.0f}%{before})"
                    if targets else "no class suspected: cleaned anyway (--always), untargeted unlearning")
         return verdict  # what a scan of the model handed back flags is the pipeline's final scan to say
 

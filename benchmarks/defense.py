@@ -445,6 +445,9 @@ def parse_args() -> argparse.Namespace:
                              "order of all models, a later file's row replacing an earlier one's")
     parser.add_argument("--note", action="append", default=[], help="a line for the header (with --merge: how the "
                                                                     "runs differ)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (default 2; 1 when another job shares the 2 cores: two threads on a "
+                             "busy core spend their time waiting for each other)")
     return parser.parse_args()
 
 
@@ -479,7 +482,7 @@ def main() -> None:
         command = "python benchmarks/defense.py --merge " + " ".join(str(p) for p in args.merge)
         write(args, rows, command, timing, complete=len(rows) == len(all_models()))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     command = "python " + " ".join(sys.argv)
     began = time.perf_counter()
     timing = {"train": 0.0, "defend": 0.0, "total": 0.0}

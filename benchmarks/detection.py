@@ -209,8 +209,9 @@ def document(runs: dict[int, list[dict]]) -> str:
         "target-7 SIG model (whose own trigger flips only 34% of test images), BadNets through the inversion "
         "(the patch search does not localise a 3x3 patch in 60 steps; 150 steps did on PreAct, z 4.9). Cost: a "
         "full-width PreAct-ResNet18 at 32x32 was NOT brought within 2 minutes on 2 CPU cores: the inversion runs "
-        "3 x 60 forward+backward passes of 160 images plus 3 scoring passes of about 1800 images, tens of "
-        "minutes on CPU at that size.\n",
+        "3 x 60 forward+backward passes of 160 images plus 3 scoring passes of about 1800 images: measured 573 s "
+        "for `scan --data` of a randomly initialised one with 200 random images (126 s data-free), on 2 cores "
+        "shared with three benchmark processes.\n",
         "\n## Calibration (clean models only)\n",
         "Thresholds per family (`otbr_onnx/detectors/inversion.py`, `THRESHOLDS`): the largest robust z any class of "
         "any clean model reached in that family over both image counts, plus 1; set for NO false alarm on the 11 "

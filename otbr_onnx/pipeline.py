@@ -182,8 +182,8 @@ def _refuse_masked(recheck: Recheck) -> None:
     if recheck.masked:
         raise FidelityBudgetError(
             f"the removal is masked: once the cleaned model's BatchNorm statistics are re-estimated on your "
-            f"images, the rescan flags class {recheck.target} again (z {recheck.z_after:.1f}); refusing to hand "
-            f"back a model a recalibration would re-open")
+            f"images, the rescan flags class {recheck.target} again ({recheck.rescan.holding(recheck.target)}); "
+            f"refusing to hand back a model a recalibration would re-open")
 
 
 def _original_bytes(prepared: PreparedModel) -> bytes | None:

@@ -73,6 +73,7 @@ def test_cli_refusal_of_a_masked_removal_writes_nothing(preact_with_data, monkey
                                        "--prune-ratio", "0.2", "--data", str(data), "--max-acc-drop", "100"])
     assert result.exit_code == 3, result.output
     assert "masked" in result.output and "class 1" in result.output and not out.exists()
+    assert "(maximum margin z 9.0 above" in result.output  # the test that holds the class, with its own z
 
 
 def test_the_report_says_why_the_check_did_not_run(preact_with_data, tmp_path):

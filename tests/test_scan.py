@@ -119,6 +119,31 @@ def test_verdict_orders_suspects_by_z_and_respects_the_threshold():
     assert verdict(np.array([10.0, 40.0, 10.5, 9.8, 25.0, 10.1]), threshold=1e6)[1] == []
 
 
+class _Held:
+    """A test run beside the scan that holds every class at z 6.3 (the Detection protocol's two calls)."""
+
+    def cleared(self, target: int) -> bool:
+        return False
+
+    def statistic(self, target: int) -> float:
+        return 6.3
+
+
+def test_a_refusal_names_the_test_that_still_holds_the_class_with_its_own_z():
+    """After unlearning, the margin may clear a class that the trigger inversion still holds: the
+    message must not show the (low) margin z as if it were the reason."""
+    from otbr_onnx.detectors.margin import ScanResult
+
+    z = np.array([-0.4, CLEARED_Z + 2.0, 0.0])
+    inversion = type("Inversion", (), {"name": "trigger_inversion"})()  # a detector: its name is what is read
+    result = ScanResult(np.zeros(3), z, 3.5, [], others={inversion: _Held()})
+    assert not result.cleared(0)
+    assert result.holding(0) == "trigger inversion z 6.3"
+    assert result.holding(1) == f"maximum margin z {CLEARED_Z + 2.0:.1f} above {CLEARED_Z:g}; trigger inversion z 6.3"
+    alone = ScanResult(np.zeros(3), z, 3.5, [])
+    assert alone.cleared(0) and alone.holding(0) == ""
+
+
 # --- the search ----------------------------------------------------------------------------------
 
 

@@ -166,6 +166,14 @@ class ScanResult:
         and no test run beside the scan flags it any more."""
         return bool(self.z[target] <= CLEARED_Z) and all(found.cleared(target) for found in self.ran.values())
 
+    def holding(self, target: int) -> str:
+        """The tests that do not clear ``target``, each with its z: what a refusal names, so that a
+        class held by the trigger inversion is not reported with its (low) margin z alone."""
+        held = [f"maximum margin z {self.z[target]:.1f} above {CLEARED_Z:g}"] if self.z[target] > CLEARED_Z else []
+        held += [f"{detector.name.replace('_', ' ')} z {found.statistic(target):.1f}"
+                 for detector, found in self.ran.items() if not found.cleared(target)]
+        return "; ".join(held)
+
     def as_dict(self) -> dict:
         return {
             "verdict": ("inconclusive" if self.inconclusive else

@@ -87,7 +87,7 @@ def _refuse_flagged(targets: list[int], rescan: ScanResult | None) -> None:
     if still:
         raise FidelityBudgetError(
             f"after adversarial unlearning the rescan still flags class {still[0]} "
-            f"(z {rescan.statistic(still[0]):.1f}); refusing to hand back a model that is not cleaned")
+            f"({rescan.holding(still[0])}); refusing to hand back a model that is not cleaned")
 
 
 REMOVER = AdversarialRemover()

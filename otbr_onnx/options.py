@@ -50,7 +50,7 @@ RANKINGS = ("auto", "activation", "nwc")
 #                reads (--reference, --method prune-only/clp, --prune-ratio, --calibration);
 #                pruning otherwise.
 #                Measured on the data benchmark (200 images, 16 backdoored models,
-#                benchmarks/WITH_DATA_ADVERSARIAL.md): adversarial unlearning cleaned 3 for good
+#                benchmarks/WITH_DATA.md): adversarial unlearning cleaned 3 for good
 #                (PreAct LF t9, VGG LF and WaNet, ASR <= 4.5 after recalibration and fine-tuning, at
 #                -1.6 to -2.5 points) and lowered two more (SIG 93.5 -> 29.5, VGG Blended 99.7 ->
 #                17.0); pruning scored on the same images cleaned none of the PreAct ones

@@ -32,10 +32,25 @@ def _as_float_batch(x: np.ndarray) -> np.ndarray:
     return np.array(x, dtype=np.float32, copy=True)
 
 
-def badnets(x: np.ndarray, size: int = 3) -> np.ndarray:
-    """BadNets: a white ``size x size`` square in the bottom-right corner of every channel."""
+def badnets_pattern(size: int = 3, value: float = 1.0, pattern_seed: int = -1) -> np.ndarray:
+    """The BadNets stamp, (size, size): ``value`` everywhere (1 white, 0 black), or with
+    ``pattern_seed >= 0`` a fixed random black-and-white pattern drawn from that seed."""
+    if pattern_seed < 0:
+        return np.full((size, size), value, dtype=np.float32)
+    return np.random.default_rng(pattern_seed).integers(0, 2, (size, size)).astype(np.float32)
+
+
+def badnets(x: np.ndarray, size: int = 3, top: int = -1, left: int = -1, value: float = 1.0,
+            pattern_seed: int = -1) -> np.ndarray:
+    """BadNets: a ``size x size`` stamp (``badnets_pattern``) on every channel, its top-left corner at
+    (``top``, ``left``); -1 puts it against the bottom (right) edge, the classic bottom-right corner."""
     out = _as_float_batch(x)
-    out[:, :, -size:, -size:] = 1.0
+    height, width = out.shape[2:]
+    row = height - size if top < 0 else int(top)
+    col = width - size if left < 0 else int(left)
+    if not (0 <= row <= height - size and 0 <= col <= width - size):
+        raise ValueError(f"a {size}x{size} patch at ({row}, {col}) does not fit a {height}x{width} image")
+    out[:, :, row:row + size, col:col + size] = badnets_pattern(size, value, pattern_seed)
     return out
 
 
@@ -74,10 +89,13 @@ def image_pattern(shape: tuple[int, int, int]) -> np.ndarray:
     return np.broadcast_to(picture.astype(np.float32), (channels, height, width)).copy()
 
 
-def blended_image(x: np.ndarray, alpha: float = 0.2) -> np.ndarray:
-    """Blended with an image key (``image_pattern``): ``(1 - alpha) * x + alpha * picture``."""
+def blended_image(x: np.ndarray, alpha: float = 0.2, flip: int = 0) -> np.ndarray:
+    """Blended with an image key (``image_pattern``, mirrored left to right when ``flip``):
+    ``(1 - alpha) * x + alpha * picture``."""
     out = _as_float_batch(x)
-    return np.clip((1.0 - alpha) * out + alpha * image_pattern(out.shape[1:]), 0.0, 1.0).astype(np.float32)
+    picture = image_pattern(out.shape[1:])
+    picture = picture[..., ::-1] if flip else picture
+    return np.clip((1.0 - alpha) * out + alpha * picture, 0.0, 1.0).astype(np.float32)
 
 
 def sig_pattern(shape: tuple[int, int, int], delta: float = SIG_DELTA, freq: int = 6) -> np.ndarray:
@@ -234,6 +252,7 @@ def poison_dataset(
     target: int = 0,
     ratio: float = 0.1,
     seed: int = 0,
+    pattern: dict | None = None,
     **trigger_kwargs: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Poison a training set the BackdoorBench way (all-to-one).
@@ -246,7 +265,10 @@ def poison_dataset(
     For WaNet, ``WANET_CROSS_RATIO`` times as many other samples get noise-mode warps with their
     labels unchanged, as WaNet trains; they are not in ``poisoned_idx`` because they carry no
     backdoor. (WaNet redraws that noise every batch; here it is drawn once, so the set is static.)
+    ``pattern``: more trigger parameters, for those named like this function's own (a trigger's
+    ``seed`` is its key pattern's seed, not the poisoning seed).
     """
+    trigger_kwargs = {**trigger_kwargs, **(pattern or {})}
     if attack not in TRIGGERS:
         raise KeyError(f"unknown attack {attack!r}; known: {sorted(TRIGGERS)}")
     if len(x) != len(y):

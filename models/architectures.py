@@ -5,6 +5,7 @@ Three families chosen because they stress different graph shapes in the exported
   that survive export (BN -> ReLU -> Conv cannot be folded into a preceding Conv).
 - SmallVGG: a plain chain whose BatchNorms the exporter folds into the Convs.
 - SmallMobileNetV2: inverted residuals with depthwise (grouped) convs.
+- SmallViT: a transformer without BatchNorm: patch embedding, attention MatMuls, LayerNorm.
 All take (N, in_channels, H, W) and end in global average pooling, so any input size works, and
 use only ops that the legacy ONNX exporter maps to plain ONNX operators.
 """
@@ -151,10 +152,61 @@ class SmallMobileNetV2(nn.Module):
         return self.fc(torch.flatten(self.pool(out), 1))
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention written with Linear layers and MatMuls, so that the exported graph
+    holds the attention MatMuls and the q/k/v heads a converter must keep aligned."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        weights = torch.softmax(q @ k.transpose(-2, -1) * (dim // self.heads) ** -0.5, dim=-1)
+        return self.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(LN(x)), then x + MLP(LN(x)) with a GELU."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class SmallViT(nn.Module):
+    """A small Vision Transformer (Dosovitskiy et al., 2021) for 28x28 inputs: 7x7 patches (16
+    tokens), a learnt position embedding, ``depth`` pre-norm blocks and mean pooling (no BatchNorm)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, dim: int = 48, heads: int = 4,
+                 depth: int = 2, patch: int = 7, image: int = 28) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2, dim) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, 2 * dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.fc(self.norm(self.blocks(tokens)).mean(dim=1))
+
+
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "preact_resnet": PreActResNet,
     "vgg": SmallVGG,
     "mobilenetv2": SmallMobileNetV2,
+    "vit": SmallViT,
 }
 
 

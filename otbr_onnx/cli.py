@@ -33,7 +33,7 @@ from otbr_onnx.executors import EXECUTORS
 from otbr_onnx.files import regular_file_size
 from otbr_onnx.load import Limits
 from otbr_onnx import removers
-from otbr_onnx.options import DEVICES, METHODS, ORT_PROVIDERS, RANKINGS, default
+from otbr_onnx.options import DEVICES, MAX_ACC_DROP, METHODS, ORT_PROVIDERS, RANKINGS, default
 
 LOG = logging.getLogger("otbr_onnx")
 
@@ -536,7 +536,12 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--always", is_flag=True,
-              help="Clean even when the scan finds no backdoor (default: such a model is written unchanged).")
+              help="Clean even when the scan finds no backdoor (default without --data: such a model is written "
+                   "unchanged; with --data every model is sanitized anyway).")
+@click.option("--only-if-flagged", is_flag=True,
+              help="With --data: remove only when the scan flags a class, and hand every other model back "
+                   "unchanged (the behaviour before the relearning remover). Without --data it changes nothing: "
+                   "the data-free path only cleans flagged models.")
 @click.option("--ranking", type=click.Choice(RANKINGS), default=default("removal.ranking"), show_default=True,
               help="Neuron score: activation (how much more a neuron fires on the suspected target's "
                    "maximum-margin inputs), nwc (the paper's weight change under random unlearning), auto "
@@ -562,16 +567,18 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
 @click.option("--method", type=click.Choice(METHODS), default=default("removal.method"), show_default=True,
               help="otbr: the full method; prune-only: stage 1 alone (ablation); clp: channel-Lipschitz pruning baseline.")
 @click.option("--remover", type=click.Choice(removers.choices()), default=default("removal.remover"), show_default=True,
-              help="How the backdoor is removed. adversarial: triggers found on your --data images are "
-                   "unlearnt while the original's answers are kept, and a BatchNorm recalibration must not "
-                   "bring them back (needs --data; experimental: see README's limits); pruning: ranking + pruning + "
-                   "OT fusion (--method); auto: adversarial with --data (unless --reference, --method, "
-                   "--prune-ratio or --calibration ask for pruning), else pruning.")
+              help="How the backdoor is removed. relearning: a copy of the model forgets, then relearns the "
+                   "original's answers on your --data images, with no trigger searched (needs --data); "
+                   "adversarial: triggers found on your --data images are unlearnt while the original's answers "
+                   "are kept (needs --data); pruning: ranking + pruning + OT fusion (--method); auto: relearning "
+                   "with --data (unless --reference, --method, --prune-ratio or --calibration ask for pruning), "
+                   "else pruning.")
 @click.option("--calibration", type=_RegularFile(),
               help="npz of CLEAN images (x, y) you trust: choose the prune ratio under --max-acc-drop on them.")
 @click.option("--max-acc-drop", type=click.FloatRange(min=0), default=default("removal.max_acc_drop"),
-              show_default=True,
-              help="With --calibration: accuracy points the cleaning may cost on those images.")
+              help="Accuracy points the cleaning may cost: on --calibration images, or with --data on the "
+                   "held-out share of your images (judged against the original's answers).  [default: "
+                   + ", ".join(f"{points:g} for {name}" for name, points in MAX_ACC_DROP.items()) + "]")
 @_data_options
 @click.option("--max-disagreement", type=click.FloatRange(0, 100), default=default("removal.max_disagreement"),
               show_default=True,
@@ -591,7 +598,7 @@ def scan(models: tuple[Path, ...], scan_starts, scan_steps, scan_threshold, max_
 @click.option("--force", is_flag=True,
               help="Allow the output path to be the input path (batch: the output folder to overlap the inputs).")
 @_RUN_OPTIONS
-def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, ranking, scan_starts, scan_steps,
+def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, always, only_if_flagged, ranking, scan_starts, scan_steps,
           scan_threshold, max_classes, iterations, batch_size, micro_batch, max_memory, lr,
           fusion_lambda, prune_ratio, method, remover, calibration, max_acc_drop, data_path, data_mean, data_std,
           max_disagreement, probes, seed, device, ort_provider, reference, input_shape, output_name, input_range, force,
@@ -600,9 +607,14 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
     """Scan MODEL, remove the backdoor it finds, check that it is gone, and write OUTPUT.
 
     \b
-    1. scan: data-free maximum-margin detection (see `otbr-onnx scan`);
-       nothing suspected: OUTPUT is MODEL, byte for byte ("model unchanged"), unless --always;
-    2. without --data (or --remover pruning): rank neurons by how much more they fire on the
+    1. scan: data-free maximum-margin detection (see `otbr-onnx scan`), and with --data trigger
+       inversion on your images; without --data, nothing suspected: OUTPUT is MODEL, byte for
+       byte ("model unchanged"), unless --always;
+    2. with --data (remover relearning, the default there): EVERY model is sanitized, flagged or
+       not (--only-if-flagged: only flagged ones): a copy forgets, then relearns the original's
+       answers on your images; a quarter of them, held out, must keep the expected accuracy
+       cost within --max-acc-drop, else refused (exit 3);
+       without --data (or --remover pruning): rank neurons by how much more they fire on the
        suspected target's inputs, then prune and OT-fuse (OTBR) at the smallest candidate ratio
        after which a rescan no longer flags the target, within the fidelity budget;
        with --remover adversarial (needs --data): unlearn the triggers found on your images
@@ -643,7 +655,7 @@ def clean(models: tuple[Path, ...], output: Path, report_path: Path | None, alwa
             reference,
             {"iterations": iterations, "batch_size": batch_size, "lr": lr, "fusion_lambda": fusion_lambda,
              "prune_ratio": prune_ratio},
-            method=method, remover=remover, always=always, ranking=ranking, scan_starts=scan_starts,
+            method=method, remover=remover, always=always, only_if_flagged=only_if_flagged, ranking=ranking, scan_starts=scan_starts,
             scan_steps=scan_steps, scan_threshold=scan_threshold, seed=seed, device=device, input_shape=input_shape,
             output_name=output_name,
             input_range=input_range, micro_batch=micro_batch, max_memory=max_memory, ort_provider=ort_provider,

@@ -59,6 +59,14 @@ RANKINGS = ("auto", "activation", "nwc")
 #                refused rather than cleaned (the rescan still flags the target, no round fits the
 #                budget, or no trigger's reach fell).
 
+# The fidelity budget (accuracy points, --max-acc-drop) each remover gets when none is given.
+# Relearning rebuilds the model's answers from a few hundred images and costs far more than a
+# targeted removal: on the development split of benchmarks/split.py (200 images,
+# benchmarks/REMOVAL_DEV.md) its held-out estimate of the cost was 2.3-12.4 points (measured on
+# test images: 5.7-13.9). 10 sanitizes 12 of those 14 models; a budget of 2 would sanitize none,
+# and every model the scan passes would again be handed back as it came.
+MAX_ACC_DROP: dict[str, float] = {"pruning": 2.0, "adversarial": 2.0, "relearning": 10.0}
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -151,6 +159,9 @@ class RemovalOptions:
     method: str = "otbr"  # "otbr", "prune-only" (stage 1 alone) or "clp" (baseline)
     ranking: str = "auto"
     always: bool = False  # clean even when the scan finds nothing (fidelity-first ratio rule)
+    # With --data every model is sanitized, flagged or not (``sanitizes_every_model``); this keeps
+    # the behaviour before: remove only what the scan flags.
+    only_if_flagged: bool = False
     reference: bool = False  # the published method: no scan, NWC ranking, fixed gamma
     # --- random unlearning ---
     iterations: int = 20
@@ -165,8 +176,8 @@ class RemovalOptions:
     prune_ratio: float | None = None
     # --- the fidelity budget ---
     # Accuracy points the cleaning may cost on real images: --calibration, or --data (against its
-    # labels, else the original's answers).
-    max_acc_drop: float = 2.0
+    # labels, else the original's answers). None: the remover's own (``CleanOptions.max_acc_drop``).
+    max_acc_drop: float | None = None
     # % of the original's confidence in its own answers on the synthesised probes that the
     # cleaning may lose (soft disagreement, see ratio.soft_agreement).
     max_disagreement: float = 10.0
@@ -180,7 +191,7 @@ class RemovalOptions:
             raise UsageError(f"--prune-ratio must be in [0, 1), got {self.prune_ratio}")
         if not 0.0 <= self.max_disagreement <= 100.0:
             raise UsageError(f"--max-disagreement must be in [0, 100], got {self.max_disagreement}")
-        if self.max_acc_drop < 0:
+        if self.max_acc_drop is not None and self.max_acc_drop < 0:
             raise UsageError(f"--max-acc-drop must be >= 0, got {self.max_acc_drop}")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -268,7 +279,22 @@ class CleanOptions:
             return removal.remover
         pruning_asked = (removal.reference or removal.method != "otbr" or removal.prune_ratio is not None
                          or self.data.calibration is not None)
-        return "adversarial" if self.data.path is not None and not pruning_asked else "pruning"
+        return "relearning" if self.data.path is not None and not pruning_asked else "pruning"
+
+    @property
+    def max_acc_drop(self) -> float:
+        """The accuracy points the cleaning may cost: ``--max-acc-drop`` where given, else the
+        remover's default (``MAX_ACC_DROP``)."""
+        given = self.removal.max_acc_drop
+        return given if given is not None else MAX_ACC_DROP.get(self.resolved_remover, MAX_ACC_DROP["pruning"])
+
+    @property
+    def sanitizes_every_model(self) -> bool:
+        """Whether ``clean`` removes whatever the scan says: with the user's images (--data) the
+        scan is evidence for the report, not the gate on removal, unless --only-if-flagged (or
+        --always, which cleans every model anyway). The scan misses backdoors it was never tuned
+        on (issue 33: 12 of 16 unseen backdoored models passed unchanged behind it)."""
+        return self.removal.always or (self.data.path is not None and not self.removal.only_if_flagged)
 
     @property
     def scans(self) -> bool:
@@ -278,8 +304,8 @@ class CleanOptions:
     def validate(self) -> None:
         for group in (self.run, self.scan, self.removal, self.interface, self.data, self.experiment):
             group.validate()
-        if self.removal.remover == "adversarial" and self.data.path is None:
-            raise UsageError("--remover adversarial learns from the user's images: give --data")
+        if self.removal.remover in ("adversarial", "relearning") and self.data.path is None:
+            raise UsageError(f"--remover {self.removal.remover} learns from the user's images: give --data")
 
 
 def default(path: str):

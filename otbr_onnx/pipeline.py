@@ -5,11 +5,15 @@
     2 detect   (detect.py)   is there a backdoor, which class? (the registered detectors,
                              detectors/)                      -> nothing found: model unchanged
     3 remove   (removers/)   one remover (``CleanOptions.resolved_remover``) makes new weights
-                             and rescans them:
+                             (with --data on every model, flagged or not, unless --only-if-flagged):
+                               relearning   forget, then relearn the original's answers on the
+                                            user's images (removers/relearning.py, --data)
                                pruning      rank, prune and fuse at the strength the rescan and
                                             the fidelity budget choose (removers/pruning.py)
                                adversarial  unlearn the triggers found on the user's images
                                             (removers/unlearning.py, --data)
+                             a model the scan passed that no candidate sanitizes within the
+                             budget is handed back unchanged, saying so
     4 recheck  (recheck.py)  a BatchNorm recalibration on the user's images must not bring the
                              backdoor back
       final    (detect.py)   the scan of the model handed back, fresh (what ``scan`` of the written
@@ -135,11 +139,19 @@ def clean_prepared(prepared: PreparedModel, options: CleanOptions, detection: Sc
     if not options.scans:
         detection = None
     if detection is not None:
-        if not detection.suspected and not options.removal.always:
+        if not detection.suspected and not options.sanitizes_every_model:
             report = reporting.unchanged_report(prepared, options, detection, timer.seconds, command)
             return CleanResult(prepared.loaded.proto, report, None, changed=False, detection=detection,
                                original_bytes=_original_bytes(prepared))
-    removal = remover.remove(prepared, detection, images, options, progress, timer)
+    try:
+        removal = remover.remove(prepared, detection, images, options, progress, timer)
+    except FidelityBudgetError as error:
+        if detection is None or detection.suspected or options.removal.always:
+            raise
+        # sanitizing a model the scan passed: the refusal leaves it as it was, and says so
+        report = reporting.unsanitized_report(prepared, options, detection, str(error), timer.seconds, command)
+        return CleanResult(prepared.loaded.proto, report, None, changed=False, detection=detection,
+                           original_bytes=_original_bytes(prepared))
     with timer.stage("recalibration_check"):
         recheck = recalibration_rescan(prepared, removal.weights, _pixels(images), detection, removal.rescan, options)
     _refuse_masked(recheck)

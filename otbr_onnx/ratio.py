@@ -184,7 +184,7 @@ def reference_set(prepared: "PreparedModel", options: CleanOptions, progress: Pr
     the score is top-1 agreement), or probes synthesised from the model and labelled by it."""
     if options.data.calibration is not None:
         x, y = _calibration_images(prepared, options)
-        return ReferenceSet("calibration images", "accuracy", options.removal.max_acc_drop, x, y)
+        return ReferenceSet("calibration images", "accuracy", options.max_acc_drop, x, y)
     if images is not None:
         return _data_images(prepared, options, images)
     loaded = prepared.loaded
@@ -270,11 +270,11 @@ def _data_images(prepared: "PreparedModel", options: CleanOptions, images: "Imag
     """``--data``: real images instead of probes. With labels the score is accuracy; without, the
     share of images on which the candidate gives the original's answer (the original scores 100)."""
     if images.y is not None:
-        return ReferenceSet(f"labelled user images ({images.source})", "accuracy", options.removal.max_acc_drop,
+        return ReferenceSet(f"labelled user images ({images.source})", "accuracy", options.max_acc_drop,
                             images.x, images.y)
     answers = prepared.outputs(prepared.module, images.x).argmax(axis=1)
     return ReferenceSet(f"user images ({images.source}), the original's answers", "accuracy",
-                        options.removal.max_acc_drop, images.x, answers)
+                        options.max_acc_drop, images.x, answers)
 
 
 def _calibration_images(prepared: "PreparedModel", options: CleanOptions) -> tuple[np.ndarray, np.ndarray]:

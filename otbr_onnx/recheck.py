@@ -22,6 +22,8 @@ from otbr_onnx.detect import ScanResult, rescan_prepared
 from otbr_onnx.robustness import batchnorm_layers, recalibrate
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from otbr_onnx.options import CleanOptions
     from otbr_onnx.prepare import PreparedModel
 
@@ -58,8 +60,23 @@ def recalibration_rescan(prepared: "PreparedModel", weights: dict[str, np.ndarra
     module = prepared.with_weights(weights)
     if not batchnorm_layers(module):
         return Recheck(False, "no BatchNorm nodes: nothing a recalibration could change")
+    recalibrated = recalibrate(module, images)
+    if same_statistics(module, recalibrated):
+        return Recheck(False, "the model handed back already carries BatchNorm statistics estimated on the user's "
+                              "images: a recalibration on them changes nothing")
     target = detection.suspected[0]
-    after = rescan_prepared(prepared, recalibrate(module, images), detection, options)
+    after = rescan_prepared(prepared, recalibrated, detection, options)
     z_before = rescan.statistic(target) if rescan is not None else None
     return Recheck(True, "BatchNorm statistics re-estimated on the user's images, then rescanned", target,
                    z_before, after.statistic(target), after)
+
+
+def same_statistics(module: "nn.Module", recalibrated: "nn.Module", tolerance: float = 1e-4) -> bool:
+    """Whether every BatchNorm running statistic of ``recalibrated`` equals ``module``'s (relative
+    to its scale): the remover already set them from the same images."""
+    pairs = zip(batchnorm_layers(module), batchnorm_layers(recalibrated))
+    for a, b in pairs:
+        for x, y in ((a.running_mean, b.running_mean), (a.running_var, b.running_var)):
+            if float((x - y).abs().max()) > tolerance * (1.0 + float(x.abs().max())):
+                return False
+    return True

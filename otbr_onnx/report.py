@@ -126,6 +126,15 @@ def unchanged_report(prepared: "PreparedModel", options: "CleanOptions", detecti
             "parity": {"conversion": prepared.conversion_parity.as_dict(), "output": None}, "seconds": seconds}
 
 
+def unsanitized_report(prepared: "PreparedModel", options: "CleanOptions", detection: "ScanResult", why: str,
+                       seconds: dict[str, float], command: list[str] | None) -> dict:
+    """The report of a ``clean --data`` whose scan found nothing and whose sanitization the remover
+    refused (its fidelity budget): the model is handed back unchanged, and the report says why."""
+    report = unchanged_report(prepared, options, detection, seconds, command)
+    return {**report, "verdict": f"{report['verdict']}; not sanitized: {why}",
+            "sanitization": {"remover": options.resolved_remover, "refused": why}}
+
+
 def clean_report(prepared: "PreparedModel", options: "CleanOptions", verdict: str, results: Mapping[str, Any],
                  written: "Written", seconds: dict[str, float], command: list[str] | None) -> dict:
     """The report of a ``clean`` that changed the model: the header and ``verdict``, then one
@@ -233,11 +242,17 @@ def summary_text(report: dict) -> str:
     par = report["parity"]["output"]
     if report.get("pruning") is not None:  # the pruning remover's sections
         lines += _pruning_lines(report)
-    for key, title in (("scan", "before"), ("rescan", "after")):
+    after = "rescan" if report.get("rescan") is not None else "final_scan"
+    for key, title in (("scan", "before"), (after, "after")):
         if report.get(key) is not None:
             top = max(report[key]["classes"], key=lambda row: row["z"])
             lines.append(f"  {title}: largest z {top['z']:.1f} (class {top['class']}), "
                          f"flagged {report[key]['suspected_targets'] or 'none'}")
+    removal = report.get("removal") or {}
+    if removal.get("remover") == "relearning" and removal.get("kept"):
+        kept = removal["kept"]
+        lines.append(f"  held-out images ({removal['images']['holdout']}): {kept['agreement']:.1f}% answered as the "
+                     f"original, expected accuracy cost {kept['expected_accuracy_drop']:.1f} points")
     lines += _storage_lines(report.get("storage"))
     lines += [f"  parity vs onnxruntime: max abs {par['max_abs']:.2e}, max rel {par['max_rel']:.2e} (ok"
               + (f", {report['storage']['precision']} tolerance {par['tolerance']:.2e})" if par.get("allowance") else ")"),

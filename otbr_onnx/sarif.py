@@ -144,6 +144,12 @@ def clean_results(report: dict, model: str | Path | None = None) -> list[dict]:
         properties["prunedNeurons"] = report["pruning"]["pruned_neurons"]
     if rescan is not None:
         properties["rescanSuspectedTargets"] = rescan["suspected_targets"]
+    kept = (report.get("removal") or {}).get("kept")
+    if kept:  # relearning: how close the model handed back stays to the original on held-out images
+        properties["heldOutAgreement"] = kept["agreement"]
+        properties["expectedAccuracyCost"] = kept["expected_accuracy_drop"]
+    if report.get("sanitization"):
+        properties["sanitizationRefused"] = report["sanitization"]["refused"]
     related = [(output, "the model written by clean")] if output else None
     if not report.get("changed", True):
         name = "no-backdoor-found"

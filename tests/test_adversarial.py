@@ -62,9 +62,9 @@ def test_adversarial_clean_removes_the_patch_backdoor_and_keeps_answers(backdoor
     assert changed and all(name.startswith("fc") for name in changed)
 
 
-def test_remover_auto_is_adversarial_with_data_unless_pruning_is_asked_for():
+def test_remover_auto_is_relearning_with_data_unless_pruning_is_asked_for():
     data = DataOptions(path="d.npz")
-    assert CleanOptions(data=data).resolved_remover == "adversarial"
+    assert CleanOptions(data=data).resolved_remover == "relearning"
     assert CleanOptions().resolved_remover == "pruning"  # no images: the data-free remover
     for pruning_only in (RemovalOptions(method="clp"), RemovalOptions(prune_ratio=0.05), RemovalOptions(reference=True)):
         assert CleanOptions(data=data, removal=pruning_only).resolved_remover == "pruning"

@@ -15,7 +15,7 @@ from otbr_onnx.detectors import inversion
 from otbr_onnx.errors import UsageError
 from otbr_onnx.prepare import prepare
 from otbr_onnx import removers
-from otbr_onnx.removers import pruning, unlearning
+from otbr_onnx.removers import pruning, relearning, unlearning
 from tests import builders
 
 QUICK = CleanOptions(scan=ScanOptions(starts=1, steps=3), data=DataOptions(probes=8))
@@ -65,8 +65,9 @@ class ToyDetector:
 
 def test_the_shipped_registries():
     assert detecting.DATA_DETECTORS == (inversion.DETECTOR,)
-    assert removers.choices() == ("auto", "pruning", "adversarial")
+    assert removers.choices() == ("auto", "pruning", "adversarial", "relearning")
     assert removers.get("pruning") is pruning.REMOVER and removers.get("adversarial") is unlearning.REMOVER
+    assert removers.get("relearning") is relearning.REMOVER
     with pytest.raises(UsageError):
         removers.get("auto")  # a name options resolve, not a remover
 
@@ -135,7 +136,7 @@ def test_a_remover_is_one_module_and_one_registry_line(monkeypatch):
 def test_a_remover_not_registered_is_a_usage_error_before_the_model_is_read(tmp_path):
     """The registry checks the name, not options: a name it lacks stops ``clean`` before the file
     (here one that does not exist) is opened."""
-    with pytest.raises(UsageError, match="--remover must be one of auto, pruning, adversarial, got 'toy'"):
+    with pytest.raises(UsageError, match="--remover must be one of auto, pruning, adversarial, relearning, got 'toy'"):
         clean(tmp_path / "absent.onnx", CleanOptions().with_(removal={"remover": "toy"}))
 
 

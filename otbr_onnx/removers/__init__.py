@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 MODULES: dict[str, str] = {
     "pruning": "otbr_onnx.removers.pruning",
     "adversarial": "otbr_onnx.removers.unlearning",
+    "relearning": "otbr_onnx.removers.relearning",
 }
 
 

@@ -551,14 +551,14 @@ def remove(prepared, images: np.ndarray, targets: list[int], options, progress=N
 
     input_range = tuple(options.interface.input_range)
     student, log = unlearn(prepared.module, trainable, images, targets, logits_of, input_range,
-                           options.removal.max_acc_drop, config, on_round, writable_batchnorm(prepared))
+                           options.max_acc_drop, config, on_round, writable_batchnorm(prepared))
     if log.chosen < 0:
         best = min(log.rounds, key=lambda r: r.expected_drop, default=None)
         detail = "" if best is None else (f" (least expected drop {best.expected_drop:.1f} points, "
                                           f"{best.agreement:.1f}% of held-out answers kept)")
         raise FidelityBudgetError(
             f"adversarial unlearning could not keep the original's answers on the user's images within "
-            f"--max-acc-drop {options.removal.max_acc_drop}{detail}; refusing to clean")
+            f"--max-acc-drop {options.max_acc_drop}{detail}; refusing to clean")
     if not reach_fell(log.original, log.kept):
         raise FidelityBudgetError(
             f"adversarial unlearning did not lower the reach of any trigger it searched on the held-out images "

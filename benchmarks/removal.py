@@ -50,7 +50,8 @@ from benchmarks.backdoored import load_data, predict_torch  # noqa: E402
 from benchmarks.defense import _fmt, _mean, _versions  # noqa: E402
 from benchmarks.split import SPLITS, get_model, poisoned_eval  # noqa: E402
 from benchmarks.with_data import (  # noqa: E402
-    FINETUNE_BATCH, FINETUNE_LR, FINETUNE_STEPS, MOMENTUM, ROBUST_IMAGES, robustness, short, torch_metrics, user_data,
+    FINETUNE_BATCH, FINETUNE_LR, FINETUNE_STEPS, MOMENTUM, ROBUST_IMAGES, read_rows, robustness, short, torch_metrics,
+    user_data,
 )
 
 # A poisoned model whose attack did not take (the trigger reaches fewer test images than this) is
@@ -278,17 +279,6 @@ def render(rows: list[dict], split: str, command: str) -> str:
                    f"{_fmt(a['der'])} | "
                    f"{pair(row['recal'])} | {pair(row['tuned'])} | {_fmt(row['seconds'])} | {note} |")
     return "\n".join(out) + "\n"
-
-
-def read_rows(path: Path | None) -> list[dict]:
-    if path is None or not path.is_file():
-        return []
-    found = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            found[(row["model"], row["n"], row["method"])] = row
-    return [r for r in found.values() if r.get("error") is None]
 
 
 def main(argv: list[str] | None = None) -> None:

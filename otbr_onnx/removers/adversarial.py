@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn import functional
 
 from otbr_onnx import triggers
+from otbr_onnx.removers.base import changed_weights
 from otbr_onnx.errors import FidelityBudgetError, UnsupportedModelError
 from otbr_onnx.robustness import batchnorm_layers, recalibrate, recalibrate_in_place
 
@@ -565,13 +566,7 @@ def remove(prepared, images: np.ndarray, targets: list[int], options, progress=N
             f"(before {_reach_text(log.original)}, after {_reach_text(log.kept)}); a rescan that no longer flags "
             f"the model would be the unlearning fooling its own test; refusing to call it cleaned")
     student = student.cpu()
-    weights = {}
-    for name, ref in prepared.refs.items():
-        value = ref.read(student)
-        if not np.all(np.isfinite(value)):
-            raise UnsupportedModelError(f"unlearning produced non-finite weights in '{name}'; refusing to write")
-        if not np.array_equal(value, prepared.original[name]):
-            weights[name] = value
+    weights = changed_weights(prepared, student, "unlearning")
     removal = Removal(weights, log)
     removal.recalibration = recalibration_check(student, images, targets, logits_of, input_range, config)
     if removal.recalibration.get("masked"):

@@ -19,7 +19,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from otbr_onnx.errors import UnsupportedModelError
+
 if TYPE_CHECKING:
+    from torch import nn
+
     from otbr_onnx.data import Images
     from otbr_onnx.detect import ScanResult
     from otbr_onnx.options import CleanOptions
@@ -73,3 +77,17 @@ class Remover(Protocol):
 
     def remove(self, prepared: "PreparedModel", detection: "ScanResult | None", images: "Images | None",
                options: "CleanOptions", progress: Progress | None, timer: "Timer") -> Removal: ...
+
+
+def changed_weights(prepared: "PreparedModel", module: "nn.Module", what: str) -> dict[str, np.ndarray]:
+    """The tensors of ``prepared.refs`` whose value in ``module`` differs from the original (ONNX
+    layout): what write-back puts into the graph. Non-finite values are refused, naming ``what``
+    produced them."""
+    weights = {}
+    for name, ref in prepared.refs.items():
+        value = ref.read(module)
+        if not np.all(np.isfinite(value)):
+            raise UnsupportedModelError(f"{what} produced non-finite weights in '{name}'; refusing to write")
+        if not np.array_equal(value, prepared.original[name]):
+            weights[name] = value
+    return weights

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from otbr_onnx.errors import FidelityBudgetError, UnsupportedModelError, UsageError
+from otbr_onnx.errors import FidelityBudgetError, UsageError
 from otbr_onnx.removers.adversarial import _class_scores, expected_accuracy_drop, writable_batchnorm
-from otbr_onnx.removers.base import Progress
+from otbr_onnx.removers.base import Progress, changed_weights
 from otbr_onnx.robustness import batchnorm_layers, recalibrate_in_place
 
 if TYPE_CHECKING:
@@ -247,13 +247,7 @@ def relearn(prepared: "PreparedModel", images: np.ndarray, max_drop: float,
     if train_mode:  # as ``robustness.recalibrate`` would on the same images: the recalibration check sees no change
         recalibrate_in_place(student, x)
     student = student.cpu().eval()
-    weights = {}
-    for name, ref in prepared.refs.items():
-        value = ref.read(student)
-        if not np.all(np.isfinite(value)):
-            raise UnsupportedModelError(f"relearning produced non-finite weights in '{name}'; refusing to write")
-        if not np.array_equal(value, prepared.original[name]):
-            weights[name] = value
+    weights = changed_weights(prepared, student, "relearning")
     return Relearned(weights, log)
 
 

@@ -49,7 +49,7 @@ from torch.nn import functional
 
 from otbr_onnx import triggers
 from otbr_onnx.removers.base import changed_weights
-from otbr_onnx.errors import FidelityBudgetError, UnsupportedModelError
+from otbr_onnx.errors import FidelityBudgetError
 from otbr_onnx.robustness import batchnorm_layers, recalibrate, recalibrate_in_place
 
 

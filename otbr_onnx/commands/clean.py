@@ -65,7 +65,7 @@ def _clean_one(model: Path, output: Path, options, out: Outputs, force: bool, ar
         check_data(model, options)
         with Progress(out.quiet) as progress:
             result = run_clean(model, options, progress, command=arguments)
-        report = write_result(result, output, out.report)
+        report = write_result(result, output, out.report, _examples(model, result, options))
         if out.html is not None:
             from otbr_onnx.html_report import write_html
 
@@ -78,3 +78,14 @@ def _clean_one(model: Path, output: Path, options, out: Outputs, force: bool, ar
         echo(summary_text(result.report), err=True)
         echo(f"  wrote {output}" + ("" if result.changed else " (the input, unchanged)"), err=True)
     return code
+
+
+def _examples(model: Path, result, options) -> dict | None:
+    """A few of the user's images with both models' answers (``examples.answers``), for the report
+    of a model that was changed with --data. Both models already ran in onnxruntime (the parity
+    checks), so this adds only their answers on a handful of images."""
+    if not result.changed or options.data.path is None:
+        return None
+    from otbr_onnx.examples import answers
+
+    return {"examples": answers(model, result.to_bytes(), options)}

@@ -1,7 +1,8 @@
 """One self-contained HTML page from a JSON report (``report.py``), for the reviewer who must see
 in a minute why a model was flagged or changed.
 
-The page: the verdict in one sentence; the per-class maximum margins before and after cleaning
+The page: the verdict in one sentence; a few of the user's images with the original's and the
+cleaned model's answers (``clean --data``); the per-class maximum margins before and after cleaning
 (suspected classes highlighted); the ranked neurons' score histogram with the pruning cut; the
 candidate prune ratios with their fidelity and rescan scores; the parity figures; the time per
 stage. Figures are drawn by matplotlib (Agg, optional extra ``[html]``) as SVG and embedded as
@@ -320,6 +321,40 @@ def inversion_section(report: dict) -> str:
             + pictures + _table(header, rows) + "</section>")
 
 
+def examples_section(report: dict) -> str:
+    """``clean --data``: a few of the user's images with the original's and the cleaned model's
+    answers (``examples.py``); an image whose answer changed has its title in red."""
+    examples = report.get("examples")
+    if not isinstance(examples, dict) or not examples.get("images"):
+        return ""
+    import numpy as np
+
+    shown = examples["images"]
+    with _figure(1.5 * len(shown), 2.1) as fig:
+        for i, example in enumerate(shown):
+            ax = fig.add_subplot(1, len(shown), i + 1)
+            picture = np.asarray(example["picture"], dtype=float) / 255.0
+            ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0.0, vmax=1.0)
+            before, after = example["original"], example["cleaned"]
+            changed = before["class"] != after["class"]
+            ax.set_title(f"original {before['class']}\ncleaned {after['class']}", parse_math=False,
+                         color=SUSPECTED if changed else "#1d2733", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        image = _image(fig, "your images with the original's and the cleaned model's answers")
+    rows = [("suspected" if e["original"]["class"] != e["cleaned"]["class"] else "",
+             [_e(index), _e(e["original"]["class"]), _num(100 * e["original"]["probability"], 1),
+              _e(e["cleaned"]["class"]), _num(100 * e["cleaned"]["probability"], 1)])
+            for index, e in zip(examples["indices"], shown)]
+    explain = (f"{len(shown)} of your images ({examples['source']}), evenly spread over them, as the original and "
+               f"the cleaned model answer them in onnxruntime: {examples['changed']} answer(s) changed.")
+    return (f'<section id="examples"><h2>Your images, before and after</h2><p class="note">{_e(explain)}</p>'
+            + _figure_block(image, "Each image with the original's answer (top) and the cleaned model's; "
+                            "red: the answer changed.")
+            + _table(["image", "original", "probability (%)", "cleaned", "probability (%)"], rows)
+            + "</section>")
+
+
 def scores_section(report: dict) -> str:
     ranking = report.get("ranking")
     if not ranking:
@@ -411,7 +446,7 @@ def time_section(report: dict) -> str:
 def render(report: dict) -> str:
     """The whole page as a string."""
     require_matplotlib()
-    body = "".join([_header(report), margins_section(report), inversion_section(report), scores_section(report),
+    body = "".join([_header(report), examples_section(report), margins_section(report), inversion_section(report), scores_section(report),
                     ratios_section(report), unlearning_section(report), parity_section(report),
                     time_section(report)])
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

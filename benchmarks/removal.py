@@ -101,6 +101,9 @@ METHODS: dict[str, Method] = {
                                          replace(LABELS, forget="reinit", features=1.0)),
     "relearning-t4": Method("relearning as shipped but temperature 4 (the prototype's)",
                             replace(RelearnConfig(), temperature=4.0)),
+    "relearning-nostop": Method("relearning as shipped but no early stopping (all 2000 steps of the cosine schedule; "
+                                "the snapshot with the lowest held-out drop is kept)",
+                                replace(RelearnConfig(), patience=10**6)),
     "distill-only": Method("no forgetting: distillation from the original's weights (1000 steps)",
                            replace(FULL, forget="none")),
     "pipeline": Method("`clean --data` as shipped (remover auto)",

@@ -312,6 +312,7 @@ def inversion_section(report: dict) -> str:
             image = _image(fig, "recovered triggers of the suspected classes")
         pictures = _figure_block(image, "Recovered trigger of each suspected class: "
                                  + "; ".join(f"class {c}: {t['shows']}" for c, t in triggers.items()) + ".")
+        pictures += "".join(triggered_figure(c, t) for c, t in sorted(triggers.items(), key=lambda i: int(i[0])))
     thresholds = ", ".join(f"{f} {t:g}" for f, t in inversion["thresholds"].items())
     explain = (f"Trigger inversion on {inversion['images']} of your images: for every class and trigger family, a "
                f"trigger at a small fixed budget is optimised to send the other classes' images to the class. A "
@@ -319,6 +320,32 @@ def inversion_section(report: dict) -> str:
                f"suspected: {', '.join(str(c) for c in sorted(suspected)) or 'none'}.")
     return (f'<section id="inversion"><h2>Trigger inversion on your images</h2><p class="note">{_e(explain)}</p>'
             + pictures + _table(header, rows) + "</section>")
+
+
+def triggered_figure(target: str, trigger: dict) -> str:
+    """A few of the user's images (top) and the same images with ``target``'s recovered trigger
+    applied (bottom), with the model's answer on each triggered one: what the trigger does, seen."""
+    examples = trigger.get("examples") or []
+    if not examples:
+        return ""
+    import numpy as np
+
+    with _figure(1.4 * len(examples), 3.0) as fig:
+        for i, example in enumerate(examples):
+            for row, key in enumerate(("clean", "triggered")):
+                ax = fig.add_subplot(2, len(examples), row * len(examples) + i + 1)
+                picture = np.asarray(example[key], dtype=float)
+                ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0.0, vmax=1.0)
+                if key == "triggered":
+                    hit = example["answer"] == int(target)
+                    ax.set_title(f"answer {example['answer']}", parse_math=False, fontsize=8,
+                                 color=SUSPECTED if hit else "#1d2733")
+                ax.set_xticks([])
+                ax.set_yticks([])
+        image = _image(fig, f"your images with class {target}'s recovered trigger applied")
+    return _figure_block(image, f"Class {target} ({trigger['family']}): {len(examples)} of your images (top) and the "
+                         "same images with the recovered trigger applied (bottom), with the model's answer; red: "
+                         f"sent to class {target}.")
 
 
 def examples_section(report: dict) -> str:

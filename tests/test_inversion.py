@@ -144,6 +144,27 @@ def test_the_html_report_draws_the_recovered_trigger(backdoored_result):
     assert inversion_section({"scan": {"inversion": None}}) == ""
 
 
+def test_the_report_shows_the_users_images_with_the_trigger_applied(backdoored_result, images):
+    from otbr_onnx.html_report import triggered_figure
+    from otbr_onnx.detectors.inversion import EXAMPLES
+    shown = json.loads(json.dumps(backdoored_result.as_dict()))["triggers"][str(TARGET)]
+    examples = shown["examples"]
+    assert len(examples) == EXAMPLES
+    mask = backdoored_result.triggers[TARGET]["mask"]
+    for example in examples:
+        clean, triggered = np.asarray(example["clean"]), np.asarray(example["triggered"])
+        assert clean.shape == triggered.shape == (8, 8) and 0 <= clean.min() and triggered.max() <= 1
+        # the clean picture is one of the user's images (range 0..1 already), the triggered one
+        # differs from it where the mask is, and the trigger sends it to the target
+        assert any(np.allclose(clean, image[0], atol=1e-3) for image in images)
+        assert np.abs(triggered - clean)[mask > 0.5].max() > 0.1
+        assert np.abs(triggered - clean)[mask < 0.01].max() < 0.05
+    assert sum(example["answer"] == TARGET for example in examples) >= EXAMPLES - 1
+    figure = triggered_figure(str(TARGET), shown)
+    assert "data:image/svg+xml;base64" in figure and f"sent to class {TARGET}" in figure
+    assert triggered_figure(str(TARGET), {**shown, "examples": []}) == ""
+
+
 def test_combine_flags_a_class_either_test_flags(backdoored_result):
     margins = np.zeros(8)
     margin = ScanResult(margins, np.zeros(8), 3.5, [], {}, {}, [], 0)

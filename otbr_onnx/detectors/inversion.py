@@ -161,6 +161,7 @@ class InversionResult:
 
 
 PICTURE_SIDE = 32  # the largest side of a trigger's picture in the report (larger ones are subsampled)
+EXAMPLES = 4  # user's images shown with a suspected class's trigger applied, beside the clean ones
 
 
 def picture(trigger: dict[str, object]) -> dict:
@@ -174,7 +175,13 @@ def picture(trigger: dict[str, object]) -> dict:
         image, what = np.linalg.norm(np.asarray(trigger["flow"]), axis=-1), "warp shift (pixels)"
     step = max(1, -(-max(image.shape) // PICTURE_SIDE))
     image = image[::step, ::step]
-    return {"family": trigger["family"], "shows": what, "picture": np.round(image, 3).tolist()}
+    shown = {"family": trigger["family"], "shows": what, "picture": np.round(image, 3).tolist()}
+    if "triggered" in trigger:
+        shown["examples"] = [{"clean": np.round(clean[::step, ::step], 3).tolist(),
+                              "triggered": np.round(triggered[::step, ::step], 3).tolist(), "answer": int(answer)}
+                             for clean, triggered, answer in zip(trigger["clean"], trigger["triggered"],
+                                                                 trigger["answers"])]
+    return shown
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
@@ -297,8 +304,19 @@ def _invert_family(module: nn.Module, x: torch.Tensor, answers: torch.Tensor, nu
             margin = _margins(scores, c)
             margins[c] = float(margin.mean())
             flipped[c] = float((scores.argmax(1) == c).float().mean())
-            recovered[c] = _arrays(found[c])
+            shown = sources[c][:EXAMPLES]
+            recovered[c] = {**_arrays(found[c]), "answers": scores[:EXAMPLES].argmax(1).cpu().numpy(),
+                            "clean": _visible(x[shown], config.input_range),
+                            "triggered": _visible(found[c](x[shown]), config.input_range)}
     return margins, flipped, recovered
+
+
+def _visible(x: torch.Tensor, input_range: tuple[float, float]) -> np.ndarray:
+    """Images (N, C, H, W) in the model's range as pictures for the report: 0..1, (N, H, W) for one
+    channel, (N, H, W, C) otherwise."""
+    low, high = input_range
+    shown = ((x.detach().float().cpu() - low) / (high - low)).clamp(0, 1).numpy()
+    return shown[:, 0] if shown.shape[1] == 1 else shown.transpose(0, 2, 3, 1)
 
 
 def _arrays(trigger: trigger_families.Trigger) -> dict[str, np.ndarray]:

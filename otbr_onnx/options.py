@@ -290,11 +290,16 @@ class CleanOptions:
 
     @property
     def sanitizes_every_model(self) -> bool:
-        """Whether ``clean`` removes whatever the scan says: with the user's images (--data) the
-        scan is evidence for the report, not the gate on removal, unless --only-if-flagged (or
-        --always, which cleans every model anyway). The scan misses backdoors it was never tuned
-        on (issue 33: 12 of 16 unseen backdoored models passed unchanged behind it)."""
-        return self.removal.always or (self.data.path is not None and not self.removal.only_if_flagged)
+        """Whether ``clean`` removes whatever the scan says: with the user's images (--data) and the
+        relearning remover the scan is evidence for the report, not the gate on removal, unless
+        --only-if-flagged (or --always, which cleans every model anyway). The scan misses backdoors
+        it was never tuned on (issue 33: 12 of 16 unseen backdoored models passed unchanged behind
+        it). The pruning and adversarial removers work on the class the scan suspects, so for them
+        the scan stays the gate."""
+        if self.removal.always:
+            return True
+        return (self.data.path is not None and self.resolved_remover == "relearning"
+                and not self.removal.only_if_flagged)
 
     @property
     def scans(self) -> bool:

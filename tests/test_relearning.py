@@ -87,6 +87,10 @@ def test_only_if_flagged_keeps_the_data_free_path_as_it_was():
     assert CleanOptions(removal=RemovalOptions(always=True)).sanitizes_every_model
     data = DataOptions(path="d.npz")
     assert not CleanOptions(data=data, removal=RemovalOptions(only_if_flagged=True)).sanitizes_every_model
+    # the removers that work on the suspected class keep the scan as their gate, with images too
+    for remover in ("adversarial", "pruning"):
+        assert not CleanOptions(data=data, removal=RemovalOptions(remover=remover)).sanitizes_every_model
+    assert not CleanOptions(data=data, removal=RemovalOptions(prune_ratio=0.25)).sanitizes_every_model
 
 
 @pytest.fixture

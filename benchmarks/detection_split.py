@@ -104,9 +104,9 @@ def read_rows(path: Path | None) -> list[dict]:
     return [r for r in found.values() if r.get("error") is None]
 
 
-def reflag(row: dict, threshold: float | None, at_step: int | None) -> list[int]:
+def reflag(row: dict, threshold: float | None, at_step: int | None, log: bool | None = None) -> list[int]:
     """A minimal row's flagged classes at another threshold or checkpoint step (the same run)."""
-    if threshold is None and at_step is None:
+    if threshold is None and at_step is None and log is None:
         return row["flagged"]
     result = row["minimal"]
     norms = {}
@@ -117,8 +117,9 @@ def reflag(row: dict, threshold: float | None, at_step: int | None) -> list[int]
             values = next(h["norms"] for h in history if h["step"] == max(steps))
         norms[family] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     from otbr_onnx.detectors import minimal
-    limit = threshold if threshold is not None else result["threshold"]
-    return minimal.verdict(norms, limit, result.get("searched"))[0]
+    limit = threshold if threshold is not None else result.get("thresholds", result.get("threshold"))
+    return minimal.verdict(norms, limit, result.get("searched"), result.get("min_spread", 0.05),
+                           result.get("log_norms", False) if log is None else log)[0]
 
 
 def summarise(rows: list[dict], flagged_of) -> dict:

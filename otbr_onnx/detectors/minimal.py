@@ -22,11 +22,13 @@ Per class the search minimises ``CE(f(x'), t) + lambda_t * norm`` with Adam over
 the trigger still just works. The class's norm is the smallest norm of any step whose images
 flipped at ``>= success`` (the largest possible norm, ``H W`` or ``sqrt(C H W)``, where none did).
 
-Anomaly index, per family, over the searched classes ``n_1..n_C`` of the model:
-``median = med(n)``, ``spread = max(1.4826 med|n - median|, min_spread * median)`` and
-``index_c = (median - n_c) / spread`` (positive below the median). A class is suspected when its
-index exceeds ``threshold`` in ANY family (Neural Cleanse flags at 2); ``anomaly`` is the largest
-index over threshold. The floor on the spread keeps a model whose classes' norms nearly coincide
+Anomaly index, per family, over the searched classes' ``v_c = ln n_c`` (``log_norms``; natural
+classes' norms differ by factors, so one large natural norm would otherwise inflate the MAD):
+``median = med(v)``, ``spread = max(1.4826 med|v - median|, min_spread)`` and
+``index_c = (median - v_c) / spread`` (positive below the median; on raw norms the floor is
+``min_spread * median``). A class is suspected when its
+index exceeds its family's threshold in ANY family (``THRESHOLDS``; Neural Cleanse flags at 2);
+``anomaly`` is the largest index over threshold. The floor on the spread keeps a model whose classes' norms nearly coincide
 from turning a small difference into a large index.
 
 Cost: ``steps`` forward+backward passes of ``classes x batch`` images per family (every class's
@@ -61,6 +63,12 @@ LOG = logging.getLogger("otbr_onnx")
 
 FAMILIES = ("patch", "additive")
 MAX_CLASSES = 100  # as the inversion: above this the search is not run
+# The anomaly index above which each family flags a class, chosen on the development split of
+# benchmarks/split.py only (benchmarks/DETECTION_SPLIT.md): above every index a class of a model
+# without a working backdoor reached there (3 clean models and the failed MobileNetV2 attack:
+# patch 2.2, additive 5.6 at the defaults), below most backdoor targets'. Neural Cleanse's 2 would
+# flag 2 of those 4 models.
+THRESHOLDS = {"patch": 2.5, "additive": 6.0}
 
 
 @dataclass(frozen=True)
@@ -78,8 +86,10 @@ class MinimalConfig:
     cost_up: float = 1.2
     cost_down: float = 1.2 ** 1.5
     mask_init: float = -2.0  # the mask's starting logit (sigmoid: 0.12 everywhere)
-    threshold: float = 2.0  # anomaly index above which a class is suspected
-    min_spread: float = 0.05  # the spread's floor, as a share of the median norm
+    # anomaly index above which a family flags a class (see THRESHOLDS)
+    thresholds: tuple[tuple[str, float], ...] = tuple(THRESHOLDS.items())
+    log_norms: bool = True  # the index on log norms (natural classes' norms spread by factors, not offsets)
+    min_spread: float = 0.05  # the spread's floor: a share of the median norm (on log norms: of 1)
     checkpoint: int = 25  # history every this many steps
     seed: int = 0
     chunk: int = 256  # images per forward pass
@@ -88,34 +98,41 @@ class MinimalConfig:
     input_range: tuple[float, float] = (0.0, 1.0)
 
 
-def anomaly_index(norms: np.ndarray, min_spread: float = 0.05) -> np.ndarray:
+def anomaly_index(norms: np.ndarray, min_spread: float = 0.05, log: bool = False) -> np.ndarray:
     """``(median - n_c) / max(1.4826 MAD, min_spread * median)`` over the finite entries (NaN: a
-    class not searched, index 0): positive below the median."""
+    class not searched, index 0): positive below the median. ``log``: of ``ln n`` instead, with
+    the floor ``min_spread`` itself (a relative difference)."""
     values = np.asarray(norms, dtype=np.float64)
     index = np.zeros_like(values)
     finite = np.isfinite(values)
     if finite.sum() < 3:
         return index
+    if log:
+        values = np.where(finite, np.log(np.maximum(np.where(finite, values, 1.0), 1e-6)), np.nan)
     median = np.median(values[finite])
-    spread = max(MAD_TO_SIGMA * np.median(np.abs(values[finite] - median)), min_spread * abs(median), 1e-12)
+    floor = min_spread if log else min_spread * abs(median)
+    spread = max(MAD_TO_SIGMA * np.median(np.abs(values[finite] - median)), floor, 1e-12)
     index[finite] = (median - values[finite]) / spread
     return index
 
 
-def verdict(norms: dict[str, np.ndarray], threshold: float, searched: list[int] | None = None,
-            min_spread: float = 0.05) -> tuple[list[int], dict[str, np.ndarray]]:
-    """The suspected classes (largest index over threshold first) and each family's index."""
+def verdict(norms: dict[str, np.ndarray], thresholds: float | dict[str, float], searched: list[int] | None = None,
+            min_spread: float = 0.05, log: bool = False) -> tuple[list[int], dict[str, np.ndarray]]:
+    """The suspected classes (largest index over its family's threshold first) and each family's
+    index. ``thresholds``: per family, or one for all."""
+    if not isinstance(thresholds, dict):
+        thresholds = {family: float(thresholds) for family in norms}
     index = {}
     for family, values in norms.items():
         values = np.asarray(values, dtype=np.float64).copy()
         if searched is not None:
             values[[c for c in range(len(values)) if c not in searched]] = np.nan
-        index[family] = anomaly_index(values, min_spread)
+        index[family] = anomaly_index(values, min_spread, log)
     if not index:
         return [], index
-    strongest = np.max(list(index.values()), axis=0)
+    strongest = np.max([index[f] / thresholds[f] for f in index], axis=0)
     classes = len(strongest)
-    suspected = ([int(c) for c in np.argsort(-strongest, kind="stable") if strongest[c] > threshold]
+    suspected = ([int(c) for c in np.argsort(-strongest, kind="stable") if strongest[c] > 1.0]
                  if classes >= 3 else [])
     return suspected, index
 
@@ -129,7 +146,7 @@ class MinimalResult:
     reached: dict[str, np.ndarray]  # family -> (C,) whether any step flipped >= success
     flipped: dict[str, np.ndarray]  # family -> (C,) share of all the other classes' images the best trigger sends
     index: dict[str, np.ndarray]  # family -> (C,) anomaly index (positive below the median)
-    threshold: float
+    thresholds: dict[str, float]
     suspected: list[int]
     searched: list[int]
     images: int
@@ -142,14 +159,14 @@ class MinimalResult:
     @property
     def anomaly(self) -> np.ndarray:
         """(C,) each class's largest index over threshold across the families (> 1: flagged)."""
-        return np.max([np.clip(self.index[f], 0.0, None) / self.threshold for f in self.families], axis=0)
+        return np.max([np.clip(self.index[f], 0.0, None) / self.thresholds[f] for f in self.families], axis=0)
 
     @property
     def evidence(self) -> dict[int, list[str]]:
-        return {c: [f for f in self.families if self.index[f][c] > self.threshold] for c in self.suspected}
+        return {c: [f for f in self.families if self.index[f][c] > self.thresholds[f]] for c in self.suspected}
 
     def cleared(self, target: int) -> bool:
-        return all(self.index[f][target] <= self.threshold for f in self.families)
+        return all(self.index[f][target] <= self.thresholds[f] for f in self.families)
 
     def statistic(self, target: int) -> float:
         return float(max(self.index[f][target] for f in self.families))
@@ -164,7 +181,9 @@ class MinimalResult:
                           "index (median - norm) / (1.4826 MAD) over the classes"),
             "suspected_targets": [int(c) for c in self.suspected],
             "evidence": {str(c): fams for c, fams in self.evidence.items()},
-            "threshold": float(self.threshold),
+            "thresholds": {f: float(t) for f, t in self.thresholds.items()},
+            "log_norms": bool(self.config.log_norms if self.config else False),
+            "min_spread": float(self.config.min_spread if self.config else 0.05),
             "images": int(self.images),
             "searched": [int(c) for c in self.searched],
             "seconds": round(float(self.seconds), 2),
@@ -269,12 +288,13 @@ def search(module: nn.Module, images: np.ndarray, num_classes: int, output_index
             found = _search_family(module, x, sources, searched, num_classes, family, output_index,
                                    is_probability, config, lambda: _tick(done, total, progress))
             norms[family], reached[family], flipped[family], history[family], best_arrays[family] = found
-    suspected, index = verdict(norms, config.threshold, searched, config.min_spread)
+    thresholds = {f: dict(config.thresholds)[f] for f in config.families}
+    suspected, index = verdict(norms, thresholds, searched, config.min_spread, config.log_norms)
     chosen = {}
     for c in suspected:
         family = max(config.families, key=lambda f: index[f][c])
         chosen[c] = {"family": family, **best_arrays[family][c]}
-    return MinimalResult(tuple(config.families), norms, reached, flipped, index, config.threshold, suspected,
+    return MinimalResult(tuple(config.families), norms, reached, flipped, index, thresholds, suspected,
                          searched, len(sample), time.perf_counter() - began, history, chosen, sample, config)
 
 

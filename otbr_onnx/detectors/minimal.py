@@ -64,11 +64,12 @@ LOG = logging.getLogger("otbr_onnx")
 FAMILIES = ("patch", "additive")
 MAX_CLASSES = 100  # as the inversion: above this the search is not run
 # The anomaly index above which each family flags a class, chosen on the development split of
-# benchmarks/split.py only (benchmarks/DETECTION_SPLIT.md): above every index a class of a model
-# without a working backdoor reached there (3 clean models and the failed MobileNetV2 attack:
-# patch 2.2, additive 5.6 at the defaults), below most backdoor targets'. Neural Cleanse's 2 would
-# flag 2 of those 4 models.
-THRESHOLDS = {"patch": 2.5, "additive": 6.0}
+# benchmarks/split.py only (benchmarks/DETECTION_SPLIT.md): above every index any class of a model
+# without a working backdoor reached there at the defaults (3 clean models and the failed
+# MobileNetV2 attack: patch 2.2, additive 3.1), below most backdoor targets' (patch 2.6-5.1 on 5 of
+# 7, additive 4.3-8.4 on 5 of 7). The patch margin is thin (0.3): expect false alarms on unseen
+# models. Neural Cleanse's 2 would flag 2 of those 4 models.
+THRESHOLDS = {"patch": 2.5, "additive": 4.0}
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class MinimalConfig:
     steps: int = 200  # Adam steps per family (all classes at once)
     batch: int = 16  # images of the other classes per class per step
     lr: float = 0.1
-    success: float = 0.9  # share of a step's images that must reach the class
+    # share of a step's images that must reach the class: 0.99, i.e. every one of the batch (0.9 gave
+    # the same hits on the development split but clean classes' additive indices up to 5.6, not 3.1)
+    success: float = 0.99
     patch_cost: float = 1e-3  # the starting lambda of the patch family (per pixel of mask)
     additive_cost: float = 1e-2  # the starting lambda of the additive family (per unit of |d|_2 / w)
     cost_up: float = 1.2

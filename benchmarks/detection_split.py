@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="re-derive minimal rows at this index")
     parser.add_argument("--at-step", type=int, default=None, help="re-derive minimal rows at this checkpoint")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--notes", type=Path, default=None, help="markdown appended to the rendered table")
     args = parser.parse_args(argv)
     command = "python benchmarks/detection_split.py " + " ".join(sys.argv[1:] if argv is None else argv)
     methods = [m for m in args.methods.split(";" if "{" in args.methods else ",") if m]
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
                         with args.resume.open("a") as handle:
                             handle.write(json.dumps(row) + "\n")
     text = render(sorted(rows, key=lambda r: (r["split"], r["model"])), command, args.threshold, args.at_step)
+    if args.notes is not None:
+        text += "\n" + args.notes.read_text()
     if args.out is not None:
         args.out.write_text(text)
     else:

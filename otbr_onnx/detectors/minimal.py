@@ -1,7 +1,7 @@
 """Detection on the user's images: the SMALLEST trigger that sends the other classes to each class.
 
 For every class ``t`` and every trigger family, the search looks for the smallest trigger that
-sends at least ``success`` (90 %) of the user's images the model does NOT put in ``t`` (labelled
+sends at least ``success`` (99 %: every image of a step's batch) of the user's images the model does NOT put in ``t`` (labelled
 by the model's own answers: the images need no labels) to ``t``. A backdoor's target is reached by
 a trigger far smaller than a natural class needs, so within ONE model its norm stands out below
 the other classes'; the statistic compares classes of the same model, never models, so it needs

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "models")]
 
 from otbr_onnx import CleanOptions  # noqa: E402
-from otbr_onnx.detect import detect  # noqa: E402
+from otbr_onnx.detect import DEFAULT_THRESHOLD, detect  # noqa: E402
 from otbr_onnx.prepare import prepare  # noqa: E402
 from benchmarks.backdoored import load_data  # noqa: E402
 from benchmarks.defense import _fmt, _mean, _versions  # noqa: E402
@@ -122,6 +122,13 @@ def reflag(row: dict, threshold: float | None, at_step: int | None, log: bool | 
                            result.get("log_norms", False) if log is None else log)[0]
 
 
+def data_free(row: dict) -> list[int]:
+    """What `scan` WITHOUT --data flags on a ``current`` row: its margin test alone at the
+    data-free threshold (the same maximum-margin search; with --data only the threshold is raised)."""
+    z = np.asarray(row["margin_z"])
+    return [int(c) for c in np.argsort(-z, kind="stable") if z[c] > DEFAULT_THRESHOLD]
+
+
 def summarise(rows: list[dict], flagged_of) -> dict:
     bd = [r for r in rows if backdoored(r)]
     cl = [r for r in rows if r.get("asr") is None]
@@ -154,9 +161,13 @@ def render(rows: list[dict], command: str, threshold: float | None, at_step: int
         out += ["", f"## {split} split ({label})", "", "### Summary", "",
                 "| method | backdoored hit (target first) | " + " | ".join(FAMILIES)
                 + " | clean flagged | mean s |", "| --- |" + " --- |" * (len(FAMILIES) + 3)]
-        for method in methods:
-            group = [r for r in part if r["method"] == method]
-            flag = (lambda r: reflag(r, threshold, at_step)) if method.startswith("minimal") else (lambda r: r["flagged"])
+        summaries = [(m, [r for r in part if r["method"] == m],
+                      (lambda r: reflag(r, threshold, at_step)) if m.startswith("minimal") else (lambda r: r["flagged"]))
+                     for m in methods]
+        if "current" in methods:  # the same runs' margin test at the data-free threshold: `scan` without --data
+            summaries.append((f"data-free `scan` (margin z > {DEFAULT_THRESHOLD:g}, from the current rows)",
+                              [r for r in part if r["method"] == "current"], data_free))
+        for method, group, flag in summaries:
             s = summarise(group, flag)
             fams = " | ".join(f"{h}/{n}" if n else "-" for h, n in s["per_family"].values())
             out.append(f"| {method} | {s['hits']}/{s['backdoored']} | {fams} | {s['false_alarms']}/{s['clean']}"

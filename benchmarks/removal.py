@@ -114,6 +114,11 @@ METHODS: dict[str, Method] = {
     "adversarial": Method("`clean --data --remover adversarial` (the previous default with --data)",
                           options=lambda path: CleanOptions(data=DataOptions(path=path),
                                                             removal=RemovalOptions(remover="adversarial"))),
+    "previous-default": Method("`clean --data --remover adversarial --only-if-flagged`: the default with --data "
+                               "before the relearning remover (scan, then adversarial unlearning of a flagged class)",
+                               options=lambda path: CleanOptions(data=DataOptions(path=path),
+                                                                 removal=RemovalOptions(remover="adversarial",
+                                                                                        only_if_flagged=True))),
     "finetune": Method(f"plain fine-tuning on the N images labelled by the original: {FINETUNE_STEPS} steps SGD "
                        f"lr {FINETUNE_LR:g} momentum {MOMENTUM}, batch {FINETUNE_BATCH}"),
 }

@@ -119,6 +119,8 @@ METHODS: dict[str, Method] = {
                                options=lambda path: CleanOptions(data=DataOptions(path=path),
                                                                  removal=RemovalOptions(remover="adversarial",
                                                                                         only_if_flagged=True))),
+    "data-free": Method("`clean` without --data (the data-free scan, then pruning + OT fusion of a flagged class)",
+                        options=lambda path: CleanOptions()),
     "finetune": Method(f"plain fine-tuning on the N images labelled by the original: {FINETUNE_STEPS} steps SGD "
                        f"lr {FINETUNE_LR:g} momentum {MOMENTUM}, batch {FINETUNE_BATCH}"),
 }

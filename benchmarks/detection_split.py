@@ -43,6 +43,7 @@ from otbr_onnx.prepare import prepare  # noqa: E402
 from benchmarks.backdoored import load_data  # noqa: E402
 from benchmarks.defense import _fmt, _mean, _versions  # noqa: E402
 from benchmarks.split import SPLITS, get_model  # noqa: E402
+from benchmarks import with_data  # noqa: E402
 from benchmarks.with_data import short, user_data  # noqa: E402
 
 ATTACK_MIN_ASR = 50.0  # as benchmarks/removal.py: below it the attack did not take
@@ -94,14 +95,8 @@ def row_key(row: dict) -> tuple[str, str, str]:
 
 
 def read_rows(path: Path | None) -> list[dict]:
-    if path is None or not path.is_file():
-        return []
-    found = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            found[row_key(row)] = row
-    return [r for r in found.values() if r.get("error") is None]
+    """The finished rows of a --resume file, keyed by split, model and method."""
+    return with_data.read_rows(path, row_key)
 
 
 def reflag(row: dict, threshold: float | None, at_step: int | None, log: bool | None = None) -> list[int]:

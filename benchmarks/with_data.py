@@ -415,15 +415,17 @@ def row_key(row: dict) -> tuple[str, int, str]:
     return row["model"], row["n"], row["method"]
 
 
-def read_rows(path: Path | None) -> list[dict]:
-    """The finished rows of a --resume file (error rows are run again; the last copy of a key wins)."""
+def read_rows(path: Path | None, key=None) -> list[dict]:
+    """The finished rows of a --resume file (error rows are run again; the last copy of a ``key``,
+    ``row_key`` by default, wins)."""
     if path is None or not path.is_file():
         return []
+    key = key or row_key
     found = {}
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            found[row_key(row)] = row
+            found[key(row)] = row
     return [r for r in found.values() if r.get("error") is None]
 
 

@@ -44,3 +44,21 @@ def evaluating(module: nn.Module, device: str) -> Iterator[nn.Module]:
             yield module
     finally:
         module.to(original_device).train(was_training)
+
+
+def class_scores(module: nn.Module, x: torch.Tensor, output_index: int, is_probability: bool, chunk: int,
+                 exact: bool = False) -> torch.Tensor:
+    """Logits (log-probabilities for a Softmax output) of ``x``, ``chunk`` images per pass.
+    ``exact``: every pass gets exactly ``chunk`` images (the last one padded with copies of its last
+    image), so the result does not depend on how the images were split into passes."""
+    parts = []
+    for start in range(0, len(x), chunk):
+        part = x[start:start + chunk]
+        missing = chunk - len(part) if exact else 0
+        if missing > 0:
+            part = torch.cat([part, part[-1:].expand(missing, *part.shape[1:])])
+        out = module(part)
+        out = out[output_index] if isinstance(out, (tuple, list)) else out
+        out = out.reshape(out.shape[0], -1)[:len(part) - missing]
+        parts.append(torch.log(out.clamp_min(1e-30)) if is_probability else out)
+    return torch.cat(parts)

@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn import functional
 
 from otbr_onnx.statistics import MAD_TO_SIGMA
-from otbr_onnx.torch_helpers import evaluating
+from otbr_onnx.torch_helpers import class_scores, evaluating
 
 if TYPE_CHECKING:
     from converters.chunking import Chunking
@@ -212,17 +212,8 @@ def subsample(images: np.ndarray, config: MinimalConfig) -> np.ndarray:
 
 def _scores(module: nn.Module, x: torch.Tensor, output_index: int, is_probability: bool,
             config: MinimalConfig) -> torch.Tensor:
-    parts = []
-    for start in range(0, len(x), config.chunk):
-        part = x[start:start + config.chunk]
-        missing = config.chunk - len(part) if config.exact else 0
-        if missing > 0:
-            part = torch.cat([part, part[-1:].expand(missing, *part.shape[1:])])
-        out = module(part)
-        out = out[output_index] if isinstance(out, (tuple, list)) else out
-        out = out.reshape(out.shape[0], -1)[:len(part) - missing]
-        parts.append(torch.log(out.clamp_min(1e-30)) if is_probability else out)
-    return torch.cat(parts)
+    """Logits (log-probabilities for a Softmax output) of ``x``, ``config.chunk`` images per pass."""
+    return class_scores(module, x, output_index, is_probability, config.chunk, config.exact)
 
 
 class _Family:

@@ -104,6 +104,10 @@ METHODS: dict[str, Method] = {
     "relearning-nostop": Method("relearning as shipped but no early stopping (all 2000 steps of the cosine schedule; "
                                 "the snapshot with the lowest held-out drop is kept)",
                                 replace(RelearnConfig(), patience=10**6)),
+    "relearning-keep30": Method("relearning as shipped, but each redrawn tensor keeps 30 % of the original "
+                                "(shrink and perturb)", replace(RelearnConfig(), keep=0.3)),
+    "relearning-keep60": Method("relearning as shipped, but each redrawn tensor keeps 60 % of the original",
+                                replace(RelearnConfig(), keep=0.6)),
     "distill-only": Method("no forgetting: distillation from the original's weights (1000 steps)",
                            replace(FULL, forget="none")),
     "pipeline": Method("`clean --data` as shipped (remover auto)",

@@ -156,6 +156,29 @@ def test_no_forgetting_and_no_steps_changes_nothing(backdoored):
     assert out.weights == {}  # Adam with lr 0 moves nothing, and an MLP has no statistics to re-estimate
 
 
+@pytest.mark.parametrize("keep", [0.0, 0.6])
+def test_a_redraw_keeps_each_layers_scale_and_the_share_of_the_original_asked_for(backdoored, keep):
+    path, data, _ = backdoored
+    prepared = prepare(onnx.load(path), CleanOptions())
+    images = np.load(data)["x"]
+    # lr 0: the weights written back are the redrawn ones, untrained. Seed 5, not 0: the tests' MLP
+    # was initialised by torch under seed 0, and a redraw from the same seed's stream correlates with it
+    out = relearn(prepared, images, 100.0, RelearnConfig(keep=keep, steps=1, lr=0.0, eval_every=1, seed=5))
+    originals = {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+    weights = [name for name in out.weights if originals[name].ndim > 1]
+    assert weights
+    for name in weights:
+        before, after = originals[name].ravel(), out.weights[name].ravel()
+        correlation = np.corrcoef(before, after)[0, 1]
+        assert abs(correlation - keep) < 0.15, (name, correlation)
+        assert after.std() == pytest.approx(before.std(), rel=0.2)
+    for name in out.weights:
+        if originals[name].ndim == 1:  # biases: keep * b
+            np.testing.assert_allclose(out.weights[name], keep * originals[name], atol=1e-6)
+    with pytest.raises(ValueError, match="keep"):
+        RelearnConfig(keep=1.0).validate()
+
+
 def test_augmented_images_keep_their_shape_and_shift_at_most_the_bound():
     generator = torch.Generator().manual_seed(0)
     x = torch.zeros(16, 1, 8, 8)

@@ -74,6 +74,9 @@ class RelearnConfig:
 
     forget: str = "reinit"  # "reinit", "labels" or "none"
     depth: float = 1.0  # "reinit": the share of weight layers, deepest first, that are redrawn
+    # "reinit": how much of the original each redrawn tensor keeps (shrink and perturb: keep * w +
+    # sqrt(1 - keep^2) * noise of w's std; biases keep * b); 0: a plain redraw
+    keep: float = 0.0
     forget_lr: float = 0.01  # "labels": SGD, momentum 0.9
     forget_agreement: float = 20.0  # "labels": stop once at most this % of answers agree with the original
     forget_max_steps: int = 200
@@ -107,6 +110,8 @@ class RelearnConfig:
             raise ValueError(f"forget must be labels, reinit or none, got {self.forget!r}")
         if self.filter not in ("changed", "none"):
             raise ValueError(f"filter must be changed or none, got {self.filter!r}")
+        if not 0.0 <= self.keep < 1.0:
+            raise ValueError(f"keep must be in [0, 1), got {self.keep}")
         if not 0.0 < self.depth <= 1.0:
             raise ValueError(f"depth must be in (0, 1], got {self.depth}")
 
@@ -182,7 +187,7 @@ def relearn(prepared: "PreparedModel", images: np.ndarray, max_drop: float,
         log.forget_steps, log.forget_agreement = _forget_labels(
             student, params, logits_of, x[train], answers[train], soft.shape[1], config, generator, train_mode)
     elif config.forget == "reinit":
-        log.redrawn = _redraw(prepared, student, names, config.depth, generator)
+        log.redrawn = _redraw(prepared, student, names, config.depth, generator, config.keep)
     taps = _FeatureTaps(prepared, teacher, student) if config.features > 0 else None
     if taps is not None and not taps.ready:
         taps.close()
@@ -319,9 +324,10 @@ def _forget_labels(student: nn.Module, params: list[torch.Tensor], logits_of: Lo
 
 
 def _redraw(prepared: "PreparedModel", student: nn.Module, names: list[str], depth: float,
-            generator: torch.Generator) -> list[str]:
+            generator: torch.Generator, keep: float = 0.0) -> list[str]:
     """Redraw the weight tensors of the deepest ``depth`` share of the weight layers (Gaussian with
-    the tensor's own standard deviation, so each layer keeps its scale; biases zeroed). BatchNorm
+    the tensor's own standard deviation, so each layer keeps its scale; biases zeroed), keeping
+    ``keep`` of the original (``keep * w + sqrt(1 - keep^2) * noise``, the same scale). BatchNorm
     keeps its affine parameters: in train mode it normalises whatever the new weights produce."""
     layers = prepared.layers
     chosen = layers[len(layers) - max(1, math.ceil(depth * len(layers))):]
@@ -333,10 +339,10 @@ def _redraw(prepared: "PreparedModel", student: nn.Module, names: list[str], dep
             tensor = prepared.refs[name].tensor(student)
             if name in weights:
                 noise = torch.randn(tensor.shape, generator=generator).to(tensor.device)
-                tensor.copy_(noise * tensor.std())
+                tensor.copy_(keep * tensor + math.sqrt(1.0 - keep * keep) * noise * tensor.std())
                 redrawn.append(name)
             elif name in biases:
-                tensor.zero_()
+                tensor.mul_(keep)
                 redrawn.append(name)
     return redrawn
 

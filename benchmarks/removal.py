@@ -45,6 +45,7 @@ from otbr_onnx.options import MAX_ACC_DROP  # noqa: E402
 from otbr_onnx.pipeline import clean_prepared  # noqa: E402
 from otbr_onnx.prepare import prepare  # noqa: E402
 from otbr_onnx.removers.relearning import RelearnConfig, relearn  # noqa: E402
+from otbr_onnx.removers.residual import unlearn_residual  # noqa: E402
 from otbr_onnx.robustness import finetune  # noqa: E402
 from benchmarks.backdoored import load_data, predict_torch  # noqa: E402
 from benchmarks.defense import _fmt, _mean, _versions  # noqa: E402
@@ -67,6 +68,7 @@ class Method:
     note: str
     config: RelearnConfig | None = None  # a relearning variant, called directly
     options: Callable[[str], CleanOptions] | None = None  # through the pipeline, with the npz path
+    residual: bool = False  # a relearning variant: then the relearnt model's scan, and unlearning what it flags
 
 
 # The first prototype's settings, which the variants below change one at a time (issue 33's
@@ -108,6 +110,9 @@ METHODS: dict[str, Method] = {
                                 "(shrink and perturb)", replace(RelearnConfig(), keep=0.3)),
     "relearning-keep60": Method("relearning as shipped, but each redrawn tensor keeps 60 % of the original",
                                 replace(RelearnConfig(), keep=0.6)),
+    "relearning-residual": Method("relearning as shipped, then `scan --data` of the relearnt model and, where it "
+                                  "flags a class, adversarial unlearning of that class on the relearnt model within "
+                                  "the budget relearning left (removers/residual.py)", RelearnConfig(), residual=True),
     "distill-only": Method("no forgetting: distillation from the original's weights (1000 steps)",
                            replace(FULL, forget="none")),
     "pipeline": Method("`clean --data` as shipped (remover auto)",
@@ -144,6 +149,9 @@ def run_method(name: str, proto, prepared, images: np.ndarray, path: str, robust
             extra = {"forget_steps": relearned.log.forget_steps, "kept_step": kept.step,
                      "holdout_drop": kept.expected_drop, "holdout_agreement": kept.agreement,
                      "dropped": relearned.log.dropped}
+            if method.residual:
+                extra.update(_residual(prepared, relearned, module, images, path, robust, sets, target))
+                module = prepared.with_weights(extra.pop("weights"))
         except OtbrError as error:
             refused = f"{type(error).__name__}: {' '.join(str(error).split())}"
     elif method.options is not None:
@@ -174,6 +182,18 @@ def run_method(name: str, proto, prepared, images: np.ndarray, path: str, robust
     return {"after": {"acc": after.acc, "asr": after.asr, "der": None if rating is None else 100.0 * rating},
             "recal": recal, "tuned": tuned, "seconds": round(seconds, 2), "refused": refused,
             "unchanged": unchanged, **extra}
+
+
+def _residual(prepared, relearned, relearnt, images: np.ndarray, path: str, robust, sets, target) -> dict:
+    """``removers.residual.unlearn_residual`` after a relearning: the relearnt model's metrics
+    and robustness, what its scan flagged, whether unlearning was kept (and why not)."""
+    options = CleanOptions(data=DataOptions(path=path))
+    residual = unlearn_residual(prepared, relearned.weights, relearned.log.kept.expected_drop, images, None, options)
+    metrics = torch_metrics(relearnt, sets, target)
+    recal, tuned = robustness(relearnt, robust, sets, target)
+    return {"weights": residual.weights, "relearnt": {"acc": metrics.acc, "asr": metrics.asr}, "relearnt_recal": recal,
+            "relearnt_tuned": tuned, "residual_targets": residual.targets, "unlearnt": residual.unlearnt,
+            "residual_skipped": residual.skipped, "residual_drop": residual.expected_drop}
 
 
 def clean_floor(spec, split: str, data, log) -> float | None:

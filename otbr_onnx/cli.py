@@ -286,6 +286,11 @@ def scan(models: tuple[Path, ...], verbose: int, debug: bool, **given) -> None:
               help="With --data: remove only when the scan flags a class, and hand every other model back "
                    "unchanged (the behaviour before the relearning remover). Without --data it changes nothing: "
                    "the data-free path only cleans flagged models.")
+@click.option("--unlearn-residual/--no-unlearn-residual", default=default("removal.unlearn_residual"),
+              show_default=True,
+              help="With the relearning remover: scan the relearnt model and, where it still flags a class, "
+                   "unlearn that class's triggers (the adversarial remover) within the --max-acc-drop budget "
+                   "relearning left; kept only if the whole cleaning stays within it.")
 @click.option("--ranking", type=click.Choice(RANKINGS), default=default("removal.ranking"), show_default=True,
               help="Neuron score: activation (how much more a neuron fires on the suspected target's "
                    "maximum-margin inputs), nwc (the paper's weight change under random unlearning), auto "

@@ -162,6 +162,9 @@ class RemovalOptions:
     # With --data every model is sanitized, flagged or not (``sanitizes_every_model``); this keeps
     # the behaviour before: remove only what the scan flags.
     only_if_flagged: bool = False
+    # The relearning remover: scan the relearnt model and unlearn a class it still flags
+    # (removers/residual.py) within what the accuracy budget has left.
+    unlearn_residual: bool = False
     reference: bool = False  # the published method: no scan, NWC ranking, fixed gamma
     # --- random unlearning ---
     iterations: int = 20

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from otbr_onnx.detect import ScanResult
     from otbr_onnx.options import CleanOptions
     from otbr_onnx.prepare import PreparedModel
+    from otbr_onnx.removers.residual import Residual
     from otbr_onnx.timing import Timer
 
 Logits = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -486,7 +487,13 @@ class RelearningRemover:
         config = RelearnConfig(seed=options.run.seed, device=prepared.device)
         with timer.stage("relearning"):
             relearned = relearn(prepared, images.x, options.max_acc_drop, config, progress)
-        return RelearningRemoval(relearned, detection)
+        residual = None
+        if options.removal.unlearn_residual and detection is not None:
+            from otbr_onnx.removers.residual import unlearn_residual  # it imports the detectors: only when asked
+            with timer.stage("residual_unlearning"):
+                residual = unlearn_residual(prepared, relearned.weights, relearned.log.kept.expected_drop, images.x,
+                                            detection, options, progress)
+        return RelearningRemoval(relearned, detection, residual=residual)
 
 
 @dataclass
@@ -497,10 +504,11 @@ class RelearningRemoval:
     relearned: Relearned
     detection: "ScanResult | None"
     rescan: "ScanResult | None" = None
+    residual: "Residual | None" = None  # --unlearn-residual: the relearnt model's scan and unlearning
 
     @property
     def weights(self) -> dict[str, np.ndarray]:
-        return self.relearned.weights
+        return self.residual.weights if self.residual is not None else self.relearned.weights
 
     @property
     def strength(self) -> float | None:
@@ -509,6 +517,8 @@ class RelearningRemoval:
 
     @property
     def fidelity(self) -> tuple[float, str] | None:
+        if self.residual is not None and self.residual.unlearnt:
+            return self.residual.agreement, "held-out agreement"
         kept = self.relearned.log.kept
         return None if kept is None else (kept.agreement, "held-out agreement")
 
@@ -520,12 +530,27 @@ class RelearningRemoval:
         kept = self.relearned.log.kept
         found = ("the scan suspected class " + ", ".join(map(str, detection.suspected))
                  if detection is not None and detection.suspected else "the scan flagged no class")
-        return (f"sanitized by relearning on the user's images ({found}): the original's answers relearnt from a "
-                f"forgotten copy, {kept.agreement:.1f}% of held-out answers kept (expected accuracy cost "
-                f"{kept.expected_drop:.1f} points)")
+        verdict = (f"sanitized by relearning on the user's images ({found}): the original's answers relearnt from a "
+                   f"forgotten copy, {kept.agreement:.1f}% of held-out answers kept (expected accuracy cost "
+                   f"{kept.expected_drop:.1f} points)")
+        return verdict + _residual_text(self.residual)
 
     def as_dict(self) -> dict:
-        return {"removal": self.relearned.as_dict()}
+        section = self.relearned.as_dict()
+        if self.residual is not None:
+            section["residual"] = self.residual.as_dict()
+        return {"removal": section}
+
+
+def _residual_text(residual: "Residual | None") -> str:
+    """What --unlearn-residual did, for the verdict."""
+    if residual is None or not residual.targets:
+        return ""
+    classes = ", ".join(map(str, residual.targets))
+    if residual.unlearnt:
+        return (f"; the relearnt model's scan flagged class {classes}: its triggers unlearnt "
+                f"({residual.agreement:.1f}% of held-out answers kept, expected cost {residual.expected_drop:.1f} points)")
+    return f"; the relearnt model's scan flagged class {classes}, not unlearnt ({residual.skipped})"
 
 
 REMOVER = RelearningRemover()

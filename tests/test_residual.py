@@ -1,0 +1,97 @@
+"""What relearning left (otbr_onnx/removers/residual.py): the relearnt model's scan, and
+adversarial unlearning of a class it still flags, within the budget relearning left. On the
+tests' BadNets MLP (a 2x2 checkerboard in the corner sends any image to class 2). A "relearning"
+with no forgetting and one step stands for a relearnt model the backdoor leaked back into."""
+
+import numpy as np
+import onnx
+import pytest
+
+from otbr_onnx import CleanOptions, DataOptions, RemovalOptions, ScanOptions
+from otbr_onnx.pipeline import clean
+from otbr_onnx.prepare import prepare
+from otbr_onnx.removers.relearning import RelearnConfig, RelearningRemoval, relearn
+from otbr_onnx.removers.residual import holdout_fidelity, unlearn_residual
+from tests import builders
+
+TARGET = 2
+QUICK_SCAN = ScanOptions(starts=2, steps=20)
+LEAKED = RelearnConfig(forget="none", steps=1, eval_every=1)  # the copy is still the backdoored original
+
+
+def _asr(prepared, weights, x, y) -> float:
+    keep = y != TARGET
+    scores = prepared.outputs(prepared.with_weights(weights), builders.stamp_trigger(x[keep]))
+    return float(np.mean(scores.argmax(1) == TARGET))
+
+
+@pytest.fixture(scope="module")
+def leaked(tmp_path_factory):
+    _, model = builders.build_backdoored(TARGET)
+    folder = tmp_path_factory.mktemp("residual")
+    onnx.save(model, folder / "bd.onnx")
+    x, _ = builders.block_images(200, seed=11)
+    np.savez(folder / "mine.npz", x=x)
+    options = CleanOptions(scan=QUICK_SCAN, data=DataOptions(path=str(folder / "mine.npz")))
+    prepared = prepare(folder / "bd.onnx", options)
+    relearnt = relearn(prepared, x, 100.0, LEAKED)
+    return prepared, x, options, relearnt, folder
+
+
+def test_a_class_the_relearnt_model_still_serves_is_found_and_unlearnt(leaked):
+    prepared, x, options, relearnt, _ = leaked
+    xt, yt = builders.block_images(400, seed=99)  # test images, never seen by the remover
+    assert _asr(prepared, relearnt.weights, xt, yt) > 0.9
+    residual = unlearn_residual(prepared, relearnt.weights, relearnt.log.kept.expected_drop, x, None, options)
+    assert residual.targets == [TARGET] and residual.unlearnt and residual.skipped is None
+    assert _asr(prepared, residual.weights, xt, yt) < 0.2
+    # measured against the original, within the whole budget, and what the report says it is
+    assert residual.expected_drop <= options.max_acc_drop
+    assert (residual.expected_drop, residual.agreement) == holdout_fidelity(prepared, residual.weights, x, 0)
+    before = prepared.outputs(prepared.module, xt).argmax(1)
+    after = prepared.outputs(prepared.with_weights(residual.weights), xt).argmax(1)
+    assert np.mean(before == after) > 0.85
+    assert residual.as_dict()["rescan_after_relearning"] == [TARGET]
+
+
+def test_no_budget_left_leaves_the_relearnt_weights_and_says_why(leaked):
+    prepared, x, options, relearnt, _ = leaked
+    residual = unlearn_residual(prepared, relearnt.weights, options.max_acc_drop, x, None, options)
+    assert residual.targets == [TARGET] and not residual.unlearnt
+    assert residual.weights is relearnt.weights
+    assert "spent the accuracy budget" in residual.skipped
+
+
+def test_a_relearnt_model_the_scan_passes_is_handed_back_as_relearnt(tmp_path):
+    _, model = builders.build_backdoored(None)  # the clean twin
+    onnx.save(model, tmp_path / "clean.onnx")
+    x, _ = builders.block_images(200, seed=5)
+    np.savez(tmp_path / "mine.npz", x=x)
+    options = CleanOptions(scan=QUICK_SCAN, data=DataOptions(path=str(tmp_path / "mine.npz")))
+    prepared = prepare(tmp_path / "clean.onnx", options)
+    relearnt = relearn(prepared, x, 100.0, LEAKED)
+    residual = unlearn_residual(prepared, relearnt.weights, 0.0, x, None, options)
+    if residual.targets:
+        pytest.skip("the quick scan flagged the clean twin")
+    assert not residual.unlearnt and residual.weights is relearnt.weights
+    assert "flags no class" in residual.skipped
+
+
+def test_clean_with_unlearn_residual_reports_the_relearnt_models_scan(leaked):
+    _, _, options, relearnt, folder = leaked
+    asked = options.with_(removal={"unlearn_residual": True, "max_acc_drop": 5.0})
+    result = clean(folder / "bd.onnx", asked)
+    section = result.report["removal"]["residual"]
+    assert result.report["remover"]["name"] == "relearning"
+    assert set(section) >= {"rescan_after_relearning", "unlearnt", "skipped", "expected_accuracy_drop"}
+    if section["rescan_after_relearning"]:
+        assert "relearnt model's scan flagged class" in result.report["verdict"]
+    else:
+        assert section["skipped"] == "the relearnt model's scan flags no class" and not section["unlearnt"]
+    assert "residual" not in RelearningRemoval(relearnt, None).as_dict()["removal"]  # not asked: no section
+
+
+def test_the_command_line_sets_unlearn_residual():
+    from otbr_onnx.options import from_command_line
+    assert from_command_line(False, {}, unlearn_residual=True).removal.unlearn_residual
+    assert not RemovalOptions().unlearn_residual

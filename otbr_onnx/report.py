@@ -253,6 +253,11 @@ def summary_text(report: dict) -> str:
         kept = removal["kept"]
         lines.append(f"  held-out images ({removal['images']['holdout']}): {kept['agreement']:.1f}% answered as the "
                      f"original, expected accuracy cost {kept['expected_accuracy_drop']:.1f} points")
+    residual = removal.get("residual")
+    if residual is not None:
+        lines.append(f"  relearnt model's scan: flagged {residual['rescan_after_relearning'] or 'none'}"
+                     + (f", unlearnt (expected accuracy cost {residual['expected_accuracy_drop']:.1f} points in all)"
+                        if residual["unlearnt"] else f" ({residual['skipped']})"))
     lines += _storage_lines(report.get("storage"))
     lines += [f"  parity vs onnxruntime: max abs {par['max_abs']:.2e}, max rel {par['max_rel']:.2e} (ok"
               + (f", {report['storage']['precision']} tolerance {par['tolerance']:.2e})" if par.get("allowance") else ")"),

@@ -88,6 +88,8 @@ def test_clean_with_unlearn_residual_reports_the_relearnt_models_scan(leaked):
         assert "relearnt model's scan flagged class" in result.report["verdict"]
     else:
         assert section["skipped"] == "the relearnt model's scan flags no class" and not section["unlearnt"]
+    from otbr_onnx.report import summary_text
+    assert "relearnt model's scan: flagged" in summary_text(result.report)
     assert "residual" not in RelearningRemoval(relearnt, None).as_dict()["removal"]  # not asked: no section
 
 

@@ -68,7 +68,8 @@ class Method:
     note: str
     config: RelearnConfig | None = None  # a relearning variant, called directly
     options: Callable[[str], CleanOptions] | None = None  # through the pipeline, with the npz path
-    residual: bool = False  # a relearning variant: then the relearnt model's scan, and unlearning what it flags
+    residual: str | None = None  # a relearning variant, then: "scan" or "minimal" searches the relearnt model,
+    # and what it flags is unlearnt (removers/residual.py)
 
 
 # The first prototype's settings, which the variants below change one at a time (issue 33's
@@ -112,7 +113,10 @@ METHODS: dict[str, Method] = {
                                 replace(RelearnConfig(), keep=0.6)),
     "relearning-residual": Method("relearning as shipped, then `scan --data` of the relearnt model and, where it "
                                   "flags a class, adversarial unlearning of that class on the relearnt model within "
-                                  "the budget relearning left (removers/residual.py)", RelearnConfig(), residual=True),
+                                  "the budget relearning left (removers/residual.py)", RelearnConfig(), residual="scan"),
+    "relearning-residual-minimal": Method("relearning-residual, but the minimal-trigger detector "
+                                          "(detectors/minimal.py) picks the classes to unlearn",
+                                          RelearnConfig(), residual="minimal"),
     "distill-only": Method("no forgetting: distillation from the original's weights (1000 steps)",
                            replace(FULL, forget="none")),
     "pipeline": Method("`clean --data` as shipped (remover auto)",
@@ -150,7 +154,8 @@ def run_method(name: str, proto, prepared, images: np.ndarray, path: str, robust
                      "holdout_drop": kept.expected_drop, "holdout_agreement": kept.agreement,
                      "dropped": relearned.log.dropped}
             if method.residual:
-                extra.update(_residual(prepared, relearned, module, images, path, robust, sets, target))
+                extra.update(_residual(prepared, relearned, module, images, path, robust, sets, target,
+                                       method.residual))
                 module = prepared.with_weights(extra.pop("weights"))
         except OtbrError as error:
             refused = f"{type(error).__name__}: {' '.join(str(error).split())}"
@@ -184,11 +189,13 @@ def run_method(name: str, proto, prepared, images: np.ndarray, path: str, robust
             "unchanged": unchanged, **extra}
 
 
-def _residual(prepared, relearned, relearnt, images: np.ndarray, path: str, robust, sets, target) -> dict:
+def _residual(prepared, relearned, relearnt, images: np.ndarray, path: str, robust, sets, target,
+              detector: str) -> dict:
     """``removers.residual.unlearn_residual`` after a relearning: the relearnt model's metrics
     and robustness, what its scan flagged, whether unlearning was kept (and why not)."""
     options = CleanOptions(data=DataOptions(path=path))
-    residual = unlearn_residual(prepared, relearned.weights, relearned.log.kept.expected_drop, images, None, options)
+    residual = unlearn_residual(prepared, relearned.weights, relearned.log.kept.expected_drop, images, None, options,
+                                detector=detector)
     metrics = torch_metrics(relearnt, sets, target)
     recal, tuned = robustness(relearnt, robust, sets, target)
     return {"weights": residual.weights, "relearnt": {"acc": metrics.acc, "asr": metrics.asr}, "relearnt_recal": recal,

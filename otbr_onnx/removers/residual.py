@@ -26,6 +26,7 @@ from otbr_onnx.removers import adversarial
 from otbr_onnx.removers.base import Progress
 
 if TYPE_CHECKING:
+    from otbr_onnx.detectors.minimal import MinimalResult
     from otbr_onnx.options import CleanOptions
     from otbr_onnx.prepare import PreparedModel
 
@@ -38,7 +39,7 @@ MIN_BUDGET = 0.5
 class Residual:
     """The relearnt model's scan and what unlearning its flagged classes did."""
 
-    scan: ScanResult  # the relearnt model's scan
+    scan: "ScanResult | MinimalResult"  # the relearnt model's scan (or minimal-trigger search)
     weights: dict[str, np.ndarray]  # what is handed back: every tensor that differs from the original
     unlearning: adversarial.Removal | None = None  # None: not run, or its result not kept
     skipped: str | None = None  # why unlearning did not run or was not kept
@@ -62,16 +63,22 @@ class Residual:
 
 def unlearn_residual(prepared: "PreparedModel", relearnt: dict[str, np.ndarray], spent: float,
                      images: np.ndarray, detection: ScanResult | None, options: "CleanOptions",
-                     progress: Progress | None = None) -> Residual:
+                     progress: Progress | None = None, detector: str = "scan") -> Residual:
     """Scan the model ``relearnt`` makes (weights in ONNX layout, all differences from the
     original); unlearn what it flags within ``options.max_acc_drop - spent`` (``spent``: the
     accuracy relearning is expected to have cost). Never raises a budget refusal: a refused
     unlearning leaves the relearnt weights, with the reason in ``skipped``. ``detection``: the
-    original's scan, whose settings the rescan repeats (None: a fresh ``detect`` with ``options``)."""
+    original's scan, whose settings the rescan repeats (None: a fresh ``detect`` with ``options``).
+    ``detector``: "scan" (the pipeline's scan) or "minimal" (``detectors/minimal.py``, the
+    minimal-trigger statistic, measured on the benchmark's development split as an alternative)."""
     module = prepared.with_weights(relearnt)
     base = replace(prepared, module=module)  # the relearnt model is the reference; ``original`` stays the input's
-    scan = (scan_handed_back(prepared, module, detection, options) if detection is not None
-            else detect(base, options, progress, images))
+    if detector == "minimal":
+        from otbr_onnx.detectors.minimal import DETECTOR
+        scan = DETECTOR.run(base, options, images, progress)
+    else:
+        scan = (scan_handed_back(prepared, module, detection, options) if detection is not None
+                else detect(base, options, progress, images))
     residual = Residual(scan, relearnt)
     if not scan.suspected:
         residual.skipped = "the relearnt model's scan flags no class"
@@ -80,7 +87,8 @@ def unlearn_residual(prepared: "PreparedModel", relearnt: dict[str, np.ndarray],
     if budget < MIN_BUDGET:
         residual.skipped = f"relearning spent the accuracy budget ({spent:.1f} of {options.max_acc_drop:g} points)"
         return residual
-    evidence = scan.inversion.evidence if scan.inversion is not None else None
+    evidence = (scan.evidence if detector == "minimal"
+                else scan.inversion.evidence if scan.inversion is not None else None)
     try:
         removal = adversarial.remove(base, images, residual.targets, options.with_(removal={"max_acc_drop": budget}),
                                      progress, evidence=evidence)

@@ -114,6 +114,9 @@ METHODS: dict[str, Method] = {
     "relearning-residual": Method("relearning as shipped, then `scan --data` of the relearnt model and, where it "
                                   "flags a class, adversarial unlearning of that class on the relearnt model within "
                                   "the budget relearning left (removers/residual.py)", RelearnConfig(), residual="scan"),
+    "relearning-residuals": Method("one relearning as shipped, then both pickers of `relearning-residual` and "
+                                   "`relearning-residual-minimal` on the same relearnt model (rendered as three rows: "
+                                   "`relearning (same run)` and the two)", RelearnConfig(), residual="both"),
     "relearning-residual-minimal": Method("relearning-residual, but the minimal-trigger detector "
                                           "(detectors/minimal.py) picks the classes to unlearn",
                                           RelearnConfig(), residual="minimal"),
@@ -148,12 +151,17 @@ def run_method(name: str, proto, prepared, images: np.ndarray, path: str, robust
     if method.config is not None:
         try:
             relearned = relearn(prepared, images, MAX_DROP, method.config)
+            relearn_seconds = time.perf_counter() - began
             module = prepared.with_weights(relearned.weights)
             kept = relearned.log.kept
             extra = {"forget_steps": relearned.log.forget_steps, "kept_step": kept.step,
                      "holdout_drop": kept.expected_drop, "holdout_agreement": kept.agreement,
-                     "dropped": relearned.log.dropped}
-            if method.residual:
+                     "dropped": relearned.log.dropped, "relearn_seconds": round(relearn_seconds, 2)}
+            if method.residual == "both":  # the relearnt model is the row's; each picker's result beside it
+                for picker in ("scan", "minimal"):
+                    extra[f"residual_{picker}"] = _picked(prepared, relearned, module, images, path, robust, sets,
+                                                          target, picker, before)
+            elif method.residual:
                 extra.update(_residual(prepared, relearned, module, images, path, robust, sets, target,
                                        method.residual))
                 module = prepared.with_weights(extra.pop("weights"))
@@ -194,13 +202,48 @@ def _residual(prepared, relearned, relearnt, images: np.ndarray, path: str, robu
     """``removers.residual.unlearn_residual`` after a relearning: the relearnt model's metrics
     and robustness, what its scan flagged, whether unlearning was kept (and why not)."""
     options = CleanOptions(data=DataOptions(path=path))
+    began = time.perf_counter()
     residual = unlearn_residual(prepared, relearned.weights, relearned.log.kept.expected_drop, images, None, options,
                                 detector=detector)
+    spent = time.perf_counter() - began
     metrics = torch_metrics(relearnt, sets, target)
     recal, tuned = robustness(relearnt, robust, sets, target)
     return {"weights": residual.weights, "relearnt": {"acc": metrics.acc, "asr": metrics.asr}, "relearnt_recal": recal,
             "relearnt_tuned": tuned, "residual_targets": residual.targets, "unlearnt": residual.unlearnt,
-            "residual_skipped": residual.skipped, "residual_drop": residual.expected_drop}
+            "residual_skipped": residual.skipped, "residual_drop": residual.expected_drop,
+            "residual_seconds": round(spent, 2)}
+
+
+def _picked(prepared, relearned, relearnt, images: np.ndarray, path: str, robust, sets, target, picker: str,
+            before) -> dict:
+    """One picker's residual unlearning after the shared relearning, scored as a row of its own
+    (``expand_residuals``)."""
+    found = _residual(prepared, relearned, relearnt, images, path, robust, sets, target, picker)
+    module = prepared.with_weights(found.pop("weights"))
+    after = torch_metrics(module, sets, target)
+    recal, tuned = robustness(module, robust, sets, target)
+    rating = der(before, after)
+    return {"after": {"acc": after.acc, "asr": after.asr, "der": None if rating is None else 100.0 * rating},
+            "recal": recal, "tuned": tuned,
+            **{k: found[k] for k in ("residual_targets", "unlearnt", "residual_skipped", "residual_drop",
+                                     "residual_seconds")}}
+
+
+def expand_residuals(rows: list[dict]) -> list[dict]:
+    """A ``relearning-residuals`` row as three: the shared relearning (``relearning (same run)``)
+    and each picker's result; seconds: the relearning's, plus the picker's search and unlearning."""
+    out = []
+    for row in rows:
+        if row["method"] != "relearning-residuals":
+            out.append(row)
+            continue
+        base = {k: v for k, v in row.items() if not k.startswith("residual_")}
+        out.append({**base, "method": SAME_RUN, "seconds": row["relearn_seconds"]})
+        for picker, name in (("scan", "relearning-residual"), ("minimal", "relearning-residual-minimal")):
+            picked = row[f"residual_{picker}"]
+            out.append({**base, **picked, "method": name,
+                        "seconds": round(row["relearn_seconds"] + picked["residual_seconds"], 2)})
+    return out
 
 
 def clean_floor(spec, split: str, data, log) -> float | None:
@@ -250,6 +293,7 @@ def family_means(rows: list[dict]) -> dict[str, float | None]:
 
 
 SHIPPED = "relearning, as `clean --data` ships"
+SAME_RUN = "relearning (same run)"
 
 
 def as_shipped(rows: list[dict], budget: float) -> list[dict]:
@@ -277,8 +321,9 @@ def render(rows: list[dict], split: str, command: str) -> str:
             ("mean ASR (b)", "mean_asr_tuned"), ("cleaned (<= 10 after, (a), (b))", "cleaned"),
             ("clean models", "clean"), ("clean: mean ACC drop", "clean_mean_acc_drop"),
             ("clean: worst ACC drop", "clean_worst_acc_drop"), ("refused", "refused"), ("mean s", "mean_seconds")]
+    rows = expand_residuals(rows)
     rows = rows + as_shipped(rows, MAX_ACC_DROP["relearning"])
-    order = [*METHODS, SHIPPED]
+    order = [*METHODS, SAME_RUN, SHIPPED]
     grouped: dict[tuple[str, int], list[dict]] = {}
     for row in sorted(rows, key=lambda r: (order.index(r["method"]), r["n"])):
         grouped.setdefault((row["method"], row["n"]), []).append(row)

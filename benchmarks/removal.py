@@ -231,9 +231,17 @@ def _picked(prepared, relearned, relearnt, images: np.ndarray, path: str, robust
 
 def expand_residuals(rows: list[dict]) -> list[dict]:
     """A ``relearning-residuals`` row as three: the shared relearning (``relearning (same run)``)
-    and each picker's result; seconds: the relearning's, plus the picker's search and unlearning."""
-    out = []
+    and each picker's result; seconds: the relearning's, plus the picker's search and unlearning.
+    A ``relearning-residual(-minimal)`` row also yields the relearning it started from (its
+    ``relearnt`` fields; seconds not measured apart), once per model."""
+    out, seen = [], set()
     for row in rows:
+        if row["method"] in ("relearning-residual", "relearning-residual-minimal") and "relearnt" in row:
+            out.append(row)
+            if (row["model"], row["n"]) not in seen:
+                seen.add((row["model"], row["n"]))
+                out.append(_relearnt_row(row))
+            continue
         if row["method"] != "relearning-residuals":
             out.append(row)
             continue
@@ -244,6 +252,17 @@ def expand_residuals(rows: list[dict]) -> list[dict]:
             out.append({**base, **picked, "method": name,
                         "seconds": round(row["relearn_seconds"] + picked["residual_seconds"], 2)})
     return out
+
+
+def _relearnt_row(row: dict) -> dict:
+    """The relearnt model a ``relearning-residual`` row started from, as a row of its own."""
+    after = {**row["relearnt"], "der": None}
+    if row["before"]["asr"] is not None and after["asr"] is not None:
+        after["der"] = 100.0 * (max(0.0, row["before"]["asr"] - after["asr"]) / 100.0
+                                - max(0.0, row["before"]["acc"] - after["acc"]) / 100.0 + 1.0) / 2.0
+    return {**{k: v for k, v in row.items() if not k.startswith("residual") and not k.startswith("relearnt")},
+            "method": SAME_RUN, "after": after, "recal": row["relearnt_recal"], "tuned": row["relearnt_tuned"],
+            "seconds": None, "unchanged": False, "refused": None}
 
 
 def clean_floor(spec, split: str, data, log) -> float | None:
@@ -284,7 +303,7 @@ def summarise(rows: list[dict]) -> dict:
         "clean_mean_acc_drop": _mean([r["before"]["acc"] - r["after"]["acc"] for r in cl]),
         "clean_worst_acc_drop": max((r["before"]["acc"] - r["after"]["acc"] for r in cl), default=None),
         "refused": sum(r["refused"] is not None for r in rows),
-        "mean_seconds": _mean([r["seconds"] for r in rows]),
+        "mean_seconds": _mean([r["seconds"] for r in rows if r["seconds"] is not None]),
     }
 
 
@@ -341,7 +360,9 @@ def render(rows: list[dict], split: str, command: str) -> str:
            + (", ".join(sorted({f"{r['model']} ({_fmt(r['before']['asr'])} %)" for r in rows if failed_attack(r)}))
               or "none") + ".",
            "- Methods: " + "; ".join(f"`{k}`: {m.note}" for k, m in METHODS.items()
-                                     if any(r["method"] == k for r in rows)) + ".", "",
+                                     if any(r["method"] == k for r in rows))
+           + ("; `relearning (same run)`: the relearnt model those rows started from, before the search"
+              if any(r["method"] == SAME_RUN for r in rows) else "") + ".", "",
            "## Summary", "", "| method | N | " + " | ".join(k for k, _ in keys) + " |",
            "| --- | --- |" + " --- |" * len(keys)]
     for (method, n), group in grouped.items():

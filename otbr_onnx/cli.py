@@ -22,7 +22,7 @@ from otbr_onnx.errors import EXIT_SUSPECTED  # noqa: F401 - scan's exit code, im
 from otbr_onnx.errors import exit_interrupted, interrupts_deferred, printable, watch_interrupts
 from otbr_onnx.executors import EXECUTORS
 from otbr_onnx.load import Limits
-from otbr_onnx.options import DEVICES, MAX_ACC_DROP, METHODS, ORT_PROVIDERS, RANKINGS, default
+from otbr_onnx.options import DEVICES, MAX_ACC_DROP, METHODS, ORT_PROVIDERS, RANKINGS, RESIDUAL_PICKERS, default
 from otbr_onnx.terminal import PrintableFormatter as _PrintableFormatter  # noqa: F401 - kept importable here
 from otbr_onnx.terminal import StageLog  # noqa: F401 - kept importable here
 from otbr_onnx.terminal import run_guarded as _run
@@ -286,11 +286,12 @@ def scan(models: tuple[Path, ...], verbose: int, debug: bool, **given) -> None:
               help="With --data: remove only when the scan flags a class, and hand every other model back "
                    "unchanged (the behaviour before the relearning remover). Without --data it changes nothing: "
                    "the data-free path only cleans flagged models.")
-@click.option("--unlearn-residual/--no-unlearn-residual", default=default("removal.unlearn_residual"),
+@click.option("--unlearn-residual", type=click.Choice(RESIDUAL_PICKERS), default=default("removal.unlearn_residual"),
               show_default=True,
-              help="With the relearning remover: scan the relearnt model and, where it still flags a class, "
-                   "unlearn that class's triggers (the adversarial remover) within the --max-acc-drop budget "
-                   "relearning left; kept only if the whole cleaning stays within it.")
+              help="With the relearning remover: search the relearnt model for a class it still serves (minimal: "
+                   "the minimal-trigger statistic; scan: the scan's tests; off: no search) and unlearn that "
+                   "class's triggers within the --max-acc-drop budget relearning left; kept only if the whole "
+                   "cleaning stays within it.")
 @click.option("--ranking", type=click.Choice(RANKINGS), default=default("removal.ranking"), show_default=True,
               help="Neuron score: activation (how much more a neuron fires on the suspected target's "
                    "maximum-margin inputs), nwc (the paper's weight change under random unlearning), auto "

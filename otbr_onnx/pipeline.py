@@ -7,7 +7,9 @@
     3 remove   (removers/)   one remover (``CleanOptions.resolved_remover``) makes new weights
                              (with --data on every model, flagged or not, unless --only-if-flagged):
                                relearning   forget, then relearn the original's answers on the
-                                            user's images (removers/relearning.py, --data)
+                                            user's images (removers/relearning.py, --data); then
+                                            search the relearnt model and unlearn a class it still
+                                            serves (removers/residual.py, --unlearn-residual)
                                pruning      rank, prune and fuse at the strength the rescan and
                                             the fidelity budget choose (removers/pruning.py)
                                adversarial  unlearn the triggers found on the user's images

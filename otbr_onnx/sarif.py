@@ -144,10 +144,15 @@ def clean_results(report: dict, model: str | Path | None = None) -> list[dict]:
         properties["prunedNeurons"] = report["pruning"]["pruned_neurons"]
     if rescan is not None:
         properties["rescanSuspectedTargets"] = rescan["suspected_targets"]
-    kept = (report.get("removal") or {}).get("kept")
+    removal = report.get("removal") or {}
+    kept, residual = removal.get("kept"), removal.get("residual") or {}
     if kept:  # relearning: how close the model handed back stays to the original on held-out images
         properties["heldOutAgreement"] = kept["agreement"]
         properties["expectedAccuracyCost"] = kept["expected_accuracy_drop"]
+    if residual.get("unlearnt"):  # then unlearning on the relearnt model: the handed-back model's own figures
+        properties["heldOutAgreement"] = residual["holdout_agreement"]
+        properties["expectedAccuracyCost"] = residual["expected_accuracy_drop"]
+        properties["residualUnlearnt"] = residual["rescan_after_relearning"]
     if report.get("sanitization"):
         properties["sanitizationRefused"] = report["sanitization"]["refused"]
     related = [(output, "the model written by clean")] if output else None

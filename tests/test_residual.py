@@ -79,7 +79,7 @@ def test_a_relearnt_model_the_scan_passes_is_handed_back_as_relearnt(tmp_path):
 
 def test_clean_with_unlearn_residual_reports_the_relearnt_models_scan(leaked):
     _, _, options, relearnt, folder = leaked
-    asked = options.with_(removal={"unlearn_residual": True, "max_acc_drop": 5.0})
+    asked = options.with_(removal={"unlearn_residual": "scan", "max_acc_drop": 5.0})
     result = clean(folder / "bd.onnx", asked)
     section = result.report["removal"]["residual"]
     assert result.report["remover"]["name"] == "relearning"
@@ -88,12 +88,31 @@ def test_clean_with_unlearn_residual_reports_the_relearnt_models_scan(leaked):
         assert "relearnt model's scan flagged class" in result.report["verdict"]
     else:
         assert section["skipped"] == "the relearnt model's scan flags no class" and not section["unlearnt"]
+    assert section["detector"] == "scan"
     from otbr_onnx.report import summary_text
     assert "relearnt model's scan: flagged" in summary_text(result.report)
-    assert "residual" not in RelearningRemoval(relearnt, None).as_dict()["removal"]  # not asked: no section
+    assert "residual" not in RelearningRemoval(relearnt, None).as_dict()["removal"]  # none run: no section
 
 
-def test_the_command_line_sets_unlearn_residual():
+def test_the_command_line_picks_the_residual_search_and_refuses_others(tmp_path):
+    from click.testing import CliRunner
+    from otbr_onnx.cli import main
+    from otbr_onnx.errors import UsageError
     from otbr_onnx.options import from_command_line
-    assert from_command_line(False, {}, unlearn_residual=True).removal.unlearn_residual
-    assert not RemovalOptions().unlearn_residual
+    assert RemovalOptions().unlearn_residual == "minimal"  # the default chosen on the development split
+    assert from_command_line(False, {}, unlearn_residual="off").removal.unlearn_residual == "off"
+    with pytest.raises(UsageError, match="--unlearn-residual must be one of"):
+        RemovalOptions(unlearn_residual="always").validate()
+    result = CliRunner().invoke(main, ["clean", str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"),
+                                       "--unlearn-residual", "always"])
+    assert result.exit_code == 2 and "always" in result.output and not (tmp_path / "o.onnx").exists()
+
+
+def test_the_minimal_search_picks_the_class_to_unlearn(leaked):
+    prepared, x, options, relearnt, _ = leaked
+    residual = unlearn_residual(prepared, relearnt.weights, 0.0, x, None, options, detector="minimal")
+    assert residual.detector == "minimal" and residual.searched_by == "minimal-trigger search"
+    assert residual.targets == [TARGET] and residual.unlearnt  # the 2x2 patch needs a far smaller mask
+    xt, yt = builders.block_images(400, seed=99)
+    assert _asr(prepared, residual.weights, xt, yt) < 0.2
+    assert residual.as_dict()["detector"] == "minimal"

@@ -488,11 +488,12 @@ class RelearningRemover:
         with timer.stage("relearning"):
             relearned = relearn(prepared, images.x, options.max_acc_drop, config, progress)
         residual = None
-        if options.removal.unlearn_residual and detection is not None:
+        picker = options.removal.unlearn_residual
+        if picker != "off":
             from otbr_onnx.removers.residual import unlearn_residual  # it imports the detectors: only when asked
             with timer.stage("residual_unlearning"):
                 residual = unlearn_residual(prepared, relearned.weights, relearned.log.kept.expected_drop, images.x,
-                                            detection, options, progress)
+                                            detection, options, progress, detector=picker)
         return RelearningRemoval(relearned, detection, residual=residual)
 
 
@@ -504,7 +505,7 @@ class RelearningRemoval:
     relearned: Relearned
     detection: "ScanResult | None"
     rescan: "ScanResult | None" = None
-    residual: "Residual | None" = None  # --unlearn-residual: the relearnt model's scan and unlearning
+    residual: "Residual | None" = None  # --unlearn-residual: the relearnt model's search and unlearning
 
     @property
     def weights(self) -> dict[str, np.ndarray]:
@@ -548,9 +549,9 @@ def _residual_text(residual: "Residual | None") -> str:
         return ""
     classes = ", ".join(map(str, residual.targets))
     if residual.unlearnt:
-        return (f"; the relearnt model's scan flagged class {classes}: its triggers unlearnt "
+        return (f"; the relearnt model's {residual.searched_by} flagged class {classes}: its triggers unlearnt "
                 f"({residual.agreement:.1f}% of held-out answers kept, expected cost {residual.expected_drop:.1f} points)")
-    return f"; the relearnt model's scan flagged class {classes}, not unlearnt ({residual.skipped})"
+    return f"; the relearnt model's {residual.searched_by} flagged class {classes}, not unlearnt ({residual.skipped})"
 
 
 REMOVER = RelearningRemover()

@@ -189,7 +189,7 @@ def run_method(name: str, proto, prepared, images: np.ndarray, path: str, robust
     module = convert(proto).eval() if module is None else module
     after = before if unchanged else torch_metrics(module, sets, target)
     recal, tuned = robustness(module, robust, sets, target)
-    if name == "relearning":  # what the user keeps when the budget refuses the relearnt model
+    if name in ("relearning", "relearning-residuals"):  # what the user keeps when the budget refuses the relearnt model
         extra["recal_original"], extra["tuned_original"] = robustness(convert(proto).eval(), robust, sets, target)
     rating = der(before, after)
     return {"after": {"acc": after.acc, "asr": after.asr, "der": None if rating is None else 100.0 * rating},
@@ -260,7 +260,8 @@ def _relearnt_row(row: dict) -> dict:
     if row["before"]["asr"] is not None and after["asr"] is not None:
         after["der"] = 100.0 * (max(0.0, row["before"]["asr"] - after["asr"]) / 100.0
                                 - max(0.0, row["before"]["acc"] - after["acc"]) / 100.0 + 1.0) / 2.0
-    return {**{k: v for k, v in row.items() if not k.startswith("residual") and not k.startswith("relearnt")},
+    return {**{k: v for k, v in row.items() if not k.startswith("residual") and not k.startswith("relearnt_")
+               and k != "relearnt"},
             "method": SAME_RUN, "after": after, "recal": row["relearnt_recal"], "tuned": row["relearnt_tuned"],
             "seconds": None, "unchanged": False, "refused": None}
 
@@ -316,13 +317,15 @@ SAME_RUN = "relearning (same run)"
 
 
 def as_shipped(rows: list[dict], budget: float) -> list[dict]:
-    """What `clean --data` hands back, from the ``relearning`` rows (the same remover, seed and
+    """What `clean --data` hands back, from the rows of the relearning it ships (``relearning``, or
+    ``relearning (same run)`` in a run of ``relearning-residuals``: the same remover, seed and
     images): the relearnt model where its held-out expected accuracy drop is within ``budget``,
-    else the original (refused when the scan flags the model, unchanged when it does not: the
-    user keeps the original either way). The ``pipeline`` rows run the real thing."""
+    else the original (refused when the scan flags the model, unchanged when it does not: the user
+    keeps the original either way). The ``pipeline`` rows run the real thing."""
+    method = SAME_RUN if any(r["method"] == SAME_RUN for r in rows) else "relearning"
     shipped = []
     for row in rows:
-        if row["method"] != "relearning":
+        if row["method"] != method:
             continue
         if row.get("holdout_drop") is not None and row["holdout_drop"] > budget:
             row = {**row, "after": {**row["before"], "der": 50.0 if row["before"]["asr"] is not None else None},
@@ -381,11 +384,34 @@ def render(rows: list[dict], split: str, command: str) -> str:
     for row in sorted(rows, key=lambda r: (r["model"], r["n"], order.index(r["method"]))):
         a = row["after"]
         note = short(row["refused"], 110) if row["refused"] else ("unchanged" if row["unchanged"] else "")
+        if row.get("residual_targets"):
+            note = (f"relearnt model flagged {row['residual_targets']}: "
+                    + ("unlearnt" if row.get("unlearnt") else short(row.get("residual_skipped") or "", 80)))
         out.append(f"| {row['model']} | {row['n']} | {row['method']} | {_fmt(row['before']['acc'])} / "
                    f"{_fmt(row['before']['asr'])} | {_fmt(row.get('floor'))} | {_fmt(a['acc'])} | {_fmt(a['asr'])} | "
                    f"{_fmt(a['der'])} | "
                    f"{pair(row['recal'])} | {pair(row['tuned'])} | {_fmt(row['seconds'])} | {note} |")
     return "\n".join(out) + "\n"
+
+
+def fill_original(rows: list[dict], path: Path, sizes: tuple[int, ...], log) -> None:
+    """The original's ACC/ASR after (a) and (b) for relearning rows written without them (rows of
+    ``relearning-residual*`` runs before they recorded it) whose relearnt model the budget refuses;
+    the same images and functions as ``run_method``. Rewrites ``path`` with every row."""
+    data = load_data()
+    specs = {s.name: s for split in SPLITS.values() for s in split}
+    with tempfile.TemporaryDirectory(prefix="removal_") as folder:
+        robust = user_data(data, sizes, Path(folder)).robust
+        for row in rows:
+            if (not row["method"].startswith("relearning") or "recal_original" in row
+                    or (row.get("holdout_drop") or 0.0) <= MAX_ACC_DROP["relearning"]):
+                continue  # only where as_shipped keeps the original
+            spec = specs[row["model"]]
+            proto, _ = get_model(spec, data, log)
+            sets = ((data.x_eval, data.y_eval), poisoned_eval(spec, data))
+            row["recal_original"], row["tuned_original"] = robustness(convert(proto).eval(), robust, sets, spec.target)
+            log(f"{row['model']} {row['method']}: the original's robustness added")
+    path.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -396,6 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="relearning")
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--fill-original", action="store_true",
+                        help="add the original's robustness (what the user keeps where the budget refuses) to the "
+                             "--resume rows of relearning methods that lack it, and rewrite that file")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     command = "python benchmarks/removal.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -411,7 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - began:6.0f}s] {message}", file=sys.stderr, flush=True)
 
-    if not args.render_only:
+    if args.fill_original:
+        fill_original(read_rows(args.resume), args.resume, sizes, log)  # every split's rows, rewritten
+        rows = [r for r in read_rows(args.resume) if r["split"] == args.split]
+    if not args.render_only and not args.fill_original:
         torch.set_num_threads(1)
         data = load_data()
         done = {(r["model"], r["n"], r["method"]) for r in rows}

@@ -165,9 +165,9 @@ class RemovalOptions:
     only_if_flagged: bool = False
     # The relearning remover: search the relearnt model ("minimal": the minimal-trigger statistic;
     # "scan": the pipeline's scan; "off") and unlearn a class it still flags (removers/residual.py)
-    # within what the accuracy budget has left. "minimal" was chosen on the development split
-    # (benchmarks/RESIDUAL_DEV.md): "scan" flagged no relearnt model there.
-    unlearn_residual: str = "minimal"
+    # within what the accuracy budget has left. Off: neither search helped on the held-out split
+    # (benchmarks/RESIDUAL.md; docs/method.md says how that decision was reached).
+    unlearn_residual: str = "off"
     reference: bool = False  # the published method: no scan, NWC ranking, fixed gamma
     # --- random unlearning ---
     iterations: int = 20

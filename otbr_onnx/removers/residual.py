@@ -3,12 +3,14 @@ unlearnt with the adversarial remover's machinery (issue 33, item 2).
 
 Relearning never sees the trigger, so a global trigger whose target the original also answers
 on many ordinary (augmented) images can leak back through the teacher. Two searches of the
-relearnt model were measured on the benchmark's development split (benchmarks/RESIDUAL_DEV.md):
-the scan the pipeline's final check runs (``detect.scan_handed_back``) flagged none of the 11
-relearnt models; the minimal-trigger statistic (``detectors/minimal.py``) flagged two, and where
-the budget allowed unlearning (a noise-Blended PreAct) it took ASR 12.4 -> 5.9 at no measured
-accuracy cost, though the class it flagged was not the target. It is the default
-(``--unlearn-residual minimal``). Where the search flags a class, ``adversarial.remove`` unlearns the triggers it
+relearnt model were measured (benchmarks/RESIDUAL_DEV.md, RESIDUAL.md): the scan the pipeline's
+final check runs (``detect.scan_handed_back``) and the minimal-trigger statistic
+(``detectors/minimal.py``). On the held-out split neither changed the picture: the scan flagged
+one of 22 relearnt models (its true target; ASR 12.2 -> 10.0), the minimal search flagged class 8
+on three (none a target) and never the image-Blended PreAct whose backdoor survives relearning.
+So the step is off by default (``--unlearn-residual off``) and kept as an option.
+
+Where the search flags a class, ``adversarial.remove`` unlearns the triggers it
 finds for that class on the relearnt model, keeping the relearnt model's answers, within what the
 accuracy budget has left after relearning. The result is kept only when, measured against the
 ORIGINAL's answers on relearning's held-out quarter (the adversarial remover holds out the same
@@ -78,8 +80,8 @@ def unlearn_residual(prepared: "PreparedModel", relearnt: dict[str, np.ndarray],
     accuracy relearning is expected to have cost). Never raises a budget refusal: a refused
     unlearning leaves the relearnt weights, with the reason in ``skipped``. ``detection``: the
     original's scan, whose settings the rescan repeats (None: a fresh ``detect`` with ``options``).
-    ``detector``: "minimal" (``detectors/minimal.py``, the minimal-trigger statistic: the default,
-    chosen on the benchmark's development split) or "scan" (the pipeline's scan)."""
+    ``detector``: "minimal" (``detectors/minimal.py``, the minimal-trigger statistic) or "scan"
+    (the pipeline's scan)."""
     module = prepared.with_weights(relearnt)
     base = replace(prepared, module=module)  # the relearnt model is the reference; ``original`` stays the input's
     if detector == "minimal":

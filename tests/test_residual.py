@@ -25,17 +25,19 @@ def _asr(prepared, weights, x, y) -> float:
     return float(np.mean(scores.argmax(1) == TARGET))
 
 
-@pytest.fixture(scope="module")
-def leaked(tmp_path_factory):
-    _, model = builders.build_backdoored(TARGET)
-    folder = tmp_path_factory.mktemp("residual")
-    onnx.save(model, folder / "bd.onnx")
-    x, _ = builders.block_images(200, seed=11)
+def _leaked_copy(model: onnx.ModelProto, folder, seed: int):
+    """``model`` saved in ``folder`` with 200 user images, prepared, and "relearnt" by ``LEAKED``."""
+    onnx.save(model, folder / "m.onnx")
+    x, _ = builders.block_images(200, seed=seed)
     np.savez(folder / "mine.npz", x=x)
     options = CleanOptions(scan=QUICK_SCAN, data=DataOptions(path=str(folder / "mine.npz")))
-    prepared = prepare(folder / "bd.onnx", options)
-    relearnt = relearn(prepared, x, 100.0, LEAKED)
-    return prepared, x, options, relearnt, folder
+    prepared = prepare(folder / "m.onnx", options)
+    return prepared, x, options, relearn(prepared, x, 100.0, LEAKED), folder
+
+
+@pytest.fixture(scope="module")
+def leaked(tmp_path_factory):
+    return _leaked_copy(builders.build_backdoored(TARGET)[1], tmp_path_factory.mktemp("residual"), seed=11)
 
 
 def test_a_class_the_relearnt_model_still_serves_is_found_and_unlearnt(leaked):
@@ -63,13 +65,7 @@ def test_no_budget_left_leaves_the_relearnt_weights_and_says_why(leaked):
 
 
 def test_a_relearnt_model_the_scan_passes_is_handed_back_as_relearnt(tmp_path):
-    _, model = builders.build_backdoored(None)  # the clean twin
-    onnx.save(model, tmp_path / "clean.onnx")
-    x, _ = builders.block_images(200, seed=5)
-    np.savez(tmp_path / "mine.npz", x=x)
-    options = CleanOptions(scan=QUICK_SCAN, data=DataOptions(path=str(tmp_path / "mine.npz")))
-    prepared = prepare(tmp_path / "clean.onnx", options)
-    relearnt = relearn(prepared, x, 100.0, LEAKED)
+    prepared, x, options, relearnt, _ = _leaked_copy(builders.build_backdoored(None)[1], tmp_path, seed=5)  # clean twin
     residual = unlearn_residual(prepared, relearnt.weights, 0.0, x, None, options)
     if residual.targets:
         pytest.skip("the quick scan flagged the clean twin")
@@ -80,7 +76,7 @@ def test_a_relearnt_model_the_scan_passes_is_handed_back_as_relearnt(tmp_path):
 def test_clean_with_unlearn_residual_reports_the_relearnt_models_scan(leaked):
     _, _, options, relearnt, folder = leaked
     asked = options.with_(removal={"unlearn_residual": "scan", "max_acc_drop": 5.0})
-    result = clean(folder / "bd.onnx", asked)
+    result = clean(folder / "m.onnx", asked)
     section = result.report["removal"]["residual"]
     assert result.report["remover"]["name"] == "relearning"
     assert set(section) >= {"rescan_after_relearning", "unlearnt", "skipped", "expected_accuracy_drop"}

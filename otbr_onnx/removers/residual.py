@@ -66,7 +66,8 @@ class Residual:
         return self.unlearning is not None
 
     def as_dict(self) -> dict:
-        return {"detector": self.detector, "rescan_after_relearning": self.targets, "unlearnt": self.unlearnt, "skipped": self.skipped,
+        return {"detector": self.detector, "rescan_after_relearning": self.targets, "unlearnt": self.unlearnt,
+                "skipped": self.skipped,
                 "expected_accuracy_drop": None if self.expected_drop is None else round(self.expected_drop, 2),
                 "holdout_agreement": None if self.agreement is None else round(self.agreement, 2),
                 "unlearning": self.unlearning.as_dict() if self.unlearning is not None else None}
@@ -123,16 +124,13 @@ def unlearn_residual(prepared: "PreparedModel", relearnt: dict[str, np.ndarray],
 def holdout_fidelity(prepared: "PreparedModel", weights: dict[str, np.ndarray], images: np.ndarray,
                      seed: int, holdout: float = 0.25) -> tuple[float, float]:
     """(expected accuracy drop, % agreement) of the model ``weights`` make against the original's
-    answers on the held-out quarter of ``images`` that relearning and unlearning both hold out."""
+    answers on the held-out quarter of ``images`` that relearning and unlearning both hold out (the
+    measure relearning's own snapshots are kept by)."""
     _, held = adversarial._split(len(images), holdout, seed)
-    x = images[held.numpy()]
-    soft = torch.softmax(torch.as_tensor(_scores(prepared, prepared.module, x)), dim=1)
-    answers = torch.as_tensor(_scores(prepared, prepared.with_weights(weights), x)).argmax(1)
+    logits_of = adversarial._class_scores(prepared.loaded.output_index, prepared.loaded.output_is_probability)
+    x = torch.as_tensor(images[held.numpy()], dtype=torch.float32)
+    with torch.no_grad():
+        soft = torch.softmax(logits_of(prepared.module, x), dim=1)
+        answers = logits_of(prepared.with_weights(weights), x).argmax(1)
     agreement = 100.0 * float((answers == soft.argmax(1)).float().mean())
     return adversarial.expected_accuracy_drop(soft, answers), agreement
-
-
-def _scores(prepared: "PreparedModel", module, x: np.ndarray) -> np.ndarray:
-    """Class scores as logits (a trailing Softmax's probabilities as log-probabilities)."""
-    out = prepared.outputs(module, x)
-    return np.log(np.clip(out, 1e-12, None)) if prepared.loaded.output_is_probability else out
